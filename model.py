@@ -196,6 +196,7 @@ class TeacherConfig:
     norm_type: str = "rms"          # rms | layernorm (OLMo 1: LayerNorm without weight or bias)
     post_norm: bool = False         # OLMo 2: norm the attention/MLP branch output before the residual add
     clip_qkv: float | None = None   # OLMo 1: clamp q, k, v to [-clip, clip]
+    sliding_window: int | None = None  # local attention: a query sees the last `sliding_window` positions (byte blocks)
     bos_id: int | None = None
     eos_id: int | None = None
 
@@ -314,10 +315,14 @@ class KVCache:
         end = int(self.pos.max()) + S
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def mask(self, S):  # (B, 1, S, end) bool: query s of row b sees cached key j iff j <= pos[b] + s
+    def mask(self, S, window=None):  # (B, 1, S, end) bool: query s of row b sees key j iff q - window < j <= q
         end = int(self.pos.max()) + S
-        q_pos = self.pos[:, None] + torch.arange(S, device=self.pos.device)  # (B, S)
-        return (torch.arange(end, device=self.pos.device)[None, None, :] <= q_pos[:, :, None])[:, None]
+        q_pos = (self.pos[:, None] + torch.arange(S, device=self.pos.device))[:, :, None]  # (B, S, 1)
+        k_pos = torch.arange(end, device=self.pos.device)[None, None, :]
+        visible = k_pos <= q_pos
+        if window is not None:
+            visible &= k_pos > q_pos - window
+        return visible[:, None]
 
     def advance(self, n=None):
         self.pos += n
@@ -353,10 +358,14 @@ class Attention(nn.Module):
         cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, hd)
         q = (q * cos + rotate_half(q) * sin).transpose(1, 2)  # (B, nh, T, hd)
         k = (k * cos + rotate_half(k) * sin).transpose(1, 2)  # (B, nkv, T, hd)
-        if cache is None:
+        if cache is None and (cfg.sliding_window is None or T <= cfg.sliding_window):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif cache is None:  # sliding window: i sees j iff i - window < j <= i
+            i, j = torch.arange(T, device=x.device)[:, None], torch.arange(T, device=x.device)[None, :]
+            mask = (j <= i) & (j > i - cfg.sliding_window)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         else:
-            mask = cache.mask(T)
+            mask = cache.mask(T, cfg.sliding_window)
             k, v = cache.write(layer, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -399,13 +408,15 @@ class Block(nn.Module):
 class Teacher(nn.Module):
     """A token LM of any supported family. Parameter names equal HF's keys minus the leading 'model.'."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, with_embeddings=True):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # with_embeddings=False: only the blocks and final norm (the byte student's main network)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model) if with_embeddings else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = Norm(cfg.d_model, cfg.norm_eps, cfg.norm_type)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        untied = with_embeddings and not cfg.tie_embeddings
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False) if untied else None
         self.inv_freq = rope_inv_freq(cfg)  # plain CPU fp32 tensor (not a buffer: survives meta-device construction)
         self._inv_freq_on = {}
 
@@ -447,8 +458,52 @@ class Teacher(nn.Module):
         return hidden if return_hidden else self.logits(hidden)
 
     def new_cache(self, batch_size, max_len, device=None, dtype=None):
-        w = self.embed_tokens.weight
+        w = self.norm.weight if self.norm.weight is not None else next(self.parameters())
         return KVCache(self.cfg, batch_size, max_len, device or w.device, dtype or w.dtype)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, generator=None, stop_id=None):
+        """Continue token ids (B, T) by max_new_tokens with a KV cache; temperature 0 is greedy. -> (B, T + new)."""
+        B, T = idx.shape
+        cache = self.new_cache(B, T + max_new_tokens)
+        logits = self(idx, cache=cache)[:, -1]
+        out = [idx]
+        for _ in range(max_new_tokens):
+            next_id = sample_from_logits(logits, temperature, top_k, top_p, generator)  # (B, 1)
+            out.append(next_id)
+            if stop_id is not None and B == 1 and int(next_id) == stop_id:
+                break
+            logits = self(next_id, cache=cache)[:, -1]
+        return torch.cat(out, dim=1)
+
+    def bits(self, ids, doc_start_id, window=512):
+        """Total negative log2-likelihood of token ids (a list) under the teacher, scored in consecutive windows of
+        `window` tokens, each [doc_start_id] + up to window-1 text tokens; every text token is scored once, given the
+        earlier tokens of its window (so the first token of each window sees only the document-start token)."""
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, len(ids), window - 1):
+                chunk = torch.tensor([[doc_start_id] + ids[start:start + window - 1]], device=self.head_weight.device)
+                logp = torch.log_softmax(self(chunk[:, :-1]).float(), dim=-1)
+                total -= logp.gather(-1, chunk[:, 1:, None]).sum().item()
+        return total / math.log(2)
+
+
+def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> sampled indices (B, 1). temperature 0 is argmax; top_k keeps the k largest; top_p keeps the
+    smallest set of most likely entries whose probability reaches p (nucleus sampling, Holtzman et al. 2019)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep entries until the mass before them reaches p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
 
 
 def load_teacher_model(folder, device="cpu", dtype=torch.float32):
@@ -633,3 +688,242 @@ def ensure_smollm2(folder):
         shutil.rmtree(folder)
     os.replace(tmp, folder)
     return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Part 4: the byte student. bytes -> encoder -> projection to the teacher width (h) -> patcher -> the teacher's own
+# blocks on patch vectors -> dechunk to bytes -> decoder -> 512-way head (next byte v, and whether it ends a patch).
+# See DESIGN.md section 1.
+
+BOS_BYTE = 0xFE  # starts every document; never occurs in UTF-8
+
+
+@dataclass
+class StudentConfig:
+    d_local: int = 256          # width of the byte-level encoder and decoder
+    n_enc: int = 2              # encoder blocks
+    n_dec: int = 2              # decoder blocks
+    n_local_heads: int = 4
+    local_window: int = 256     # sliding-window attention span of the byte blocks, in bytes
+    local_ff: int = 0           # SwiGLU hidden width of the byte blocks; 0 = 8/3 * d_local rounded up to 64
+    proj_hidden: int = 2048     # SwiGLU hidden width of the encoder -> teacher projection; 0 = a linear map
+    boundary_threshold: float = 0.5
+    max_bytes: int = 65536      # longest byte sequence (RoPE positions of the byte blocks)
+
+    @staticmethod
+    def for_teacher(tcfg, **overrides):
+        """Defaults that scale with the teacher: byte blocks at about a quarter of its width (256..1024)."""
+        d_local = min(1024, max(256, (tcfg.d_model // 4) // 64 * 64))
+        base = dict(d_local=d_local, n_local_heads=d_local // 64, proj_hidden=min(8 * d_local, 4 * tcfg.d_model))
+        return StudentConfig(**{**base, **overrides})
+
+
+def _local_config(scfg, n_layers):
+    """The byte blocks are Llama-style blocks (one code path with the teacher) with sliding-window attention."""
+    ff = scfg.local_ff or -(-8 * scfg.d_local // 3 // 64) * 64
+    return TeacherConfig(family="llama", vocab_size=256, d_model=scfg.d_local, n_layers=n_layers,
+                         n_heads=scfg.n_local_heads, n_kv_heads=scfg.n_local_heads,
+                         head_dim=scfg.d_local // scfg.n_local_heads, d_ff=ff, norm_eps=1e-5, rope_theta=10000.0,
+                         max_seq_len=scfg.max_bytes, sliding_window=scfg.local_window)
+
+
+class Projection(nn.Module):
+    """Encoder width -> teacher width: SwiGLU MLP (DESIGN.md 7: an MLP beats a linear map here) or a linear map."""
+
+    def __init__(self, d_in, d_out, hidden):
+        super().__init__()
+        self.hidden = hidden
+        if hidden:
+            self.gate = nn.Linear(d_in, hidden, bias=False)
+            self.up = nn.Linear(d_in, hidden, bias=False)
+        self.out = nn.Linear(hidden or d_in, d_out, bias=True)
+
+    def forward(self, x):
+        return self.out(F.silu(self.gate(x)) * self.up(x) if self.hidden else x)
+
+
+class ByteLM(nn.Module):
+    # Parameter groups the training phases select by name prefix.
+    ENCODER_SIDE = ("byte_embed.", "encoder.", "enc_proj.")
+    PATCHER = ("patcher_q.", "patcher_k.")
+    MAIN = ("main.",)
+    OUTPUT_SIDE = ("null_patch", "residual.", "main_to_local.", "byte_embed_dec.", "decoder.", "head.")
+
+    def __init__(self, scfg, tcfg):
+        super().__init__()
+        self.scfg, self.tcfg = scfg, tcfg
+        D, d = tcfg.d_model, scfg.d_local
+        self.byte_embed = nn.Embedding(256, d)
+        self.encoder = Teacher(_local_config(scfg, scfg.n_enc), with_embeddings=False)
+        self.enc_proj = Projection(d, D, scfg.proj_hidden)
+        self.patcher_q = nn.Linear(D, D, bias=False)
+        self.patcher_k = nn.Linear(D, D, bias=False)
+        self.main = Teacher(tcfg, with_embeddings=False)  # the teacher's blocks + final norm
+        self.null_patch = nn.Parameter(torch.zeros(D))
+        self.residual = nn.Linear(D, D, bias=False)
+        self.main_to_local = nn.Linear(D, d, bias=False)
+        self.byte_embed_dec = nn.Embedding(256, d)
+        self.decoder = Teacher(_local_config(scfg, scfg.n_dec), with_embeddings=False)
+        self.head = nn.Linear(d, 512, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self, teacher=None):
+        """Every initialisation, in one place:
+        - byte embeddings (encoder and decoder side): N(0, 1), as nn.Embedding (RMSNorm follows in each block);
+        - byte blocks: linear weights N(0, 0.02); attention and MLP output projections N(0, 0.02 / sqrt(2 * n_layers))
+          (GPT-2's residual scaling); norm weights 1;
+        - encoder -> teacher projection: hidden weights N(0, 0.02), output weights ZERO and output bias = the mean row of
+          the teacher's input embedding (DESIGN.md 7: starts at relative MSE ~0.9 instead of ~8 from a random init);
+        - patcher W_q, W_k: the identity (the rule starts as plain cosine similarity of neighbouring states);
+        - main network: the teacher's blocks and final norm, copied (if `teacher` is given);
+        - dechunk null vector: zero; residual from h: ZERO (the decoder starts from the main network alone);
+        - teacher -> byte width projection: N(0, 1 / sqrt(D)); head: N(0, 0.02)."""
+        for stack in (self.encoder, self.decoder):
+            for name, p in stack.named_parameters():
+                if name.endswith("norm.weight") or "layernorm" in name:
+                    p.fill_(1.0)
+                elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                    p.normal_(0.0, 0.02 / math.sqrt(2 * len(stack.layers)))
+                else:
+                    p.normal_(0.0, 0.02)
+        nn.init.normal_(self.byte_embed.weight)
+        nn.init.normal_(self.byte_embed_dec.weight)
+        if self.enc_proj.hidden:
+            nn.init.normal_(self.enc_proj.gate.weight, 0.0, 0.02)
+            nn.init.normal_(self.enc_proj.up.weight, 0.0, 0.02)
+        self.enc_proj.out.weight.zero_()
+        self.enc_proj.out.bias.zero_()
+        if teacher is not None:
+            self.enc_proj.out.bias.copy_(teacher.embed_tokens.weight.float().mean(0))
+            self.load_main_from(teacher)
+        for w in (self.patcher_q.weight, self.patcher_k.weight):
+            w.copy_(torch.eye(w.shape[0]))
+        self.null_patch.zero_()
+        self.residual.weight.zero_()
+        nn.init.normal_(self.main_to_local.weight, 0.0, 1.0 / math.sqrt(self.tcfg.d_model))
+        nn.init.normal_(self.head.weight, 0.0, 0.02)
+        return self
+
+    @torch.no_grad()
+    def load_main_from(self, teacher):
+        state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(("embed_tokens.", "lm_head."))}
+        self.main.load_state_dict(state)
+
+    # -- the pieces, each usable on its own (the training phases need different subsets) --
+
+    def encode(self, x, cache=None, advance=None):
+        """bytes (B, T) -> h (B, T, D): byte states in the teacher's embedding space."""
+        return self.enc_proj(self.encoder.run_blocks(self.byte_embed(x), cache=cache, advance=advance))
+
+    def boundary_probs(self, h):
+        """p_t = (1 - cos(W_q h_t, W_k h_{t+1})) / 2, the probability that byte t ends a patch (one-byte lookahead);
+        the last byte of the sequence is always an end. (B, T, D) -> (B, T), in fp32."""
+        q = self.patcher_q(h[:, :-1]).float()
+        k = self.patcher_k(h[:, 1:]).float()
+        p = (1 - F.cosine_similarity(q, k, dim=-1)) / 2
+        return F.pad(p, (0, 1), value=1.0)
+
+    def run_main(self, h, ends, cache=None):
+        """Patch vectors z_i = h at the patch-end bytes, through the main network with positions = patch index.
+        Rows hold different numbers of patches: each row's patches come first, padding after them, so causal
+        attention keeps padding out of real patches. -> y (B, P, D), patch_mask (B, P)."""
+        counts = ends.sum(dim=1)
+        P = max(int(counts.max()), 1)
+        order = torch.argsort((~ends).to(torch.int8), dim=1, stable=True)[:, :P]  # end positions first, in order
+        z = h.gather(1, order[..., None].expand(-1, -1, h.shape[-1]))
+        y = self.main.run_blocks(z, cache=cache, advance=counts if cache is not None else None)
+        return y, torch.arange(P, device=h.device)[None] < counts[:, None]
+
+    def dechunk(self, y, ends):
+        """Byte t receives the main output of the latest patch ending at or before t; the null vector before the
+        first. (B, P, D), (B, T) -> (B, T, D)."""
+        B, _, D = y.shape
+        which = ends.long().cumsum(dim=1)  # 0 = no patch yet, i = patch i - 1
+        table = torch.cat([self.null_patch.to(y.dtype).expand(B, 1, D), y], dim=1)
+        return table.gather(1, which[..., None].expand(-1, -1, D))
+
+    def decode(self, x, h, dechunked, cache=None, advance=None):
+        """-> logits (B, T, 512); index v + 256 * e: the next byte is v and it ends a patch (e = 1) or not."""
+        u = self.main_to_local(dechunked + self.residual(h)) + self.byte_embed_dec(x)
+        return self.head(self.decoder.run_blocks(u, cache=cache, advance=advance))
+
+    def forward(self, x, ends=None):
+        """Stage-2 forward. bytes (B, T) -> (logits (B, T, 512), boundary probs (B, T), ends used (B, T)).
+        ends=None takes the patches from the patcher (p_t > threshold); pass ends to force them (ground truth, or
+        the boundaries that generation chose)."""
+        h = self.encode(x)
+        p = self.boundary_probs(h)
+        if ends is None:
+            ends = p > self.scfg.boundary_threshold
+        y, _ = self.run_main(h, ends)
+        return self.decode(x, h, self.dechunk(y, ends)), p, ends
+
+
+def byte_logprobs(logits):
+    """(..., 512) joint logits -> (..., 256) log p(next byte = v) = logsumexp(l_v, l_{v+256}) - logsumexp(l)."""
+    logits = logits.float()
+    return torch.logaddexp(logits[..., :256], logits[..., 256:]) - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
+class ByteGeneration:
+    """Cached byte generation for a batch of prompts (each a bytes object; 0xFE is prepended).
+
+    Encoder and decoder step once per byte; the main network steps only for rows whose newest byte closes a patch.
+    Prefill: the patcher decides the boundaries of all prompt bytes but the last (its one-byte lookahead sees the
+    next prompt byte); the last prompt byte's flag is the head's more likely e for that known byte at the previous
+    position. After that, every flag is the e half of the sampled index. `x[:, :length]` and `ends` record the bytes
+    and the boundaries used, so a full forward with those ends reproduces every logit."""
+
+    def __init__(self, model, prompts, max_new_bytes):
+        self.model = model
+        prompts = [bytes([BOS_BYTE]) + bytes(p) for p in prompts]
+        dev = model.head.weight.device
+        B, self.lens = len(prompts), torch.tensor([len(p) for p in prompts], device=dev)
+        L, total = int(self.lens.max()), int(self.lens.max()) + max_new_bytes
+        self.x = torch.zeros(B, total, dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            self.x[i, :len(p)] = torch.tensor(list(p), device=dev)
+        self.ends = torch.zeros(B, total, dtype=torch.bool, device=dev)
+        self.enc_cache = model.encoder.new_cache(B, total)
+        self.dec_cache = model.decoder.new_cache(B, total)
+        self.main_cache = model.main.new_cache(B, min(total, model.tcfg.max_seq_len))
+        self.prefill_logits = self._prefill(L)
+
+    @torch.no_grad()
+    def _prefill(self, L):
+        m, x, lens = self.model, self.x[:, :L], self.lens
+        rows = torch.arange(len(lens), device=x.device)
+        h = m.encode(x, cache=self.enc_cache, advance=lens)
+        t = torch.arange(L, device=x.device)[None]
+        ends = (m.boundary_probs(h) > m.scfg.boundary_threshold) & (t < lens[:, None] - 1)
+        y, _ = m.run_main(h, ends, cache=self.main_cache)
+        logits = m.decode(x, h, m.dechunk(y, ends), cache=self.dec_cache, advance=lens - 1)
+        counts = ends.sum(1)
+        self.y_cur = torch.where((counts > 0)[:, None], y[rows, (counts - 1).clamp(min=0)], m.null_patch.to(y.dtype))
+        prev = logits[rows, (lens - 2).clamp(min=0)]
+        last = x[rows, lens - 1]
+        # The last prompt byte's flag: the head's more likely e for that byte; a lone BOS byte is its own patch.
+        self.pending_end = (prev[rows, last + 256] > prev[rows, last]) | (lens == 1)
+        self.h_last = h[rows, lens - 1]
+        self.ends[:, :L] = ends
+        self.done = torch.zeros_like(lens, dtype=torch.bool)
+        return [logits[i, :lens[i] - 1] for i in range(len(lens))]
+
+    @torch.no_grad()
+    def step(self, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """Produce one byte per row -> (new bytes (B,), logits (B, 512) that they were sampled from)."""
+        m, rows, t = self.model, torch.arange(len(self.lens), device=self.x.device), self.lens - 1
+        closes = self.pending_end
+        self.ends[rows, t] = closes
+        if bool(closes.any()):  # the newest byte ends a patch: the main network runs once on it
+            y_new = m.main.run_blocks(self.h_last[:, None], cache=self.main_cache, advance=closes.long())[:, 0]
+            self.y_cur = torch.where(closes[:, None], y_new, self.y_cur)
+        logits = m.decode(self.x[rows, t][:, None], self.h_last[:, None], self.y_cur[:, None], cache=self.dec_cache)[:, 0]
+        index = sample_from_logits(logits, temperature, top_k, top_p, generator)[:, 0]
+        new = index % 256
+        self.pending_end = index >= 256
+        self.done |= new == BOS_BYTE  # 0xFE would start a new document: the row is finished
+        self.x[rows, self.lens] = new
+        self.lens = self.lens + 1
+        self.h_last = m.encode(new[:, None], cache=self.enc_cache)[:, 0]
+        return new, logits

