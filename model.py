@@ -62,7 +62,8 @@ def read_safetensors_header(path):
         raise bad(f"header is not valid UTF-8 JSON ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise bad("header JSON is not an object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise bad("__metadata__ must map strings to strings")
     data_start, data_len = 8 + n, size - 8 - n
@@ -71,9 +72,11 @@ def read_safetensors_header(path):
         if not isinstance(info, dict):
             raise bad(f"entry {name!r} is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
             raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
+        if math.prod(max(d, 1) for d in shape) >= 2**63:  # torch cannot even describe it (even with a zero dim)
             raise bad(f"tensor {name!r} has an invalid shape {shape!r}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
             raise bad(f"tensor {name!r} has invalid data_offsets {offsets!r}")
@@ -124,7 +127,7 @@ def write_safetensors(tensors, path, metadata=None):
         t = tensors[name].detach().contiguous().cpu()
         if t.dtype not in DTYPE_NAMES:
             raise ValueError(f"cannot write tensor {name!r} of dtype {t.dtype} to safetensors")
-        data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)
@@ -153,7 +156,7 @@ def read_checkpoint(folder, dtype=None, device="cpu", use_mmap=False):
             raise ValueError(f"{index_path}: not a valid index (expected a JSON object with a 'weight_map')") from None
         by_file = {}
         for name, fname in weight_map.items():
-            if not isinstance(fname, str) or os.path.basename(fname) != fname:
+            if not isinstance(fname, str) or os.path.basename(fname) != fname or fname in ("", ".", ".."):
                 raise ValueError(f"{index_path}: tensor {name!r} points to {fname!r}, not a file in this folder")
             by_file.setdefault(fname, set()).add(name)
         tensors = {}
@@ -827,12 +830,10 @@ class ByteLM(nn.Module):
         """Patch vectors z_i = h at the patch-end bytes, through the main network with positions = patch index.
         Rows hold different numbers of patches: each row's patches come first, padding after them, so causal
         attention keeps padding out of real patches. -> y (B, P, D), patch_mask (B, P)."""
-        counts = ends.sum(dim=1)
-        P = max(int(counts.max()), 1)
-        order = torch.argsort((~ends).to(torch.int8), dim=1, stable=True)[:, :P]  # end positions first, in order
+        order, patch_mask = patch_order(ends)
         z = h.gather(1, order[..., None].expand(-1, -1, h.shape[-1]))
-        y = self.main.run_blocks(z, cache=cache, advance=counts if cache is not None else None)
-        return y, torch.arange(P, device=h.device)[None] < counts[:, None]
+        y = self.main.run_blocks(z, cache=cache, advance=patch_mask.sum(1) if cache is not None else None)
+        return y, patch_mask
 
     def dechunk(self, y, ends):
         """Byte t receives the main output of the latest patch ending at or before t; the null vector before the
@@ -857,6 +858,15 @@ class ByteLM(nn.Module):
             ends = p > self.scfg.boundary_threshold
         y, _ = self.run_main(h, ends)
         return self.decode(x, h, self.dechunk(y, ends)), p, ends
+
+
+def patch_order(ends):
+    """ends (B, T) bool -> (positions of the patch ends in order, padded (B, P); mask of real patches (B, P)),
+    P = the most patches in any row (at least 1). Gather anything per patch with it: h.gather(1, order[..., None])."""
+    counts = ends.sum(dim=1)
+    P = max(int(counts.max()), 1)
+    order = torch.argsort((~ends).to(torch.int8), dim=1, stable=True)[:, :P]  # end positions first, in order
+    return order, torch.arange(P, device=ends.device)[None] < counts[:, None]
 
 
 def byte_logprobs(logits):
@@ -927,3 +937,26 @@ class ByteGeneration:
         self.lens = self.lens + 1
         self.h_last = m.encode(new[:, None], cache=self.enc_cache)[:, 0]
         return new, logits
+
+
+def load_student(path, device="cpu", dtype=torch.float32):
+    """A ByteLM from a checkpoint written by stage1_kd.py / stage2_sft.py -> (model, checkpoint dict without tensors)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        scfg, tcfg = StudentConfig(**ckpt["student_config"]), TeacherConfig(**ckpt["teacher_config"])
+        state = ckpt["model"]
+    except (KeyError, TypeError, EOFError, RuntimeError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a byte-student checkpoint ({type(e).__name__}: {e})") from None
+    with torch.device("meta"):
+        model = ByteLM(scfg, tcfg)
+    try:
+        model.load_state_dict({k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+                               for k, v in state.items()}, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit the stored configuration: {str(e)[:300]}") from None
+    for stack in (model.encoder, model.main, model.decoder):
+        stack.inv_freq = rope_inv_freq(stack.cfg)
+    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+    return model.eval(), meta

