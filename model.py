@@ -12,7 +12,7 @@ import mmap
 import os
 import shutil
 import struct
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass
 
 import numpy as np
 import torch

@@ -1,0 +1,153 @@
+"""Generate bytes from a trained byte student (or tokens from a teacher, for comparison).
+
+    python sample.py --ckpt=out/stage2/final.pt --prompt="To be, or not to be" --max_bytes=300
+    python sample.py --ckpt=... --prompt="First prompt" --prompt="Second prompt" --num_samples=2   # one batch
+    python sample.py --teacher=smollm2 --prompt="To be, or not to be"
+
+Output streams as it is generated (batch of one), decoded incrementally as UTF-8 with invalid sequences shown as
+U+FFFD; --raw writes the raw bytes instead. A batch of several prompts/samples prints each sample when done.
+"""
+import codecs
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import model
+from train import parse_args
+
+
+@dataclass
+class Config:
+    ckpt: str = ""               # a stage-1/stage-2 checkpoint; or leave empty and give --teacher
+    teacher: str = ""            # sample the teacher itself (preset name or folder), with its tokens
+    prompt: list = field(default_factory=list)  # repeatable: --prompt=A --prompt=B is a batch of two
+    prompt_file: str = ""
+    max_bytes: int = 256         # bytes to generate per sample (teacher: stops once this many bytes are out)
+    temperature: float = 0.8
+    top_k: int = 0               # 0 = off
+    top_p: float = 1.0           # 1 = off
+    seed: int = 1337
+    num_samples: int = 1
+    raw: bool = False
+    device: str = "cpu"
+
+
+def read_prompts(cfg):
+    prompts = list(cfg.prompt)
+    if cfg.prompt_file:
+        with open(cfg.prompt_file, "rb") as f:
+            raw = f.read()
+        try:
+            prompts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{cfg.prompt_file}: prompt is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r})") from None
+    prompts = prompts or [""]
+    for p in prompts:  # argv strings carry undecodable bytes as lone surrogates
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"prompt {p!r} is not valid UTF-8") from None
+    return [p for p in prompts for _ in range(cfg.num_samples)]
+
+
+def tokenizer_for(teacher):
+    """The teacher's tokenizer, to normalise prompts the way the student's training text was normalised."""
+    from data import load_tokenizer
+    try:
+        return load_tokenizer(model.resolve_teacher_dir(teacher))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def emit(stream, data, cfg):
+    if cfg.raw:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    else:
+        sys.stdout.write(stream.decode(data))
+        sys.stdout.flush()
+
+
+def sample_student(cfg, prompts):
+    student, meta = model.load_student(cfg.ckpt, cfg.device)
+    tok = tokenizer_for(meta.get("teacher", ""))
+    texts = [(tok.normalize(p) if tok else p).encode("utf-8") for p in prompts]
+    gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    run = model.ByteGeneration(student, texts, cfg.max_bytes)
+    streams = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in texts]
+    outputs = [bytearray() for _ in texts]
+    if len(texts) == 1:
+        emit(streams[0], texts[0], cfg)
+    t0, n = time.perf_counter(), 0
+    for _ in range(cfg.max_bytes):
+        new, _ = run.step(cfg.temperature, cfg.top_k or None, cfg.top_p, gen)
+        for i, b in enumerate(new.tolist()):
+            if not outputs[i] or outputs[i][-1] != model.BOS_BYTE:
+                outputs[i].append(b)
+                n += 1
+                if len(texts) == 1 and b != model.BOS_BYTE:
+                    emit(streams[0], bytes([b]), cfg)
+        if bool(run.done.all()):
+            break
+    seconds = time.perf_counter() - t0
+    return texts, [bytes(o).rstrip(bytes([model.BOS_BYTE])) for o in outputs], n, seconds
+
+
+def sample_teacher(cfg, prompts):
+    teacher, tok = model.load_teacher(cfg.teacher, cfg.device)
+    if tok is None:
+        raise ValueError(f"teacher {cfg.teacher!r} has no tokenizer to sample with")
+    gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    texts, outputs, n, seconds = [], [], 0, 0.0
+    for p in prompts:  # one prompt at a time: token prompts differ in length
+        text = tok.normalize(p)
+        ids = torch.tensor([[tok.doc_start_id] + tok.encode(text)], device=cfg.device)
+        cache = teacher.new_cache(1, ids.shape[1] + cfg.max_bytes)
+        stream, out = codecs.getincrementaldecoder("utf-8")(errors="replace"), bytearray()
+        if len(prompts) == 1:
+            emit(stream, text.encode("utf-8"), cfg)
+        t0 = time.perf_counter()
+        logits = teacher(ids, cache=cache)[:, -1]
+        while len(out) < cfg.max_bytes:  # a token is at least one byte, so this ends within max_bytes steps
+            next_id = model.sample_from_logits(logits, cfg.temperature, cfg.top_k or None, cfg.top_p, gen)
+            if int(next_id) in (tok.eos_id, tok.bos_id):
+                break
+            piece = tok.token_bytes(int(next_id))
+            out += piece
+            if len(prompts) == 1:
+                emit(stream, piece, cfg)
+            logits = teacher(next_id, cache=cache)[:, -1]
+        seconds += time.perf_counter() - t0
+        texts.append(text.encode("utf-8"))
+        outputs.append(bytes(out))
+        n += len(out)
+    return texts, outputs, n, seconds
+
+
+def main(argv):
+    cfg = parse_args(Config, argv)
+    if bool(cfg.ckpt) == bool(cfg.teacher):
+        raise ValueError("give exactly one of --ckpt=PATH (a byte student) or --teacher=NAME (the token teacher)")
+    if cfg.max_bytes < 1 or cfg.num_samples < 1 or cfg.temperature < 0:
+        raise ValueError("--max_bytes and --num_samples must be >= 1 and --temperature >= 0")
+    torch.manual_seed(cfg.seed)
+    prompts = read_prompts(cfg)
+    texts, outputs, n, seconds = (sample_student if cfg.ckpt else sample_teacher)(cfg, prompts)
+    if len(texts) > 1:
+        for i, (t, o) in enumerate(zip(texts, outputs)):
+            print(f"--- sample {i}")
+            emit(codecs.getincrementaldecoder("utf-8")(errors="replace"), t + o, cfg)
+            print()
+    else:
+        print()
+    print(f"--- {n} bytes in {seconds:.2f} s: {n / max(seconds, 1e-9):.1f} bytes/s "
+          f"({'byte student' if cfg.ckpt else 'teacher, tokens'}, batch {len(texts)})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,257 @@
+"""Stage 1: progressive knowledge distillation of a token teacher into a byte student (DESIGN.md section 1).
+
+    python stage1_kd.py                                   # embedded default: SmolLM2-135M on Shakespeare, CPU, ~10 min
+    torchrun --standalone --nproc_per_node=8 stage1_kd.py --teacher=olmo --batch_size=32 --seq_len=8192 ...
+
+Patches are forced to the teacher tokenizer's token boundaries. Three phases, each with its own byte budget,
+learning rate, warm-up + cosine schedule, and an optimizer over only the parameters it trains:
+  align     byte embedding, encoder, projection    MSE(h_t, E_teacher[token]) at token-end bytes (relative MSE)
+  distill   encoder side (+ main network)          reverse KL(student || teacher) over the teacher vocabulary
+  boundary  patcher only (encoder output detached) BCE(p_t, token_end_t)
+"""
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+import data
+import model
+import train
+from kernels import chunked_reverse_kl
+
+
+@dataclass
+class Config:
+    teacher: str = "smollm2"          # preset (smollm2, olmo, llama, qwen) or an HF-layout folder
+    data_dir: str = ""                # shard folder; default shards/<teacher>, prepared from the default corpus if missing
+    out_dir: str = "out/stage1"
+    phase: str = "all"                # all | align | distill | boundary
+    resume: bool = False              # continue from out_dir/ckpt.pt exactly where it stopped
+    seed: int = 1337
+    device: str = "auto"              # auto | cpu | cuda
+    dtype: str = "auto"               # autocast dtype: bfloat16 | float32 | auto (bf16 on CUDA; fp32 on CPU, where bf16
+                                      # ran ~15x slower than fp32 on our AVX2-only machines)
+    batch_size: int = 8               # windows per micro-step per rank
+    seq_len: int = 512                # bytes per window
+    grad_accum: int = 1               # micro-steps per optimizer update (gradients sync on the last one only)
+    # student size (0 / -1 = the default for the teacher's width, StudentConfig.for_teacher)
+    d_local: int = 0
+    n_enc: int = 2
+    n_dec: int = 2
+    local_window: int = 256
+    proj_hidden: int = -1
+    # phases: budgets in training bytes (all ranks together) and learning rates
+    align_bytes: int = 3_000_000
+    align_lr: float = 3e-3            # DESIGN.md 7: 3e-3 beat 1e-3 for the same CPU minutes
+    distill_bytes: int = 150_000
+    distill_lr: float = 3e-4          # encoder side
+    distill_main_lr: float = 0.0      # main network; 0 keeps it frozen (CPU demo). Paper scale: 2e-5
+    boundary_bytes: int = 1_000_000
+    boundary_lr: float = 1e-3
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    kl_chunk_rows: int = 1024
+    eval_batches: int = 8
+    log_interval: int = 10
+    ckpt_interval: int = 0            # also checkpoint every N steps (0: only at the end of each phase)
+    stop_after: int = 0               # stop (with a checkpoint) after N steps of this run; for resume tests
+
+
+PHASES = ("align", "distill", "boundary")
+
+
+def autocast(cfg, device):
+    if cfg.dtype == "float32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The three losses. Each returns (loss to backpropagate, dict of metric sums for logging and evaluation).
+
+def align_step(student, batch, embed, embed_var):
+    """Relative MSE between h at token-end bytes and the teacher's input embedding rows of those tokens."""
+    ends = batch["token_end"] & batch["valid"]
+    h = student.encode(batch["bytes"])[ends].float()  # (N, D)
+    target = embed[batch["token_id"][ends]].float()
+    loss = (h - target).pow(2).mean() / embed_var  # 1.0 = as far off as the average row is from the mean row
+    cos = F.cosine_similarity(h.detach(), target, dim=-1)
+    return loss, {"rel_mse": loss.item() * len(h), "cos": cos.sum().item(), "n": len(h)}
+
+
+def distill_step(student, teacher, batch, chunk_rows, with_nll=False):
+    """Reverse KL(student || teacher) at every patch: patch i (the bytes of token i) and teacher token i both predict
+    token i+1. The teacher sees the token ids of the same window; both start from the window's first token."""
+    ends = batch["token_end"] & batch["valid"]
+    h = student.encode(batch["bytes"])
+    y, patch_mask = student.run_main(h, ends)  # (B, P, D)
+    order, _ = model.patch_order(ends)
+    token_ids = batch["token_id"].gather(1, order).clamp(min=0)  # (B, P); padding -> id 0, masked out below
+    with torch.no_grad():
+        teacher_hidden = teacher(token_ids, return_hidden=True)
+    kl, agree = chunked_reverse_kl(y[patch_mask], teacher_hidden[patch_mask], teacher.head_weight,
+                                   chunk_rows=chunk_rows)
+    n = int(patch_mask.sum())
+    stats = {"kl": kl.item() * n, "top1": float(agree), "n": n}
+    if with_nll:  # evaluation: bits of the true next token under student and teacher, per byte of that token
+        stats.update(next_token_bits(y, teacher_hidden, token_ids, patch_mask, order, teacher.head_weight, chunk_rows))
+    return kl, stats
+
+
+@torch.no_grad()
+def next_token_bits(y, teacher_hidden, token_ids, patch_mask, order, head_weight, chunk_rows):
+    """Token-level bits per byte of both models on the same tokens: position i scores token i+1, whose bytes are
+    order[i]+1 .. order[i+1]. Chunked over rows so the full logits never exist at once."""
+    scored = patch_mask[:, 1:]  # positions whose next token is in the window
+    targets = token_ids[:, 1:][scored]
+    n_bytes = (order[:, 1:] - order[:, :-1])[scored].sum().item()
+    bits = {}
+    for name, hidden in (("student_bits", y), ("teacher_bits", teacher_hidden)):
+        rows = hidden[:, :-1][scored]
+        total = 0.0
+        for i in range(0, len(rows), chunk_rows):
+            logits = rows[i:i + chunk_rows].float() @ head_weight.float().T
+            total += F.cross_entropy(logits, targets[i:i + chunk_rows], reduction="sum").item()
+        bits[name] = total / math.log(2)
+    return {**bits, "token_bytes": n_bytes}
+
+
+def boundary_step(student, batch):
+    """BCE of the patcher's p_t against token ends; the encoder output is detached (only the patcher learns).
+    The last byte of each window is excluded: its p is fixed at 1 (no next byte to look at)."""
+    with torch.no_grad():
+        h = student.encode(batch["bytes"])
+    p = student.boundary_probs(h.detach())[:, :-1]
+    sel = batch["valid"][:, :-1]
+    target = batch["token_end"][:, :-1][sel].float()
+    prob = p[sel].clamp(1e-6, 1 - 1e-6)
+    loss = -(target * prob.log() + (1 - target) * (1 - prob).log()).mean()  # BCE (F.binary_cross_entropy refuses autocast)
+    pred = prob > student.scfg.boundary_threshold
+    tp, fp, fn = (pred & (target > 0)).sum().item(), (pred & (target == 0)).sum().item(), (~pred & (target > 0)).sum().item()
+    return loss, {"bce": loss.item() * len(prob), "tp": tp, "fp": fp, "fn": fn, "n": len(prob)}
+
+
+def summarize(phase, sums):
+    """Metric sums (over batches and ranks) -> the figures a person reads."""
+    n = max(sums["n"], 1)
+    if phase == "align":
+        return {"rel_mse": sums["rel_mse"] / n, "cos": sums["cos"] / n}
+    if phase == "distill":
+        out = {"kl": sums["kl"] / n, "top1": sums["top1"] / n}
+        if sums.get("token_bytes"):
+            s_bpb, t_bpb = sums["student_bits"] / sums["token_bytes"], sums["teacher_bits"] / sums["token_bytes"]
+            out.update(student_bpb=s_bpb, teacher_bpb=t_bpb, bpb_ratio=s_bpb / t_bpb)
+        return out
+    precision = sums["tp"] / max(sums["tp"] + sums["fp"], 1)
+    recall = sums["tp"] / max(sums["tp"] + sums["fn"], 1)
+    return {"bce": sums["bce"] / n, "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / max(precision + recall, 1e-12)}
+
+
+def add_sums(total, stats):
+    for k, v in stats.items():
+        total[k] = total.get(k, 0.0) + v
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(argv):
+    cfg = train.parse_args(Config, argv)
+    if cfg.phase not in ("all", *PHASES):
+        raise ValueError(f"--phase must be all, align, distill or boundary, not {cfg.phase!r}")
+    if cfg.dtype not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"--dtype must be auto, bfloat16 or float32, not {cfg.dtype!r}")
+    rank, world, device = train.setup_distributed(cfg.device)
+    if cfg.dtype == "auto":
+        cfg.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    master = rank == 0
+    if master:
+        train.print_config(cfg)
+    torch.manual_seed(cfg.seed)
+    t_start = time.time()
+
+    # -- teacher (frozen, every rank its own copy) and data --
+    teacher_dtype = torch.bfloat16 if device.type == "cuda" and cfg.dtype == "bfloat16" else torch.float32
+    teacher, tok = model.load_teacher(cfg.teacher, device, teacher_dtype)
+    teacher.requires_grad_(False)
+    if tok is None:
+        raise ValueError(f"teacher {cfg.teacher!r} has no tokenizer; stage 1 needs its token boundaries")
+    data_dir = cfg.data_dir or data.default_shard_dir(cfg.teacher if not os.path.isdir(cfg.teacher) else tok.name)
+    if master and not cfg.data_dir:
+        data.prepare(cfg.teacher, None, data_dir)  # idempotent: returns at once when the shards are up to date
+    if world > 1:
+        torch.distributed.barrier()
+    loader_args = dict(tokenizer=tok, batch_size=cfg.batch_size, seq_len=cfg.seq_len, rank=rank, world_size=world,
+                       max_tokens=teacher.cfg.max_seq_len)
+
+    # -- student --
+    overrides = {k: v for k, v in dict(d_local=cfg.d_local, proj_hidden=cfg.proj_hidden).items() if v not in (0, -1)}
+    scfg = model.StudentConfig.for_teacher(teacher.cfg, n_enc=cfg.n_enc, n_dec=cfg.n_dec,
+                                           local_window=cfg.local_window, **overrides)
+    if "d_local" in overrides:
+        scfg.n_local_heads = max(1, scfg.d_local // 64)
+    student = model.ByteLM(scfg, teacher.cfg).to(device)
+    student.init_weights(teacher)
+    train.broadcast_params(student)
+    embed = teacher.embed_tokens.weight.detach()
+    embed_var = (embed.float() - embed.float().mean(0)).pow(2).mean().item()  # align's loss scale
+    if master:
+        n_params = sum(p.numel() for p in student.parameters())
+        print(f"teacher {cfg.teacher} ({teacher.cfg.family}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M) | "
+              f"student {n_params / 1e6:.1f}M parameters, byte blocks d={scfg.d_local} x {scfg.n_enc}+{scfg.n_dec} | "
+              f"device {device}, {world} rank(s), autocast {cfg.dtype}")
+
+    # -- the phases --
+    def make_loader(seed, split="train"):
+        return data.ShardLoader(data_dir, split, seed=seed, **loader_args)
+
+    def evaluate(step_fn):  # the phase's metrics on eval_batches fixed validation batches (each rank its stride)
+        loader, sums = make_loader(0, "val"), {}
+        for _ in range(cfg.eval_batches):
+            add_sums(sums, step_fn({k: v.to(device) for k, v in loader.next_batch().items()})[1])
+        keys = sorted(sums)
+        return dict(zip(keys, train.all_reduce_sum([sums[k] for k in keys], device)))
+
+    align = lambda batch: align_step(student, batch, embed, embed_var)  # noqa: E731
+    distill = lambda batch, nll=False: distill_step(student, teacher, batch, cfg.kl_chunk_rows, nll)  # noqa: E731
+    boundary = lambda batch: boundary_step(student, batch)  # noqa: E731
+    main_scale = cfg.distill_main_lr / cfg.distill_lr
+    all_phases = [
+        train.Phase("align", cfg.align_bytes, cfg.align_lr, model.ByteLM.ENCODER_SIDE, align,
+                    lambda s: summarize("align", s), lambda: summarize("align", evaluate(align)), seed=cfg.seed),
+        train.Phase("distill", cfg.distill_bytes, cfg.distill_lr,
+                    model.ByteLM.ENCODER_SIDE + (model.ByteLM.MAIN if cfg.distill_main_lr > 0 else ()), distill,
+                    lambda s: summarize("distill", s),
+                    lambda: summarize("distill", evaluate(lambda b: distill(b, True))),
+                    lr_scale=lambda name: main_scale if name.startswith("main.") else 1.0, seed=cfg.seed + 1),
+        train.Phase("boundary", cfg.boundary_bytes, cfg.boundary_lr, model.ByteLM.PATCHER, boundary,
+                    lambda s: summarize("boundary", s), lambda: summarize("boundary", evaluate(boundary)),
+                    seed=cfg.seed + 2),
+    ]
+    phases = [p for p in all_phases if cfg.phase in ("all", p.name)]
+    meta = {"student_config": asdict(scfg), "teacher_config": asdict(teacher.cfg), "teacher": cfg.teacher}
+    results, stopped = train.run_phases(1, phases, student, cfg, meta, make_loader, device,
+                                        lambda: autocast(cfg, device))
+    if master and not stopped:
+        print(f"\nstage 1 finished in {time.time() - t_start:.0f} s")
+        print("| phase | bytes | bytes/s | validation |")
+        print("|---|---|---|---|")
+        for phase, r in results.items():
+            rate = f"{r['bytes_per_s']:,.0f}" if r["bytes_per_s"] else "-"
+            print(f"| {phase} | {r['bytes']:,} | {rate} | " + ", ".join(f"{k} {v:.4f}" for k, v in r["val"].items()) + " |")
+    train.cleanup_distributed()
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,322 @@
+"""Training plumbing shared by stage1_kd.py and stage2_sft.py: --key=value configs, distributed set-up, optimizer
+groups, the LR schedule, gradient sync, RNG state, and atomic checkpoints. The stage scripts stay top to bottom.
+
+Data parallelism is explicit: every rank holds a full student, computes gradients on its own batches, and the
+gradients of the parameters that the current phase trains are averaged with one all-reduce per optimizer update (after
+the last micro-step of gradient accumulation). We do this rather than wrap the student in DistributedDataParallel
+because each phase calls a different part of the student (encoder only, patcher only, ...), and DDP only syncs what
+goes through its forward(). The frozen teacher is never synchronised: every rank loads its own copy.
+"""
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: one dataclass per script, overridden by --key=value (typed; unknown keys and bad values are errors).
+
+def parse_args(cls, argv):
+    cfg, types = cls(), {f.name: f.type for f in fields(cls)}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise ValueError(f"expected --key=value, got {arg!r}")
+        key, has_value, value = arg[2:].partition("=")
+        if key not in types:
+            raise ValueError(f"unknown option --{key} (options: {', '.join('--' + k for k in types)})")
+        kind = types[key]
+        if kind is list:
+            getattr(cfg, key).append(value)
+            continue
+        if not has_value and kind is not bool:
+            raise ValueError(f"--{key} needs a value: --{key}=...")
+        try:
+            if kind is bool:
+                if value.lower() not in ("", "1", "0", "true", "false"):
+                    raise ValueError
+                parsed = value.lower() in ("", "1", "true")
+            else:
+                parsed = kind(value)
+        except ValueError:
+            raise ValueError(f"--{key}={value!r} is not a valid {kind.__name__}") from None
+        setattr(cfg, key, parsed)
+    return cfg
+
+
+def print_config(cfg):
+    print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed set-up (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE).
+
+def setup_distributed(device_pref="auto"):
+    """-> (rank, world_size, device). nccl on CUDA, gloo on CPU; a plain `python script.py` is rank 0 of 1."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean_grads(params):
+    """Average the gradients of `params` over ranks with one flat all-reduce (no-op on a single process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def all_reduce_sum(values, device):
+    """Sum a list of floats over ranks (for metrics) -> list of floats."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_params(module):
+    """Make every rank start from rank 0's weights."""
+    if dist.is_initialized():
+        for p in module.parameters():
+            dist.broadcast(p.data, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer and schedule.
+
+def make_optimizer(named_params, lr, weight_decay, betas=(0.9, 0.95), lr_scale=None):
+    """AdamW over the given (name, param) pairs only. Weight decay on matrices; none on norms, biases, embeddings and
+    the dechunk null vector. lr_scale(name) -> multiplier gives a parameter group its own learning rate (stage 2b runs
+    the byte-level parts at twice the main network's rate)."""
+    groups = {}
+    for name, p in named_params:
+        no_decay = p.dim() < 2 or "embed" in name or "norm" in name
+        scale = lr_scale(name) if lr_scale else 1.0
+        key = (no_decay, scale)
+        groups.setdefault(key, []).append(p)
+    param_groups = [{"params": ps, "weight_decay": 0.0 if nd else weight_decay, "lr": lr * s, "lr_scale": s}
+                    for (nd, s), ps in sorted(groups.items())]
+    fused = all(p.is_cuda for g in param_groups for p in g["params"]) or None
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused)
+
+
+def lr_at(step, total_steps, base_lr, warmup_steps):
+    """Linear warm-up, then cosine decay to 10% of the base rate at the last step."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+
+
+def select_params(model, prefixes):
+    """(name, param) pairs whose names start with one of `prefixes`; sets requires_grad on exactly those."""
+    chosen = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+        if p.requires_grad:
+            chosen.append((name, p))
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RNG state and checkpoints.
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, payload, summary=None):
+    """Atomic: write to a temporary name, then rename, so a crash never leaves a half-written checkpoint.
+    A JSON sidecar (same name, .json) holds the config and metrics for reading without torch."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    if summary is not None:
+        with open(path.removesuffix(".pt") + ".json.tmp", "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+        os.replace(path.removesuffix(".pt") + ".json.tmp", path.removesuffix(".pt") + ".json")
+
+
+def load_checkpoint(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (EOFError, RuntimeError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Progress lines.
+
+class Progress:
+    """One log line per interval: phase, step, loss parts, bytes/s, ETA."""
+
+    def __init__(self, phase, total_steps, bytes_per_step, start_step=0, enabled=True):
+        self.phase, self.total, self.bytes_per_step, self.enabled = phase, total_steps, bytes_per_step, enabled
+        self.t0, self.start = time.perf_counter(), start_step
+
+    def bytes_per_s(self, step):  # over the steps this process has run (step is the 0-based step just finished)
+        return (step + 1 - self.start) * self.bytes_per_step / max(time.perf_counter() - self.t0, 1e-9)
+
+    def log(self, step, parts):
+        rate = self.bytes_per_s(step)
+        eta = (self.total - step - 1) * self.bytes_per_step / max(rate, 1e-9)
+        if self.enabled:
+            text = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in parts.items())
+            print(f"{self.phase} step {step + 1}/{self.total} | {text} | {rate:,.0f} bytes/s | eta {eta:.0f}s", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The phase loop both stages share.
+
+@dataclass
+class Phase:
+    name: str
+    budget: int                       # training bytes, all ranks together
+    lr: float
+    prefixes: tuple                   # names of the student's parameters this phase trains (prefixes)
+    step: Callable                    # batch -> (loss, dict of metric sums)
+    summarize: Callable               # metric sums -> figures to print
+    evaluate: Callable                # () -> validation figures, at the end of the phase
+    lr_scale: Callable | None = None  # parameter name -> multiplier of lr
+    seed: int = 0                     # the loader's shuffling seed
+
+
+def run_phases(stage, phases, student, cfg, meta, make_loader, device, autocast):
+    """Train `phases` in order, each with its own optimizer over only its parameters, warm-up + cosine schedule,
+    gradient accumulation (one gradient all-reduce per update), a log line per interval, a metrics.jsonl line per
+    step, an evaluation and a checkpoint at the end, and a checkpoint every cfg.ckpt_interval steps.
+    With cfg.resume, continues from out_dir/ckpt.pt exactly: model, optimizer, loader position and RNG state.
+    Returns {phase: {"bytes", "steps", "val", "bytes_per_s"}} and whether the run stopped early (cfg.stop_after)."""
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    names = [p.name for p in phases]
+    resume = load_checkpoint(ckpt_path) if cfg.resume else None
+    if resume is not None:
+        if resume.get("stage") != stage:
+            raise ValueError(f"{ckpt_path} is not a stage-{stage} checkpoint; resume it with its own stage script")
+        student.load_state_dict(resume["model"])
+        if resume["phase"] in names:  # skip what the checkpoint already finished
+            done = names.index(resume["phase"]) + (1 if resume["phase_done"] else 0)
+            phases = phases[done:]
+        if master:
+            print(f"resuming from {ckpt_path}: phase {resume['phase']} step {resume['step']}"
+                  f"{' (finished)' if resume['phase_done'] else ''}")
+    results, steps_run = dict(resume.get("results", {})) if resume else {}, 0
+    for phase in phases:
+        bytes_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
+        total = max(1, phase.budget // bytes_per_step)
+        warmup = max(1, int(cfg.warmup_frac * total))
+        params = select_params(student, phase.prefixes)
+        optimizer = make_optimizer(params, phase.lr, cfg.weight_decay, lr_scale=phase.lr_scale)
+        loader = make_loader(phase.seed)
+        start = 0
+        if resume is not None and resume["phase"] == phase.name and not resume["phase_done"]:
+            optimizer.load_state_dict(resume["optimizer"])
+            loader.load_state_dict(resume["loader"])
+            set_rng_state(resume["rng"])
+            start = resume["step"]
+        resume = None
+        trainable = [p for _, p in params]
+        progress = Progress(phase.name, total, bytes_per_step, start, enabled=master)
+        if master:
+            print(f"== {phase.name}: {total} steps x {bytes_per_step:,} bytes, lr {phase.lr:g}, "
+                  f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters", flush=True)
+
+        def checkpoint(step, done, path=ckpt_path, full=True):
+            if master:
+                payload = {"stage": stage, "model": student.state_dict(), "config": asdict(cfg), **meta,
+                           "phase": phase.name, "step": step, "phase_done": done, "results": results}
+                if full:  # what exact resume needs
+                    payload.update(optimizer=optimizer.state_dict(), loader=loader.state_dict(), rng=rng_state())
+                summary = {k: v for k, v in payload.items() if k not in ("model", "optimizer", "rng")}
+                save_checkpoint(path, payload, summary)
+
+        for step in range(start, total):
+            lr = lr_at(step, total, phase.lr, warmup)
+            set_lr(optimizer, lr)
+            sums = {}
+            for _ in range(cfg.grad_accum):
+                batch = {k: v.to(device) for k, v in loader.next_batch().items()}
+                with autocast():
+                    loss, stats = phase.step(batch)
+                (loss / cfg.grad_accum).backward()
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+            all_reduce_mean_grads(trainable)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            keys = sorted(sums)
+            figures = phase.summarize(dict(zip(keys, all_reduce_sum([sums[k] for k in keys], device))))
+            if master:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"phase": phase.name, "step": step, **figures, "grad_norm": grad_norm}) + "\n")
+            if step % cfg.log_interval == 0 or step == total - 1:
+                progress.log(step, {**figures, "lr": lr})
+            steps_run += 1
+            if step + 1 < total and cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0:
+                checkpoint(step + 1, False)
+            if step + 1 < total and cfg.stop_after and steps_run >= cfg.stop_after:
+                checkpoint(step + 1, False)
+                if master:
+                    print(f"stopped after {steps_run} steps (--stop_after); continue with --resume", flush=True)
+                return results, True
+
+        with torch.no_grad(), autocast():
+            figures = phase.evaluate()
+        rate = progress.bytes_per_s(total - 1) if total > start else None
+        results[phase.name] = {"bytes": total * bytes_per_step, "steps": total, "val": figures, "bytes_per_s": rate}
+        if master:
+            print(f"== {phase.name} done | val " + " ".join(f"{k} {v:.4f}" for k, v in figures.items()), flush=True)
+        checkpoint(total, True)
+        checkpoint(total, True, os.path.join(cfg.out_dir, f"{phase.name}.pt"), full=False)
+    return results, False
