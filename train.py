@@ -207,7 +207,7 @@ class Progress:
         rate = self.bytes_per_s(step)
         eta = (self.total - step - 1) * self.bytes_per_step / max(rate, 1e-9)
         if self.enabled:
-            text = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in parts.items())
+            text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in parts.items())
             print(f"{self.phase} step {step + 1}/{self.total} | {text} | {rate:,.0f} bytes/s | eta {eta:.0f}s", flush=True)
 
 
@@ -238,6 +238,8 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device, autocast)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     os.makedirs(cfg.out_dir, exist_ok=True)
+    if master and not cfg.resume and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a fresh run starts a fresh log; a resumed one appends
     names = [p.name for p in phases]
     resume = load_checkpoint(ckpt_path) if cfg.resume else None
     if resume is not None:

@@ -1,0 +1,166 @@
+"""Stage 2: byte-level fine-tuning, patches from the student's own patcher (DESIGN.md section 1).
+
+    python stage2_sft.py                                  # from out/stage1/ckpt.pt, embedded default, CPU
+    torchrun --standalone --nproc_per_node=8 stage2_sft.py --init=out/stage1/ckpt.pt --batch_size=32 --seq_len=8192 ...
+
+Two phases, the loss a 512-way cross-entropy with label next_byte + 256 * is_token_end(next byte):
+  warmup  the byte-level output side only: dechunk null vector, residual, projections, second byte embedding,
+          decoder, head
+  e2e     everything; the byte-level parts at e2e_byte_lr_mult x the main network's rate; plus BCE on the patcher
+The final checkpoint (out_dir/ckpt.pt) is what sample.py and bench/fidelity.py load.
+"""
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+
+import data
+import model
+import train
+from kernels import byte_cross_entropy
+
+
+@dataclass
+class Config:
+    init: str = "out/stage1/ckpt.pt"  # the stage-1 checkpoint to start from
+    data_dir: str = ""                # shard folder; default shards/<teacher of the stage-1 checkpoint>
+    out_dir: str = "out/stage2"
+    phase: str = "all"                # all | warmup | e2e
+    resume: bool = False              # continue from out_dir/ckpt.pt exactly where it stopped
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"               # autocast: bfloat16 | float32 | auto (bf16 on CUDA, fp32 on CPU)
+    batch_size: int = 8
+    seq_len: int = 512
+    grad_accum: int = 1
+    warmup_bytes: int = 200_000
+    warmup_lr: float = 1e-3
+    e2e_bytes: int = 60_000
+    e2e_lr: float = 2e-5              # the main network's rate (paper: 2e-5)
+    e2e_byte_lr_mult: float = 2.0     # byte-level parts (encoder, patcher, decoder, ...) at this multiple of e2e_lr
+    boundary_weight: float = 1.0      # weight of the patcher's BCE in e2e
+    warmup_frac: float = 0.05
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_batches: int = 8
+    log_interval: int = 10
+    ckpt_interval: int = 0
+    stop_after: int = 0
+
+
+def sft_step(student, batch, boundary_weight=0.0):
+    """Forward with the patcher's patches; loss = 512-way CE (+ boundary_weight * BCE of the patcher).
+    Position t predicts byte t+1 and whether byte t+1 ends a teacher token. Returns (loss, metric sums)."""
+    x, valid, token_end = batch["bytes"], batch["valid"], batch["token_end"]
+    logits, p, ends = student(x)
+    scored = valid[:, 1:] & valid[:, :-1]  # (B, T-1): both bytes real
+    labels = (x[:, 1:] + 256 * token_end[:, 1:].long()).masked_fill(~scored, -100)
+    ce = byte_cross_entropy(logits[:, :-1].reshape(-1, 512), labels.reshape(-1))
+    n = int(scored.sum())
+    with torch.no_grad():  # bits per byte: the byte's probability summed over both halves of the head
+        logp = model.byte_logprobs(logits[:, :-1]).gather(-1, x[:, 1:, None])[..., 0]
+        byte_nats = -(logp[scored]).sum().item()
+    # the patcher against token ends (the last byte's p is fixed at 1 and not scored)
+    sel = valid[:, :-1]
+    target = token_end[:, :-1][sel].float()
+    prob = p[:, :-1][sel].clamp(1e-6, 1 - 1e-6)
+    bce = -(target * prob.log() + (1 - target) * (1 - prob).log()).mean()
+    pred = ends[:, :-1][sel]
+    truth = target > 0
+    stats = {"ce": ce.item() * n, "byte_nats": byte_nats, "n": n, "bce": bce.item() * len(prob), "n_p": len(prob),
+             "tp": (pred & truth).sum().item(), "fp": (pred & ~truth).sum().item(), "fn": (~pred & truth).sum().item(),
+             "patches": ends.sum().item(), "bytes": valid.sum().item()}
+    return ce + boundary_weight * bce if boundary_weight else ce, stats
+
+
+def summarize(sums):
+    n, ln2 = max(sums["n"], 1), math.log(2)
+    precision = sums["tp"] / max(sums["tp"] + sums["fp"], 1)
+    recall = sums["tp"] / max(sums["tp"] + sums["fn"], 1)
+    return {"ce": sums["ce"] / n, "bpb": sums["byte_nats"] / n / ln2, "bpb_joint": sums["ce"] / n / ln2,
+            "bce": sums["bce"] / max(sums["n_p"], 1), "f1": 2 * precision * recall / max(precision + recall, 1e-12),
+            "patch_bytes": sums["bytes"] / max(sums["patches"], 1)}
+
+
+def main(argv):
+    cfg = train.parse_args(Config, argv)
+    if cfg.phase not in ("all", "warmup", "e2e"):
+        raise ValueError(f"--phase must be all, warmup or e2e, not {cfg.phase!r}")
+    if cfg.dtype not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"--dtype must be auto, bfloat16 or float32, not {cfg.dtype!r}")
+    rank, world, device = train.setup_distributed(cfg.device)
+    if cfg.dtype == "auto":
+        cfg.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    master = rank == 0
+    if master:
+        train.print_config(cfg)
+    torch.manual_seed(cfg.seed)
+    t_start = time.time()
+
+    # -- the stage-1 student; stage 2 needs only the teacher's tokenizer (for token-end labels), not its weights --
+    student, meta = model.load_student(cfg.init, device)
+    if meta.get("stage") not in (1, 2):
+        raise ValueError(f"{cfg.init} is not a stage-1 checkpoint")
+    student.train()
+    teacher_name = meta["teacher"]
+    tok = data.load_tokenizer(model.resolve_teacher_dir(teacher_name))
+    if tok is None:
+        raise ValueError(f"teacher {teacher_name!r} has no tokenizer; stage 2 needs its token boundaries as labels")
+    data_dir = cfg.data_dir or meta["config"].get("data_dir") or data.default_shard_dir(
+        teacher_name if not os.path.isdir(teacher_name) else tok.name)
+    if master and not cfg.data_dir and not meta["config"].get("data_dir"):
+        data.prepare(teacher_name, None, data_dir)
+    if world > 1:
+        torch.distributed.barrier()
+    train.broadcast_params(student)
+    if master:
+        print(f"student from {cfg.init} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters, "
+              f"teacher {teacher_name}) | device {device}, {world} rank(s), autocast {cfg.dtype}")
+
+    def make_loader(seed, split="train"):
+        return data.ShardLoader(data_dir, split, tok, cfg.batch_size, cfg.seq_len, seed=seed, rank=rank,
+                                world_size=world, max_tokens=student.tcfg.max_seq_len)
+
+    def evaluate():
+        loader, sums = make_loader(0, "val"), {}
+        for _ in range(cfg.eval_batches):
+            stats = sft_step(student, {k: v.to(device) for k, v in loader.next_batch().items()})[1]
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+        keys = sorted(sums)
+        return summarize(dict(zip(keys, train.all_reduce_sum([sums[k] for k in keys], device))))
+
+    everything = ("",)  # every parameter name starts with ""
+    phases = [
+        train.Phase("warmup", cfg.warmup_bytes, cfg.warmup_lr, model.ByteLM.OUTPUT_SIDE,
+                    lambda b: sft_step(student, b), summarize, evaluate, seed=cfg.seed + 10),
+        train.Phase("e2e", cfg.e2e_bytes, cfg.e2e_lr, everything,
+                    lambda b: sft_step(student, b, cfg.boundary_weight), summarize, evaluate,
+                    lr_scale=lambda name: 1.0 if name.startswith("main.") else cfg.e2e_byte_lr_mult, seed=cfg.seed + 11),
+    ]
+    phases = [p for p in phases if cfg.phase in ("all", p.name)]
+    meta_out = {"student_config": asdict(student.scfg), "teacher_config": asdict(student.tcfg), "teacher": teacher_name,
+                "init": cfg.init}
+    autocast = (lambda: nullcontext()) if cfg.dtype == "float32" else (
+        lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+    results, stopped = train.run_phases(2, phases, student, cfg, meta_out, make_loader, device, autocast)
+    if master and not stopped:
+        print(f"\nstage 2 finished in {time.time() - t_start:.0f} s")
+        print("| phase | bytes | bytes/s | validation |")
+        print("|---|---|---|---|")
+        for phase, r in results.items():
+            rate = f"{r['bytes_per_s']:,.0f}" if r["bytes_per_s"] else "-"
+            print(f"| {phase} | {r['bytes']:,} | {rate} | " + ", ".join(f"{k} {v:.4f}" for k, v in r["val"].items()) + " |")
+    train.cleanup_distributed()
+    return results
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
