@@ -1,0 +1,47 @@
+"""The demo's closing table, from what the steps before it wrote (no new measurement):
+out/stage1/ckpt.json and out/stage2/ckpt.json (training bytes/s and validation figures), out/fidelity.json (bits per
+byte of teacher and student on held-out text) and out/generate.json (generation bytes/s).
+
+    python bench/summary.py [--out=out]
+"""
+import json
+import os
+import sys
+
+
+def load(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: run the step that writes it first (see demo.sh)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def main(argv):
+    out = argv[0].removeprefix("--out=") if argv else "out"
+    s1, s2 = load(f"{out}/stage1/ckpt.json"), load(f"{out}/stage2/ckpt.json")
+    fidelity, generate = load(f"{out}/fidelity.json"), load(f"{out}/generate.json")
+    print(f"\n== summary: teacher {fidelity['teacher']}, student {fidelity['ckpt']}")
+    print("| training phase | bytes | bytes/s | validation |")
+    print("|---|---|---|---|")
+    for results in (s1["results"], s2["results"]):
+        for phase, r in results.items():
+            rate = f"{r['bytes_per_s']:,.0f}" if r.get("bytes_per_s") else "-"
+            print(f"| {phase} | {r['bytes']:,} | {rate} | " + ", ".join(f"{k} {v:.3f}" for k, v in r["val"].items()) + " |")
+    print(f"\n| text | teacher bpb | student bpb | ratio | student bpb joint (upper bound) | boundary F1 "
+          f"| bytes/patch | bytes/token |   (first {fidelity['max_bytes']:,} bytes)")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in fidelity["texts"].items():
+        print(f"| {name} | {r['teacher_bpb']:.3f} | {r['student_bpb']:.3f} | {r['ratio']:.2f} | "
+              f"{r['student_bpb_joint']:.3f} | {r['boundary_f1']:.3f} | {r['mean_patch_bytes']:.2f} | "
+              f"{r['bytes_per_token']:.2f} |")
+    print("\n| generation, batch | student bytes/s | teacher bytes/s | student/teacher |")
+    print("|---|---|---|---|")
+    for b, rate in generate["student_bytes_per_s"].items():
+        print(f"| {b} | {rate:,.1f} | {generate['teacher_bytes_per_s'][b]:,.1f} | {generate['ratio'][b]:.2f} |")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        sys.exit(f"error: {e}")
