@@ -61,12 +61,13 @@ def tokenizer_for(teacher):
         return None
 
 
-def emit(stream, data, cfg):
+def emit(stream, data, cfg, final=False):
     if cfg.raw:
+        sys.stdout.flush()  # whatever print() wrote (a sample's header) must come before these bytes
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
     else:
-        sys.stdout.write(stream.decode(data))
+        sys.stdout.write(stream.decode(data, final))
         sys.stdout.flush()
 
 
@@ -91,6 +92,8 @@ def sample_student(cfg, prompts):
                     emit(streams[0], bytes([b]), cfg)
         if bool(run.done.all()):
             break
+    if len(texts) == 1:
+        emit(streams[0], b"", cfg, final=True)  # a sequence cut off at the end shows as U+FFFD
     seconds = time.perf_counter() - t0
     return texts, [bytes(o).rstrip(bytes([model.BOS_BYTE])) for o in outputs], n, seconds
 
@@ -119,6 +122,8 @@ def sample_teacher(cfg, prompts):
             if len(prompts) == 1:
                 emit(stream, piece, cfg)
             logits = teacher(next_id, cache=cache)[:, -1]
+        if len(prompts) == 1:
+            emit(stream, b"", cfg, final=True)
         seconds += time.perf_counter() - t0
         texts.append(text.encode("utf-8"))
         outputs.append(bytes(out))
@@ -138,7 +143,7 @@ def main(argv):
     if len(texts) > 1:
         for i, (t, o) in enumerate(zip(texts, outputs)):
             print(f"--- sample {i}")
-            emit(codecs.getincrementaldecoder("utf-8")(errors="replace"), t + o, cfg)
+            emit(codecs.getincrementaldecoder("utf-8")(errors="replace"), t + o, cfg, final=True)
             print()
     else:
         print()

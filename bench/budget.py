@@ -1,0 +1,77 @@
+"""Budget study: the whole pipeline at several byte budgets, so the trend of student/teacher bits per byte against
+training bytes is visible rather than one point.
+
+    python bench/budget.py [--scales=0.25,0.5,1] [--out=out/budget] [--max_bytes=20000] [--json=OUT] [--reuse=1]
+
+Scale s multiplies every phase budget of the stage-1 and stage-2 defaults (the demo's run is scale 1). Each scale
+runs stage1_kd.py, stage2_sft.py and bench/fidelity.py as separate processes, one after the other (two CPU-heavy
+processes at once on 2 cores slow each other down several times). --reuse=1 skips a scale whose fidelity JSON
+already exists, so an interrupted study continues.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import stage1_kd  # noqa: E402
+import stage2_sft  # noqa: E402
+
+STAGE1_BUDGETS = ("align_bytes", "distill_bytes", "boundary_bytes")
+STAGE2_BUDGETS = ("warmup_bytes", "e2e_bytes")
+
+
+def run(cmd):
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
+
+
+def one_scale(scale, out, max_bytes, reuse):
+    folder = os.path.join(out, f"scale{scale:g}")
+    fid = os.path.join(folder, "fidelity.json")
+    if not (reuse and os.path.exists(fid)):
+        t = time.time()
+        s1 = [f"--{k}={int(getattr(stage1_kd.Config, k) * scale)}" for k in STAGE1_BUDGETS]
+        s2 = [f"--{k}={int(getattr(stage2_sft.Config, k) * scale)}" for k in STAGE2_BUDGETS]
+        run(["stage1_kd.py", f"--out_dir={folder}/stage1", *s1])
+        run(["stage2_sft.py", f"--init={folder}/stage1/ckpt.pt", f"--out_dir={folder}/stage2", *s2])
+        run(["bench/fidelity.py", f"--ckpt={folder}/stage2/ckpt.pt", f"--max_bytes={max_bytes}", f"--json={fid}"])
+        with open(os.path.join(folder, "wall_s.json"), "w") as f:
+            json.dump({"wall_s": time.time() - t}, f)
+    with open(fid) as f:
+        texts = json.load(f)["texts"]
+    training_bytes = sum(int(getattr(stage1_kd.Config, k) * scale) for k in STAGE1_BUDGETS) + \
+        sum(int(getattr(stage2_sft.Config, k) * scale) for k in STAGE2_BUDGETS)
+    with open(os.path.join(folder, "wall_s.json")) as f:
+        wall = json.load(f)["wall_s"]
+    return {"scale": scale, "training_bytes_budget": training_bytes, "wall_s": wall, "texts": texts}
+
+
+def main(argv):
+    args = {"scales": "0.25,0.5,1", "out": "out/budget", "max_bytes": "20000", "json": "", "reuse": "1"}
+    for a in argv:
+        key, _, value = a.removeprefix("--").partition("=")
+        if key not in args:
+            raise ValueError(f"unknown argument {a!r}; expected --scales= --out= --max_bytes= --json= --reuse=")
+        args[key] = value
+    rows = [one_scale(float(s), args["out"], int(args["max_bytes"]), args["reuse"] == "1")
+            for s in args["scales"].split(",")]
+    print("\n| scale | training bytes (budget, both stages) | wall s | text | teacher bpb | student bpb | ratio | "
+          "boundary F1 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        for name, t in r["texts"].items():
+            print(f"| {r['scale']:g} | {r['training_bytes_budget']:,} | {r['wall_s']:.0f} | {name} | "
+                  f"{t['teacher_bpb']:.3f} | {t['student_bpb']:.3f} | {t['ratio']:.2f} | {t['boundary_f1']:.3f} |")
+    if args["json"]:
+        with open(args["json"], "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, subprocess.CalledProcessError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,189 @@
+"""sample.py, run as a user runs it (a subprocess from the repo root) on a tiny saved student.
+
+Oracle: ByteGeneration in this process on the same checkpoint, with the same seed and settings, gives the bytes
+that sample.py must print. The checkpoint names a teacher folder that does not exist, so sample.py skips prompt
+normalisation. All the runs start at once (they are independent) and each test waits for the ones it reads."""
+import codecs
+import os
+import runpy
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from model import BOS_BYTE, ByteGeneration, load_student
+from test_student import build_student, build_teacher
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = "To be, or not"
+MAX_BYTES = 20
+SEED = 3  # with this checkpoint: 20 bytes for PROMPT, the text ending inside a UTF-8 sequence; in the batch one row
+          # samples 0xFE early. (The oracle below adapts if the model changes; the tests say where they rely on it.)
+BATCH = dict(prompts=["Hi", "Ünïcode"], num_samples=2, max_bytes=12)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Run:
+    def __init__(self, args):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")  # tiny model: one thread is fastest
+        env.pop("PYTHONUNBUFFERED", None)  # stdout buffered as a user's pipe is: text and raw writes must not reorder
+        self.proc = subprocess.Popen([sys.executable, "sample.py", *args], cwd=REPO, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.done = False
+
+    def wait(self):
+        if not self.done:
+            self.stdout, self.stderr = self.proc.communicate(timeout=120)
+            self.rc, self.done = self.proc.returncode, True
+        return self
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    student = build_student(build_teacher())
+    path = str(tmp_path_factory.mktemp("sample") / "student.pt")
+    torch.save({"stage": 1, "model": student.state_dict(), "config": {}, "student_config": asdict(student.scfg),
+                "teacher_config": asdict(student.tcfg), "teacher": "/no/such/teacher/folder", "phase": "align",
+                "step": 1, "phase_done": True}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bad_prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "bad.txt"
+    path.write_bytes(b"valid start \xff\xfe then invalid")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def runs(ckpt, bad_prompt_file):
+    common = [f"--ckpt={ckpt}", f"--max_bytes={MAX_BYTES}", "--temperature=1"]
+    batch = [f"--ckpt={ckpt}", "--temperature=1", f"--seed={SEED}", f"--max_bytes={BATCH['max_bytes']}",
+             *[f"--prompt={p}" for p in BATCH["prompts"]], f"--num_samples={BATCH['num_samples']}"]
+    commands = {
+        "text": [*common, f"--prompt={PROMPT}", f"--seed={SEED}"],
+        "raw": [*common, f"--prompt={PROMPT}", f"--seed={SEED}", "--raw"],
+        "batch": batch,
+        "batch_raw": [*batch, "--raw"],
+        "error": [*common, f"--prompt_file={bad_prompt_file}"],
+    }
+    started = {name: Run(args) for name, args in commands.items()}
+    yield started
+    for run in started.values():
+        if not run.done:
+            run.proc.kill()
+            run.proc.communicate()
+
+
+def expected(ckpt, prompts, max_bytes, seed):
+    """What sample.py must generate: ByteGeneration at temperature 1 with a generator seeded by --seed; each row
+    stops at its first 0xFE (a new document), which is not printed."""
+    student, _ = load_student(ckpt)
+    gen = ByteGeneration(student, [p.encode("utf-8") for p in prompts], max_bytes)
+    g = torch.Generator().manual_seed(seed)
+    outs = [bytearray() for _ in prompts]
+    stopped = [False] * len(prompts)
+    for _ in range(max_bytes):
+        new, _ = gen.step(1.0, None, 1.0, g)
+        for i, b in enumerate(new.tolist()):
+            stopped[i] = stopped[i] or b == BOS_BYTE
+            if not stopped[i]:
+                outs[i].append(b)
+    return [bytes(o) for o in outs]
+
+
+def ok(run):
+    run.wait()
+    assert run.rc == 0, run.stderr.decode(errors="replace")
+    assert b"Traceback" not in run.stderr
+    return run
+
+
+def test_raw_output_is_prompt_then_generated_bytes(runs, ckpt):
+    out = ok(runs["raw"]).stdout
+    [gen] = expected(ckpt, [PROMPT], MAX_BYTES, seed=SEED)
+    assert len(gen) == MAX_BYTES  # this seed never samples 0xFE: exactly max_bytes come out
+    assert out.startswith(PROMPT.encode() + gen)
+    assert out[len(PROMPT.encode()) + MAX_BYTES:] in (b"", b"\n")  # (a closing newline at most)
+    assert f"--- {MAX_BYTES} bytes in".encode() in runs["raw"].stderr  # the speed line goes to stderr
+
+
+def test_same_seed_same_output(runs):
+    """Two runs with the same seed (one --raw, one text) print the same bytes."""
+    raw, text = ok(runs["raw"]).stdout, ok(runs["text"]).stdout.decode("utf-8")
+    assert text == raw.decode("utf-8", errors="replace")
+
+
+def test_text_output_decodes_incrementally(runs, ckpt):
+    """Text mode: the prompt, then the generated bytes as UTF-8 with invalid sequences as U+FFFD."""
+    out = ok(runs["text"]).stdout.decode("utf-8")
+    [gen] = expected(ckpt, [PROMPT], MAX_BYTES, seed=SEED)
+    assert out.startswith(PROMPT)
+    tail = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    tail.decode(PROMPT.encode() + gen, final=False)
+    assert tail.getstate()[0]  # (this seed ends inside a UTF-8 sequence: it must still show, as U+FFFD)
+    assert out == (PROMPT.encode() + gen).decode("utf-8", errors="replace") + "\n"
+
+
+def test_batch_of_prompts_and_samples(runs, ckpt):
+    """Two prompts x --num_samples=2: four samples in one batch, in order A, A, B, B, each printed whole."""
+    out = ok(runs["batch"]).stdout.decode("utf-8")
+    prompts = [p for p in BATCH["prompts"] for _ in range(BATCH["num_samples"])]
+    gens = expected(ckpt, prompts, BATCH["max_bytes"], seed=SEED)
+    assert out.count("--- sample ") == 4
+    want = "".join(f"--- sample {i}\n" + (p.encode() + g).decode("utf-8", errors="replace") + "\n"
+                   for i, (p, g) in enumerate(zip(prompts, gens)))
+    assert out == want
+
+
+def test_batch_raw(runs, ckpt):
+    """--raw with several samples: each sample's raw bytes under its header, in order."""
+    out = ok(runs["batch_raw"]).stdout
+    prompts = [p for p in BATCH["prompts"] for _ in range(BATCH["num_samples"])]
+    gens = expected(ckpt, prompts, BATCH["max_bytes"], seed=SEED)
+    assert min(map(len, gens)) < BATCH["max_bytes"]  # (this seed stops a row early at 0xFE)
+    assert out == b"".join(b"--- sample %d\n" % i + p.encode() + g + b"\n" for i, (p, g) in enumerate(zip(prompts, gens)))
+
+
+def test_error_exits_with_one_line(runs):
+    """End to end: a prompt file that is not UTF-8 -> exit status 1, one 'error:' line on stderr, nothing else."""
+    run = runs["error"].wait()
+    assert run.rc == 1
+    err = run.stderr.decode("utf-8", errors="replace")
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "not valid UTF-8" in lines[0], err
+    assert run.stdout == b""
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--no_such_option=1"], "unknown option --no_such_option"),
+    (["--max_bytes=many"], "--max_bytes='many' is not a valid int"),
+    (["--ckpt=/no/such/file.pt"], "no checkpoint at /no/such/file.pt"),
+    (["--ckpt=CKPT", "--teacher=smollm2"], "exactly one of --ckpt"),
+    ([], "exactly one of --ckpt"),
+    (["--ckpt=CKPT", "--prompt_file=BAD"], "not valid UTF-8 (byte 12"),
+    (["--ckpt=GARBAGE"], "not a byte-student checkpoint"),
+])
+def test_errors_are_one_clear_line(args, message, ckpt, bad_prompt_file, tmp_path, monkeypatch, capsys):
+    """The same __main__ wrapper in this process (a subprocess costs seconds of torch import): a user error ends
+    in SystemExit("error: ...") -- Python prints that one line and exits with status 1 -- never in a traceback."""
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a checkpoint\n")
+    subst = {"CKPT": ckpt, "BAD": bad_prompt_file, "GARBAGE": str(garbage)}
+    argv = [a.split("=")[0] + "=" + subst.get(a.split("=", 1)[1], a.split("=", 1)[1]) for a in args]
+    monkeypatch.setattr(sys, "argv", [os.path.join(REPO, "sample.py"), *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(os.path.join(REPO, "sample.py"), run_name="__main__")
+    code = exit_info.value.code
+    assert isinstance(code, str) and code.startswith("error: ") and "\n" not in code and message in code, code
+    assert capsys.readouterr().out == ""
