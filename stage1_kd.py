@@ -44,7 +44,7 @@ class Config:
     n_enc: int = 2
     n_dec: int = 2
     local_window: int = 256
-    proj_hidden: int = -1
+    proj_hidden: int = -1             # SwiGLU hidden width of the projection to the teacher; 0 = linear, -1 = default
     # phases: budgets in training bytes (all ranks together) and learning rates
     align_bytes: int = 3_000_000
     align_lr: float = 3e-3            # DESIGN.md 7: 3e-3 beat 1e-3 for the same CPU minutes
@@ -168,6 +168,9 @@ def main(argv):
         raise ValueError(f"--phase must be all, align, distill or boundary, not {cfg.phase!r}")
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         raise ValueError(f"--dtype must be auto, bfloat16 or float32, not {cfg.dtype!r}")
+    if cfg.phase in ("distill", "boundary") and not cfg.resume:
+        raise ValueError(f"--phase={cfg.phase} continues from the earlier phases: add --resume (it loads "
+                         f"{cfg.out_dir}/ckpt.pt), or run --phase=all")
     rank, world, device = train.setup_distributed(cfg.device)
     if cfg.dtype == "auto":
         cfg.dtype = "bfloat16" if device.type == "cuda" else "float32"
@@ -192,7 +195,8 @@ def main(argv):
                        max_tokens=teacher.cfg.max_seq_len)
 
     # -- student --
-    overrides = {k: v for k, v in dict(d_local=cfg.d_local, proj_hidden=cfg.proj_hidden).items() if v not in (0, -1)}
+    overrides = {k: v for k, v in dict(d_local=cfg.d_local, proj_hidden=cfg.proj_hidden).items()
+                 if not (k == "d_local" and v == 0 or k == "proj_hidden" and v == -1)}
     scfg = model.StudentConfig.for_teacher(teacher.cfg, n_enc=cfg.n_enc, n_dec=cfg.n_dec,
                                            local_window=cfg.local_window, **overrides)
     if "d_local" in overrides:

@@ -77,20 +77,21 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
-def all_reduce_mean_grads(params):
-    """Average the gradients of `params` over ranks with one flat all-reduce (no-op on a single process)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
+def sync_grads(params, total):
+    """Gradients hold sums over this rank's loss elements; turn them into the mean over all ranks' elements:
+    one flat all-reduce (sum) of the gradients, then a division by the global element count `total`."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    offset = 0
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+        g.div_(max(total, 1.0))
 
 
 def all_reduce_sum(values, device):
@@ -245,6 +246,15 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device, autocast)
     if resume is not None:
         if resume.get("stage") != stage:
             raise ValueError(f"{ckpt_path} is not a stage-{stage} checkpoint; resume it with its own stage script")
+        if not resume["phase_done"]:  # mid-phase: the data order, batch shape and schedule must stay the same
+            keys = ["batch_size", "seq_len", "grad_accum", "seed", f"{resume['phase']}_bytes", f"{resume['phase']}_lr"]
+            old, new = resume["config"], asdict(cfg)
+            changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+            if resume.get("world_size", world) != world:
+                changed.append(f"ranks: {resume['world_size']} -> {world}")
+            if changed:
+                raise ValueError(f"{ckpt_path} stopped mid-phase with other settings; resuming would not continue the "
+                                 "same run: " + ", ".join(changed))
         student.load_state_dict(resume["model"])
         if resume["phase"] in names:  # skip what the checkpoint already finished
             done = names.index(resume["phase"]) + (1 if resume["phase_done"] else 0)
@@ -275,7 +285,7 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device, autocast)
 
         def checkpoint(step, done, path=ckpt_path, full=True):
             if master:
-                payload = {"stage": stage, "model": student.state_dict(), "config": asdict(cfg), **meta,
+                payload = {"stage": stage, "model": student.state_dict(), "config": asdict(cfg), **meta, "world_size": world,
                            "phase": phase.name, "step": step, "phase_done": done, "results": results}
                 if full:  # what exact resume needs
                     payload.update(optimizer=optimizer.state_dict(), loader=loader.state_dict(), rng=rng_state())
@@ -290,15 +300,19 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device, autocast)
                 batch = {k: v.to(device) for k, v in loader.next_batch().items()}
                 with autocast():
                     loss, stats = phase.step(batch)
-                (loss / cfg.grad_accum).backward()
+                # Each loss is a mean over this micro-batch's stats["n"] elements (token ends, patches, bytes), and
+                # those counts differ between micro-batches and ranks. Backpropagate the sum, divide by the global
+                # count after the sync: the update is then the same as one process over the whole global batch.
+                (loss * stats["n"]).backward()
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
-            all_reduce_mean_grads(trainable)
+            keys = sorted(sums)
+            sums = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], device)))
+            sync_grads(trainable, sums["n"])
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            keys = sorted(sums)
-            figures = phase.summarize(dict(zip(keys, all_reduce_sum([sums[k] for k in keys], device))))
+            figures = phase.summarize(sums)
             if master:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps({"phase": phase.name, "step": step, **figures, "grad_norm": grad_norm}) + "\n")
@@ -313,6 +327,7 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device, autocast)
                     print(f"stopped after {steps_run} steps (--stop_after); continue with --resume", flush=True)
                 return results, True
 
+        stop_here = cfg.stop_after and steps_run >= cfg.stop_after and phase is not phases[-1]
         with torch.no_grad(), autocast():
             figures = phase.evaluate()
         rate = progress.bytes_per_s(total - 1) if total > start else None
@@ -321,4 +336,8 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device, autocast)
             print(f"== {phase.name} done | val " + " ".join(f"{k} {v:.4f}" for k, v in figures.items()), flush=True)
         checkpoint(total, True)
         checkpoint(total, True, os.path.join(cfg.out_dir, f"{phase.name}.pt"), full=False)
+        if stop_here:  # --stop_after landed on the end of a phase
+            if master:
+                print(f"stopped after {steps_run} steps (--stop_after); continue with --resume", flush=True)
+            return results, True
     return results, False

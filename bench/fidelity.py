@@ -52,6 +52,8 @@ def segments(aligned, window):
 @torch.no_grad()
 def score(student, teacher, tok, text, window):
     aligned = data.align_document(text, tok)
+    if len(aligned.bytes) < 2:
+        raise ValueError("empty text: nothing to score")
     ln2 = math.log(2)
     t_nats = s_nats = s_joint_nats = 0.0
     tp = fp = fn = patches = 0
@@ -101,7 +103,10 @@ def main(argv):
                 texts[os.path.basename(path)] = f.read().decode("utf-8", errors="replace")
     else:
         texts = default_texts()
-    max_bytes, window = int(args["max_bytes"]), int(args["window"])
+    # segments never exceed the teacher's context (DESIGN.md 1: windows are capped at it)
+    max_bytes, window = int(args["max_bytes"]), min(int(args["window"]), teacher.cfg.max_seq_len)
+    if window < 2:
+        raise ValueError("--window must be at least 2 tokens (the document-start token and one to score)")
     print(f"fidelity of {args['ckpt']} (teacher {meta['teacher']}): first {max_bytes:,} bytes of each text, "
           f"segments of {window - 1} tokens, each scored from a fresh document start (see the docstring)")
     print("| text | bytes | teacher bpb | student bpb | ratio | student bpb (joint, upper bound) | boundary P / R / F1 "
