@@ -44,18 +44,17 @@ def load_seconds(folder, repeats=10):
     def touch(tensors):
         return sum(float(t.float().sum()) for t in tensors.values() if t.numel())
 
-    def best(fn):
-        times = []
-        for _ in range(repeats):
+    readers = {"ours": lambda: model.read_checkpoint(folder, use_mmap=True),
+               "copy": lambda: model.read_checkpoint(folder)}
+    if load_file is not None:
+        readers["theirs"] = lambda: {k: v for f in files for k, v in load_file(os.path.join(folder, f)).items()}
+    times = {name: [] for name in readers}
+    for _ in range(repeats):  # interleaved, so drift in machine load hits all readers alike
+        for name, read in readers.items():
             t = time.perf_counter()
-            touch(fn())
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    ours = best(lambda: model.read_checkpoint(folder, use_mmap=True))
-    ours_copy = best(lambda: model.read_checkpoint(folder))
-    theirs = best(lambda: {k: v for f in files for k, v in load_file(os.path.join(folder, f)).items()}) if load_file else None
-    return ours, theirs, ours_copy
+            touch(read())
+            times[name].append(time.perf_counter() - t)
+    return min(times["ours"]), min(times["theirs"]) if load_file else None, min(times["copy"])
 
 
 def main(argv):
