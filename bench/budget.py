@@ -2,11 +2,14 @@
 training bytes is visible rather than one point.
 
     python bench/budget.py [--scales=0.25,0.5,1] [--out=out/budget] [--max_bytes=20000] [--json=OUT] [--reuse=1]
+                           [--known=1:out]
 
 Scale s multiplies every phase budget of the stage-1 and stage-2 defaults (the demo's run is scale 1). Each scale
 runs stage1_kd.py, stage2_sft.py and bench/fidelity.py as separate processes, one after the other (two CPU-heavy
 processes at once on 2 cores slow each other down several times). --reuse=1 skips a scale whose fidelity JSON
-already exists, so an interrupted study continues.
+already exists, so an interrupted study continues. --known=SCALE:FOLDER adds a run made earlier with the same
+defaults scaled by SCALE (demo.sh's out/ is scale 1, with fidelity.json at the same --max_bytes); its wall time is
+not known and shows as "-".
 """
 import json
 import os
@@ -28,10 +31,11 @@ def run(cmd):
     subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
 
 
-def one_scale(scale, out, max_bytes, reuse):
-    folder = os.path.join(out, f"scale{scale:g}")
+def one_scale(scale, out, max_bytes, reuse, folder=None):
+    known = folder is not None
+    folder = folder or os.path.join(out, f"scale{scale:g}")
     fid = os.path.join(folder, "fidelity.json")
-    if not (reuse and os.path.exists(fid)):
+    if not known and not (reuse and os.path.exists(fid)):
         t = time.time()
         s1 = [f"--{k}={int(getattr(stage1_kd.Config, k) * scale)}" for k in STAGE1_BUDGETS]
         s2 = [f"--{k}={int(getattr(stage2_sft.Config, k) * scale)}" for k in STAGE2_BUDGETS]
@@ -44,26 +48,33 @@ def one_scale(scale, out, max_bytes, reuse):
         texts = json.load(f)["texts"]
     training_bytes = sum(int(getattr(stage1_kd.Config, k) * scale) for k in STAGE1_BUDGETS) + \
         sum(int(getattr(stage2_sft.Config, k) * scale) for k in STAGE2_BUDGETS)
-    with open(os.path.join(folder, "wall_s.json")) as f:
-        wall = json.load(f)["wall_s"]
+    wall = None
+    if os.path.exists(os.path.join(folder, "wall_s.json")):
+        with open(os.path.join(folder, "wall_s.json")) as f:
+            wall = json.load(f)["wall_s"]
     return {"scale": scale, "training_bytes_budget": training_bytes, "wall_s": wall, "texts": texts}
 
 
 def main(argv):
-    args = {"scales": "0.25,0.5,1", "out": "out/budget", "max_bytes": "20000", "json": "", "reuse": "1"}
+    args = {"scales": "0.25,0.5,1", "out": "out/budget", "max_bytes": "20000", "json": "", "reuse": "1", "known": ""}
     for a in argv:
         key, _, value = a.removeprefix("--").partition("=")
         if key not in args:
-            raise ValueError(f"unknown argument {a!r}; expected --scales= --out= --max_bytes= --json= --reuse=")
+            raise ValueError(f"unknown argument {a!r}; expected --scales= --out= --max_bytes= --json= --reuse= --known=")
         args[key] = value
     rows = [one_scale(float(s), args["out"], int(args["max_bytes"]), args["reuse"] == "1")
-            for s in args["scales"].split(",")]
+            for s in args["scales"].split(",") if s]
+    for item in filter(None, args["known"].split(",")):
+        scale, _, folder = item.partition(":")
+        rows.append(one_scale(float(scale), args["out"], int(args["max_bytes"]), True, folder))
+    rows.sort(key=lambda r: r["scale"])
     print("\n| scale | training bytes (budget, both stages) | wall s | text | teacher bpb | student bpb | ratio | "
           "boundary F1 |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         for name, t in r["texts"].items():
-            print(f"| {r['scale']:g} | {r['training_bytes_budget']:,} | {r['wall_s']:.0f} | {name} | "
+            wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "-"
+            print(f"| {r['scale']:g} | {r['training_bytes_budget']:,} | {wall} | {name} | "
                   f"{t['teacher_bpb']:.3f} | {t['student_bpb']:.3f} | {t['ratio']:.2f} | {t['boundary_f1']:.3f} |")
     if args["json"]:
         with open(args["json"], "w") as f:
