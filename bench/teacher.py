@@ -12,11 +12,13 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import model  # noqa: E402
+import train  # noqa: E402
 
 
 def default_texts():
@@ -57,27 +59,29 @@ def load_seconds(folder, repeats=10):
     return min(times["ours"]), min(times["theirs"]) if load_file else None, min(times["copy"])
 
 
+@dataclass
+class Config:
+    teacher: str = "smollm2"
+    text: list = field(default_factory=list)  # repeatable; default: held-out Hamlet and the pydoc topics
+    prompt: str = "The capital of France is"
+    max_bytes: int = 60000      # score the first max_bytes of each text
+    window: int = 512           # tokens per scoring window, the document-start token included
+    max_new_tokens: int = 16
+    json: str = ""
+
+
 def main(argv):
-    args = {"teacher": "smollm2", "prompt": "The capital of France is", "max_bytes": "60000", "window": "512",
-            "max_new_tokens": "16", "json": ""}
-    texts = []
-    for a in argv:
-        key, _, value = a.removeprefix("--").partition("=")
-        if key == "text":
-            texts.append(value)
-        elif key in args:
-            args[key] = value
-        else:
-            raise ValueError(f"unknown argument {a!r}; expected --teacher= --text= --prompt= --max_bytes= --window= --json=")
-    folder = model.resolve_teacher_dir(args["teacher"])
+    cfg = train.parse_args(Config, argv)
+    texts = cfg.text
+    folder = model.resolve_teacher_dir(cfg.teacher)
     t0 = time.perf_counter()
-    teacher, tok = model.load_teacher(args["teacher"])
+    teacher, tok = model.load_teacher(cfg.teacher)
     load_total = time.perf_counter() - t0
     if tok is None:
         raise ValueError(f"{folder} has no tokenizer (tokenizer.json or tokenizer.model)")
     load_s, load_s_st, load_s_copy = load_seconds(folder)
     params = sum(p.numel() for p in teacher.parameters())
-    print(f"teacher {args['teacher']} ({teacher.cfg.family}): {params / 1e6:.1f}M parameters, load_teacher {load_total:.2f} s")
+    print(f"teacher {cfg.teacher} ({teacher.cfg.family}): {params / 1e6:.1f}M parameters, load_teacher {load_total:.2f} s")
     ratio = f"{load_s_st / load_s:.2f}x" if load_s_st else "n/a"
     print(f"read + touch all tensors (best of 10): ours {load_s:.3f} s, safetensors.load_file "
           f"{load_s_st or float('nan'):.3f} s (safetensors/ours {ratio}); ours into fresh copies {load_s_copy:.3f} s")
@@ -89,7 +93,7 @@ def main(argv):
                 named[os.path.basename(path)] = f.read().decode("utf-8", errors="replace")
     else:
         named = default_texts()
-    max_bytes, window = int(args["max_bytes"]), int(args["window"])
+    max_bytes, window = cfg.max_bytes, cfg.window
     rows = {}
     print(f"\n| text | bytes | tokens | bytes/token | bpb |   (windows of {window} tokens, first {max_bytes} bytes)")
     print("|---|---|---|---|---|")
@@ -104,20 +108,20 @@ def main(argv):
         r = rows[name]
         print(f"| {name} | {n_bytes} | {len(ids)} | {r['bytes_per_token']:.2f} | {r['bpb']:.3f} |")
 
-    prompt_ids = torch.tensor([tok.encode(tok.normalize(args["prompt"]))])
-    out = teacher.generate(prompt_ids, int(args["max_new_tokens"]))
+    prompt_ids = torch.tensor([tok.encode(tok.normalize(cfg.prompt))])
+    out = teacher.generate(prompt_ids, cfg.max_new_tokens)
     greedy = tok.decode(out[0, prompt_ids.shape[1]:].tolist()).decode("utf-8", errors="replace")
-    print(f"\ngreedy: {args['prompt']!r} -> {greedy!r}")
+    print(f"\ngreedy: {cfg.prompt!r} -> {greedy!r}")
 
-    if args["json"]:
+    if cfg.json:
         first = next(iter(rows.values()))
-        result = {"teacher": args["teacher"], "params": params, "load_s": load_s, "load_s_safetensors": load_s_st,
+        result = {"teacher": cfg.teacher, "params": params, "load_s": load_s, "load_s_safetensors": load_s_st,
                   "load_s_copy": load_s_copy, "load_teacher_s": load_total,
                   "bpb": first["bpb"], "bytes_per_token": first["bytes_per_token"], "texts": rows,
-                  "window": window, "greedy": greedy, "prompt": args["prompt"]}
-        with open(args["json"], "w") as f:
+                  "window": window, "greedy": greedy, "prompt": cfg.prompt}
+        with open(cfg.json, "w") as f:
             json.dump(result, f, indent=2)
-        print(f"wrote {args['json']}")
+        print(f"wrote {cfg.json}")
 
 
 if __name__ == "__main__":
