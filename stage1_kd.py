@@ -13,7 +13,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -64,12 +63,6 @@ class Config:
 
 
 PHASES = ("align", "distill", "boundary")
-
-
-def autocast(cfg, device):
-    if cfg.dtype == "float32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,15 +234,9 @@ def main(argv):
     ]
     phases = [p for p in all_phases if cfg.phase in ("all", p.name)]
     meta = {"student_config": asdict(scfg), "teacher_config": asdict(teacher.cfg), "teacher": cfg.teacher}
-    results, stopped = train.run_phases(1, phases, student, cfg, meta, make_loader, device,
-                                        lambda: autocast(cfg, device))
+    results, stopped = train.run_phases(1, phases, student, cfg, meta, make_loader, device)
     if master and not stopped:
-        print(f"\nstage 1 finished in {time.time() - t_start:.0f} s")
-        print("| phase | bytes | bytes/s | validation |")
-        print("|---|---|---|---|")
-        for phase, r in results.items():
-            rate = f"{r['bytes_per_s']:,.0f}" if r["bytes_per_s"] else "-"
-            print(f"| {phase} | {r['bytes']:,} | {rate} | " + ", ".join(f"{k} {v:.4f}" for k, v in r["val"].items()) + " |")
+        train.print_results(1, results, time.time() - t_start)
     train.cleanup_distributed()
     return results
 

@@ -13,7 +13,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -145,16 +144,9 @@ def main(argv):
     phases = [p for p in phases if cfg.phase in ("all", p.name)]
     meta_out = {"student_config": asdict(student.scfg), "teacher_config": asdict(student.tcfg), "teacher": teacher_name,
                 "init": cfg.init}
-    autocast = (lambda: nullcontext()) if cfg.dtype == "float32" else (
-        lambda: torch.autocast(device.type, dtype=torch.bfloat16))
-    results, stopped = train.run_phases(2, phases, student, cfg, meta_out, make_loader, device, autocast)
+    results, stopped = train.run_phases(2, phases, student, cfg, meta_out, make_loader, device)
     if master and not stopped:
-        print(f"\nstage 2 finished in {time.time() - t_start:.0f} s")
-        print("| phase | bytes | bytes/s | validation |")
-        print("|---|---|---|---|")
-        for phase, r in results.items():
-            rate = f"{r['bytes_per_s']:,.0f}" if r["bytes_per_s"] else "-"
-            print(f"| {phase} | {r['bytes']:,} | {rate} | " + ", ".join(f"{k} {v:.4f}" for k, v in r["val"].items()) + " |")
+        train.print_results(2, results, time.time() - t_start)
     train.cleanup_distributed()
     return results
 

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
@@ -228,7 +229,22 @@ class Phase:
     seed: int = 0                     # the loader's shuffling seed
 
 
-def run_phases(stage, phases, student, cfg, meta, make_loader, device, autocast):
+def autocast(cfg, device):
+    """bf16 autocast unless the run is fp32 (cfg.dtype is resolved from "auto" by then)."""
+    return nullcontext() if cfg.dtype == "float32" else torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def print_results(stage, results, seconds):
+    """The closing table of a stage: per phase, bytes trained, bytes/s and the validation figures."""
+    print(f"\nstage {stage} finished in {seconds:.0f} s")
+    print("| phase | bytes | bytes/s | validation |")
+    print("|---|---|---|---|")
+    for phase, r in results.items():
+        rate = f"{r['bytes_per_s']:,.0f}" if r["bytes_per_s"] else "-"
+        print(f"| {phase} | {r['bytes']:,} | {rate} | " + ", ".join(f"{k} {v:.4f}" for k, v in r["val"].items()) + " |")
+
+
+def run_phases(stage, phases, student, cfg, meta, make_loader, device):
     """Train `phases` in order, each with its own optimizer over only its parameters, warm-up + cosine schedule,
     gradient accumulation (one gradient all-reduce per update), a log line per interval, a metrics.jsonl line per
     step, an evaluation and a checkpoint at the end, and a checkpoint every cfg.ckpt_interval steps.
@@ -298,7 +314,7 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device, autocast)
             sums = {}
             for _ in range(cfg.grad_accum):
                 batch = {k: v.to(device) for k, v in loader.next_batch().items()}
-                with autocast():
+                with autocast(cfg, device):
                     loss, stats = phase.step(batch)
                 # Each loss is a mean over this micro-batch's stats["n"] elements (token ends, patches, bytes), and
                 # those counts differ between micro-batches and ranks. Backpropagate the sum, divide by the global
@@ -328,7 +344,7 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device, autocast)
                 return results, True
 
         stop_here = cfg.stop_after and steps_run >= cfg.stop_after and phase is not phases[-1]
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(cfg, device):
             figures = phase.evaluate()
         rate = progress.bytes_per_s(total - 1) if total > start else None
         results[phase.name] = {"bytes": total * bytes_per_step, "steps": total, "val": figures, "bytes_per_s": rate}
