@@ -16,11 +16,13 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import stage1_kd  # noqa: E402
 import stage2_sft  # noqa: E402
+import train  # noqa: E402
 
 STAGE1_BUDGETS = ("align_bytes", "distill_bytes", "boundary_bytes")
 STAGE2_BUDGETS = ("warmup_bytes", "e2e_bytes")
@@ -55,18 +57,22 @@ def one_scale(scale, out, max_bytes, reuse, folder=None):
     return {"scale": scale, "training_bytes_budget": training_bytes, "wall_s": wall, "texts": texts}
 
 
+@dataclass
+class Config:
+    scales: str = "0.25,0.5,1"  # multiples of the stage-1 and stage-2 default budgets
+    out: str = "out/budget"
+    max_bytes: int = 20000      # bench/fidelity.py --max_bytes
+    json: str = ""
+    reuse: bool = True          # skip a scale whose fidelity JSON already exists
+    known: str = ""             # SCALE:FOLDER[,...] runs made earlier with the defaults scaled by SCALE
+
+
 def main(argv):
-    args = {"scales": "0.25,0.5,1", "out": "out/budget", "max_bytes": "20000", "json": "", "reuse": "1", "known": ""}
-    for a in argv:
-        key, _, value = a.removeprefix("--").partition("=")
-        if key not in args:
-            raise ValueError(f"unknown argument {a!r}; expected --scales= --out= --max_bytes= --json= --reuse= --known=")
-        args[key] = value
-    rows = [one_scale(float(s), args["out"], int(args["max_bytes"]), args["reuse"] == "1")
-            for s in args["scales"].split(",") if s]
-    for item in filter(None, args["known"].split(",")):
+    cfg = train.parse_args(Config, argv)
+    rows = [one_scale(float(s), cfg.out, cfg.max_bytes, cfg.reuse) for s in cfg.scales.split(",") if s]
+    for item in filter(None, cfg.known.split(",")):
         scale, _, folder = item.partition(":")
-        rows.append(one_scale(float(scale), args["out"], int(args["max_bytes"]), True, folder))
+        rows.append(one_scale(float(scale), cfg.out, cfg.max_bytes, True, folder))
     rows.sort(key=lambda r: r["scale"])
     print("\n| scale | training bytes (budget, both stages) | wall s | text | teacher bpb | student bpb | ratio | "
           "boundary F1 |")
@@ -76,8 +82,8 @@ def main(argv):
             wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "-"
             print(f"| {r['scale']:g} | {r['training_bytes_budget']:,} | {wall} | {name} | "
                   f"{t['teacher_bpb']:.3f} | {t['student_bpb']:.3f} | {t['ratio']:.2f} | {t['boundary_f1']:.3f} |")
-    if args["json"]:
-        with open(args["json"], "w") as f:
+    if cfg.json:
+        with open(cfg.json, "w") as f:
             json.dump(rows, f, indent=2)
 
 

@@ -18,21 +18,22 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's data.py, not this file
 import data  # noqa: E402
+import train  # noqa: E402
 
 TRAIN_BYTES_PER_S = 18_000  # quoted from DESIGN.md section 7 (stage-1 align phase, 2 CPU threads)
 
 
-def parse_args(argv):
-    args = {"teacher": "smollm2", "batch_size": 16, "seq_len": 1024, "batches": 300, "json": ""}
-    for arg in argv:
-        key, _, value = arg.removeprefix("--").partition("=")
-        if key not in args:
-            raise SystemExit(f"error: unknown option --{key} (known: {', '.join(args)})")
-        args[key] = type(args[key])(value)
-    return args
+@dataclass
+class Config:
+    teacher: str = "smollm2"
+    batch_size: int = 16        # loader batch: windows x bytes
+    seq_len: int = 1024
+    batches: int = 300          # timed loader batches
+    json: str = ""
 
 
 def time_prepare(folder):
@@ -62,7 +63,7 @@ def time_loader(shard_dir, tok, args):
 
 
 def main(argv):
-    args = parse_args(argv)
+    args = asdict(train.parse_args(Config, argv))
     folder = data.resolve_teacher(args["teacher"])
     tok = data.load_tokenizer(folder)
     text_bytes, prepare_s, align_s = time_prepare(folder)

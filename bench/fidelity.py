@@ -23,12 +23,14 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import data  # noqa: E402
 import model  # noqa: E402
+import train  # noqa: E402
 
 
 def default_texts():
@@ -83,18 +85,19 @@ def score(student, teacher, tok, text, window):
     return result
 
 
+@dataclass
+class Config:
+    ckpt: str = "out/stage2/ckpt.pt"
+    text: list = field(default_factory=list)  # repeatable; default: held-out Hamlet and the pydoc topics
+    max_bytes: int = 20000      # score the first max_bytes of each text
+    window: int = 512           # tokens per segment, the document-start token included (capped at the teacher's)
+    json: str = ""
+
+
 def main(argv):
-    args = {"ckpt": "out/stage2/ckpt.pt", "max_bytes": "20000", "window": "512", "json": ""}
-    files = []
-    for a in argv:
-        key, _, value = a.removeprefix("--").partition("=")
-        if key == "text":
-            files.append(value)
-        elif key in args:
-            args[key] = value
-        else:
-            raise ValueError(f"unknown argument {a!r}; expected --ckpt= --text= --max_bytes= --window= --json=")
-    student, meta = model.load_student(args["ckpt"])
+    cfg = train.parse_args(Config, argv)
+    files = cfg.text
+    student, meta = model.load_student(cfg.ckpt)
     teacher, tok = model.load_teacher(meta["teacher"])
     if files:
         texts = {}
@@ -104,10 +107,10 @@ def main(argv):
     else:
         texts = default_texts()
     # segments never exceed the teacher's context (DESIGN.md 1: windows are capped at it)
-    max_bytes, window = int(args["max_bytes"]), min(int(args["window"]), teacher.cfg.max_seq_len)
+    max_bytes, window = cfg.max_bytes, min(cfg.window, teacher.cfg.max_seq_len)
     if window < 2:
         raise ValueError("--window must be at least 2 tokens (the document-start token and one to score)")
-    print(f"fidelity of {args['ckpt']} (teacher {meta['teacher']}): first {max_bytes:,} bytes of each text, "
+    print(f"fidelity of {cfg.ckpt} (teacher {meta['teacher']}): first {max_bytes:,} bytes of each text, "
           f"segments of {window - 1} tokens, each scored from a fresh document start (see the docstring)")
     print("| text | bytes | teacher bpb | student bpb | ratio | student bpb (joint, upper bound) | boundary P / R / F1 "
           "| bytes/patch | bytes/token |")
@@ -119,9 +122,9 @@ def main(argv):
         print(f"| {name} | {r['bytes']:,} | {r['teacher_bpb']:.3f} | {r['student_bpb']:.3f} | {r['ratio']:.2f} | "
               f"{r['student_bpb_joint']:.3f} | {r['boundary_precision']:.3f} / {r['boundary_recall']:.3f} / "
               f"{r['boundary_f1']:.3f} | {r['mean_patch_bytes']:.2f} | {r['bytes_per_token']:.2f} |", flush=True)
-    if args["json"]:
-        with open(args["json"], "w") as f:
-            json.dump({"ckpt": args["ckpt"], "teacher": meta["teacher"], "max_bytes": max_bytes, "window": window,
+    if cfg.json:
+        with open(cfg.json, "w") as f:
+            json.dump({"ckpt": cfg.ckpt, "teacher": meta["teacher"], "max_bytes": max_bytes, "window": window,
                        "texts": results}, f, indent=2)
     return results
 

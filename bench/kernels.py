@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -27,6 +27,7 @@ if not torch.cuda.is_available():
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[0] = REPO  # this file is also called kernels.py: make `import kernels` find the repo's module
 import kernels  # noqa: E402
+import train  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
@@ -41,17 +42,6 @@ class Config:
     kl_width: int = 0  # 0: 2048 on CUDA, 256 on CPU (the width barely matters for the logits' memory)
     kl_chunk_rows: int = 0  # 0: 1024 on CUDA, 128 on CPU
     kl_case: str = ""  # internal: run one CPU memory case in this process ("chunked:49152") and print JSON
-
-
-def parse_config(argv):
-    config = Config()
-    types = {f.name: f.type for f in fields(Config)}
-    for arg in argv:
-        key, sep, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not sep or key not in types:
-            raise SystemExit(f"unknown argument {arg!r}; known: {', '.join('--' + k + '=' for k in types)}")
-        setattr(config, key, int(value) if types[key] in (int, "int") else value)
-    return config
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,7 +205,7 @@ def bench_kl(config, device):
 # ----------------------------------------------------------------------------------------------------------------
 
 def main():
-    config = parse_config(sys.argv[1:])
+    config = train.parse_args(Config, sys.argv[1:])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config.kl_rows = config.kl_rows or (8192 if device == "cuda" else 1024)
     config.kl_width = config.kl_width or (2048 if device == "cuda" else 256)
@@ -266,4 +256,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f"error: {e}")

@@ -7,6 +7,10 @@ byte of teacher and student on held-out text) and out/generate.json (generation 
 import json
 import os
 import sys
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train  # noqa: E402
 
 
 def load(path):
@@ -16,8 +20,13 @@ def load(path):
         return json.load(f)
 
 
+@dataclass
+class Config:
+    out: str = "out"  # the folder demo.sh wrote
+
+
 def main(argv):
-    out = argv[0].removeprefix("--out=") if argv else "out"
+    out = train.parse_args(Config, argv).out
     s1, s2 = load(f"{out}/stage1/ckpt.json"), load(f"{out}/stage2/ckpt.json")
     fidelity, generate = load(f"{out}/fidelity.json"), load(f"{out}/generate.json")
     print(f"\n== summary: teacher {fidelity['teacher']}, student {fidelity['ckpt']}")
