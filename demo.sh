@@ -2,7 +2,7 @@
 # The whole pipeline on the embedded default, on a fresh machine: install, prepare the Shakespeare shards for the
 # SmolLM2-135M teacher, stage 1 (align -> distill -> boundary), stage 2 (decoder warm-up -> end to end), the fidelity
 # benchmark on held-out Hamlet and the Python reference topics, generation speed, samples from the byte model next to
-# the teacher's, and a closing table. About 20-25 minutes on 2 CPU cores; every step prints progress lines.
+# the teacher's, and a closing table. About 20-30 minutes on 2 CPU cores; every step prints progress lines.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh

@@ -8,8 +8,8 @@ alignment check and shard writing, into a fresh temporary folder. align_mb_per_s
 loader_bytes_per_s: bytes per second delivered by ShardLoader.next_batch on the train shards (memory-mapped, warm).
 train_bytes_per_s is QUOTED, not measured: DESIGN.md section 7 gives ~16-18K bytes/s for stage-1 align on this CPU,
 the fastest stage-1 phase (distill runs at ~1K bytes/s), so 18,000 is the most any stage-1 phase consumes. The loader
-must be at least 100x faster than that. On this project's CPU machine the demo measured less (stage 1: align 3,964,
-distill 216, boundary 9,867 bytes/s), so the quoted figure makes the ratio conservative.
+must be at least 100x faster than that. On this project's CPU machine the demo measured less (stage 1, two runs:
+align 2,716-3,964, distill 151-216, boundary 6,677-9,867 bytes/s), so the quoted figure makes the ratio conservative.
 """
 import contextlib
 import io
