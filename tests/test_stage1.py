@@ -186,13 +186,10 @@ def test_stop_mid_phase_checkpoints_the_position():
 # 3. DDP: two gloo ranks with batch 2 each == one process with batch 4 (the same windows: rank r takes every
 # world-th window of each global batch).
 #
-# Boundary phase: tight (rel 1e-5). Its loss is a mean over B * (T - 1) bytes on every rank, so the average of the
-# ranks' gradients is the gradient of the global mean; only the order of float sums differs.
-# Align phase: loose (rel 5e-2 on the losses). Its loss is a mean over the rank's own token ends, and the ranks hold
-# different numbers of them, so averaging the ranks' gradients weights the two halves of the batch unequally; the
-# very first step, taken from identical weights, shows it in grad_norm (~2% off), and Adam carries the difference
-# into every later step (~0.1-3% on the losses). Distill (a mean over each rank's patches) has the same issue and
-# is left out to keep the test short; see test_ddp_align_gradient_is_the_global_mean.
+# Every phase's loss is a mean over a count that differs between ranks (token ends, patches, bytes); train.py
+# backpropagates the sums and divides the all-reduced gradient by the global count, so the update is the one a single
+# process makes over the whole global batch, up to the order of float sums. Both phases below are compared at rel 1e-5
+# (seen: ~1e-7), grad_norm included. Distill is left out to keep the test short; it goes through the same code.
 
 DDP_ALIGN = ["--phase=align", "--align_bytes=2048", "--align_lr=1e-2"]       # 8 steps
 DDP_BOUNDARY = ["--phase=boundary", "--resume", "--boundary_bytes=2048", "--boundary_lr=3e-2"]
@@ -260,16 +257,15 @@ def test_ddp_ranks_hold_identical_parameters(ddp_runs, run):
     assert_params(rank0, sf.load_params(os.path.join(ddp_runs[run], "ckpt.pt")))
 
 
-def test_ddp_align_matches_single_process_loosely(ddp_runs):
+def test_ddp_align_matches_single_process(ddp_runs):
+    """Align's loss is a mean over each rank's own token ends, and the ranks hold different numbers of them: only the
+    division by the global count (not an average of the ranks' means) makes the two runs agree."""
     ddp, single = sf.read_metrics(ddp_runs["ddp_align"]), sf.read_metrics(ddp_runs["single_align"])
     assert len(single) == 2048 // 256
-    compare_metrics(ddp[:1], single[:1], rel=1e-6)  # identical weights: the metric sums are reduced exactly
-    compare_metrics(ddp, single, rel=5e-2)
-
-
-def test_ddp_align_gradient_is_the_global_mean(ddp_runs):
-    ddp, single = sf.read_metrics(ddp_runs["ddp_align"]), sf.read_metrics(ddp_runs["single_align"])
-    assert ddp[0]["grad_norm"] == pytest.approx(single[0]["grad_norm"], rel=1e-5)
+    compare_metrics(ddp, single, rel=1e-5, skip=())
+    assert_params(sf.load_params(os.path.join(ddp_runs["ddp_align"], "ckpt.pt")),
+                  sf.load_params(os.path.join(ddp_runs["single_align"], "ckpt.pt")), at_most=1e-4)  # seen: 1.6e-5
+    # (Adam at lr 1e-2 turns float-order noise in near-zero gradient entries into weight differences of ~lr * 1e-3)
 
 
 # ----------------------------------------------------------------------------------------------------------------
