@@ -237,6 +237,15 @@ def config_from_hf(hf, where="config.json"):
             raise ValueError(f"{where}: rope scaling type {kind!r} is not supported (llama3, linear)")
     if family == "olmo2" and hf.get("sliding_window") and any(t == "sliding_attention" for t in hf.get("layer_types") or []):
         raise ValueError(f"{where}: sliding-window OLMo layers (OLMo 3) are not supported yet")
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        if key not in hf:
+            raise KeyError(key)
+        if not _is_int(hf[key]) or hf[key] <= 0:
+            raise ValueError(f"{where}: {key} must be a positive integer, not {hf[key]!r}")
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+        missing = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} - scaling.keys()
+        if missing:
+            raise ValueError(f"{where}: llama3 rope scaling lacks {sorted(missing)}")
     n_heads = hf["num_attention_heads"]
     d_model = hf["hidden_size"]
     attention_bias = bool(hf.get("attention_bias", False))
@@ -523,9 +532,26 @@ def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generato
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
 
 
+def check_device(device):
+    """-> a torch.device that exists on this machine, or a ValueError that says why not (rather than an error from deep
+    inside torch half-way through loading)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r} ({e})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device} asked for, but this machine has no CUDA GPU (use cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
 def load_teacher_model(folder, device="cpu", dtype=torch.float32):
     """Build a Teacher from an HF-layout folder (config.json + safetensors). Weights are read by our own reader,
     converted one tensor at a time, and assigned into a model constructed on the meta device (no random init)."""
+    device = check_device(device)
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{folder}: no config.json (expected an HF-layout teacher folder)")
@@ -534,6 +560,8 @@ def load_teacher_model(folder, device="cpu", dtype=torch.float32):
             hf = json.load(f)
     except ValueError as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{cfg_path}: not a JSON object")
     try:
         cfg = config_from_hf(hf, cfg_path)
     except KeyError as e:
@@ -943,9 +971,12 @@ class ByteGeneration:
             y_new = m.main.run_blocks(self.h_last[:, None], cache=self.main_cache, advance=closes.long())[:, 0]
             self.y_cur = torch.where(closes[:, None], y_new, self.y_cur)
         logits = m.decode(self.x[rows, t][:, None], self.h_last[:, None], self.y_cur[:, None], cache=self.dec_cache)[:, 0]
-        index = sample_from_logits(logits, temperature, top_k, top_p, generator)[:, 0]
-        new = index % 256
-        self.pending_end = index >= 256
+        if temperature == 0:  # greedy on the byte's probability (both halves, DESIGN.md 1), then its likelier flag
+            new = byte_logprobs(logits).argmax(-1)
+            self.pending_end = logits[rows, new + 256] > logits[rows, new]
+        else:
+            index = sample_from_logits(logits, temperature, top_k, top_p, generator)[:, 0]
+            new, self.pending_end = index % 256, index >= 256
         self.done |= new == BOS_BYTE  # 0xFE would start a new document: the row is finished
         self.x[rows, self.lens] = new
         self.lens = self.lens + 1
@@ -963,6 +994,7 @@ def load_student(path, device="cpu", dtype=torch.float32):
         state = ckpt["model"]
     except (KeyError, TypeError, EOFError, RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
         raise ValueError(f"{path}: not a byte-student checkpoint ({type(e).__name__}: {e})") from None
+    device = check_device(device)
     with torch.device("meta"):
         model = ByteLM(scfg, tcfg)
     try:

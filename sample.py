@@ -37,8 +37,13 @@ class Config:
 def read_prompts(cfg):
     prompts = list(cfg.prompt)
     if cfg.prompt_file:
-        with open(cfg.prompt_file, "rb") as f:
-            raw = f.read()
+        try:
+            with open(cfg.prompt_file, "rb") as f:
+                raw = f.read()
+        except OSError as e:  # a folder, no permission, ...; a missing file stays a FileNotFoundError
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise ValueError(f"{cfg.prompt_file}: cannot read the prompt file ({e.strerror})") from None
         try:
             prompts.append(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
@@ -103,6 +108,11 @@ def sample_teacher(cfg, prompts):
     if tok is None:
         raise ValueError(f"teacher {cfg.teacher!r} has no tokenizer to sample with")
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    # Never sample ids the tokenizer cannot spell: padding rows of the embedding matrix (Qwen3 has 151,936 rows for
+    # ~151.7K ids) and ids with no bytes (holes, control pieces), which would add nothing and never end the loop.
+    stops = (tok.eos_id, tok.bos_id)
+    unspellable = torch.tensor([i >= tok.n_vocab or (not tok.token_bytes(i) and i not in stops)
+                                for i in range(teacher.head_weight.shape[0])], device=cfg.device)
     texts, outputs, n, seconds = [], [], 0, 0.0
     for p in prompts:  # one prompt at a time: token prompts differ in length
         text = tok.normalize(p)
@@ -113,7 +123,8 @@ def sample_teacher(cfg, prompts):
             emit(stream, text.encode("utf-8"), cfg)
         t0 = time.perf_counter()
         logits = teacher(ids, cache=cache)[:, -1]
-        while len(out) < cfg.max_bytes:  # a token is at least one byte, so this ends within max_bytes steps
+        while len(out) < cfg.max_bytes:  # every sampleable token is at least one byte: this ends within max_bytes steps
+            logits = logits.masked_fill(unspellable, float("-inf"))
             next_id = model.sample_from_logits(logits, cfg.temperature, cfg.top_k or None, cfg.top_p, gen)
             if int(next_id) in (tok.eos_id, tok.bos_id):
                 break
@@ -137,6 +148,9 @@ def main(argv):
         raise ValueError("give exactly one of --ckpt=PATH (a byte student) or --teacher=NAME (the token teacher)")
     if cfg.max_bytes < 1 or cfg.num_samples < 1 or cfg.temperature < 0:
         raise ValueError("--max_bytes and --num_samples must be >= 1 and --temperature >= 0")
+    if not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
+        raise ValueError("--top_p must be in (0, 1] and --top_k >= 0 (0 = off)")
+    cfg.device = str(model.check_device(cfg.device))
     torch.manual_seed(cfg.seed)
     prompts = read_prompts(cfg)
     texts, outputs, n, seconds = (sample_student if cfg.ckpt else sample_teacher)(cfg, prompts)

@@ -61,6 +61,10 @@ def print_config(cfg):
 def setup_distributed(device_pref="auto"):
     """-> (rank, world_size, device). nccl on CUDA, gloo on CPU; a plain `python script.py` is rank 0 of 1."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if device_pref not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, not {device_pref!r}")
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device=cuda asked for, but this machine has no CUDA GPU (use --device=auto or cpu)")
     use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", 0))

@@ -13,6 +13,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
+import model
+import sample
 from model import BOS_BYTE, ByteGeneration, load_student
 from test_student import build_student, build_teacher
 
@@ -173,13 +175,18 @@ def test_error_exits_with_one_line(runs):
     ([], "exactly one of --ckpt"),
     (["--ckpt=CKPT", "--prompt_file=BAD"], "not valid UTF-8 (byte 12"),
     (["--ckpt=GARBAGE"], "not a byte-student checkpoint"),
+    (["--ckpt=CKPT", "--top_p=0"], "--top_p must be in (0, 1]"),
+    (["--ckpt=CKPT", "--top_k=-1"], "--top_k >= 0"),
+    (["--ckpt=CKPT", "--prompt_file=TMP"], "cannot read the prompt file"),
+    (["--ckpt=CKPT", "--device=tpu"], "unknown device 'tpu'"),
+    *([(["--ckpt=CKPT", "--device=cuda"], "no CUDA GPU")] if not torch.cuda.is_available() else []),
 ])
 def test_errors_are_one_clear_line(args, message, ckpt, bad_prompt_file, tmp_path, monkeypatch, capsys):
     """The same __main__ wrapper in this process (a subprocess costs seconds of torch import): a user error ends
     in SystemExit("error: ...") -- Python prints that one line and exits with status 1 -- never in a traceback."""
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a checkpoint\n")
-    subst = {"CKPT": ckpt, "BAD": bad_prompt_file, "GARBAGE": str(garbage)}
+    subst = {"CKPT": ckpt, "BAD": bad_prompt_file, "GARBAGE": str(garbage), "TMP": str(tmp_path)}  # TMP: a folder
     argv = [a.split("=")[0] + "=" + subst.get(a.split("=", 1)[1], a.split("=", 1)[1]) for a in args]
     monkeypatch.setattr(sys, "argv", [os.path.join(REPO, "sample.py"), *argv])
     with pytest.raises(SystemExit) as exit_info:
@@ -187,3 +194,28 @@ def test_errors_are_one_clear_line(args, message, ckpt, bad_prompt_file, tmp_pat
     code = exit_info.value.code
     assert isinstance(code, str) and code.startswith("error: ") and "\n" not in code and message in code, code
     assert capsys.readouterr().out == ""
+
+
+def test_teacher_never_samples_ids_the_tokenizer_cannot_spell(monkeypatch, capsys):
+    """Real teachers pad the embedding matrix past the tokenizer (Qwen3: 151,936 rows for ~151.7K ids). Here the padded
+    rows get the largest logits, so greedy sampling would pick one at every step unless sample.py masks them."""
+    import stage_fixtures as sf
+    teacher, tok = model.load_teacher(sf.teacher_dir())
+    extra = 5
+
+    class Padded:  # the same teacher with `extra` unspellable rows that always win
+        head_weight = torch.cat([teacher.head_weight, torch.zeros(extra, teacher.cfg.d_model)])
+        new_cache = teacher.new_cache
+
+        def __call__(self, ids, cache=None):
+            logits = teacher(ids, cache=cache)
+            return torch.cat([logits, torch.full((*logits.shape[:-1], extra), 1e4)], dim=-1)
+
+    seen = []
+    sample_from_logits = model.sample_from_logits
+    monkeypatch.setattr(model, "load_teacher", lambda *a, **k: (Padded(), tok))
+    monkeypatch.setattr(model, "sample_from_logits", lambda logits, *a: seen.append(logits) or sample_from_logits(logits, *a))
+    sample.main(["--teacher=tiny", f"--prompt={PROMPT}", "--temperature=0", "--max_bytes=24"])
+    out = capsys.readouterr().out
+    assert seen and all(bool((l[:, tok.n_vocab:] == float("-inf")).all()) for l in seen)
+    assert out.startswith(PROMPT) and len(out.rstrip("\n").encode()) - len(PROMPT) >= 1

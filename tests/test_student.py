@@ -300,6 +300,23 @@ def test_generation_stops_rows_at_bos(teacher):
     assert new.tolist() == [BOS_BYTE, BOS_BYTE] and bool(gen.done.all())
 
 
+def test_greedy_picks_the_likeliest_byte_not_the_likeliest_pair(teacher):
+    """temperature 0: the byte of largest p(v) = p(v, e=0) + p(v, e=1), then the likelier flag for it. The head below
+    gives 'A' the largest single entry, but 'B' more probability over both halves."""
+    student = build_student(teacher, seed=2)
+    gen = ByteGeneration(student, [b"ab", b"c"], 3)
+    with torch.no_grad():
+        student.head.weight.zero_()
+        bias = torch.full((512,), -30.0)
+        bias[ord("A")] = 1.0                       # the largest joint entry: (A, no end)
+        bias[ord("B")], bias[ord("B") + 256] = 0.9, 0.95  # B: 2x the mass of A; (B, end) the likelier half
+        student.head.bias = torch.nn.Parameter(bias)
+    new, logits = gen.step(0.0)
+    assert new.tolist() == [ord("B"), ord("B")]
+    assert torch.equal(new, byte_logprobs(logits).argmax(-1))
+    assert gen.pending_end.tolist() == [True, True]
+
+
 # -- the main network's wiring ------------------------------------------------------------------------------------
 
 def test_wiring_oracle_matches_teacher(teacher):

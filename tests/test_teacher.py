@@ -314,6 +314,35 @@ def test_config_missing_a_field(llama_folder, tmp_path):
         load(folder)
 
 
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.update(num_attention_heads=0), "num_attention_heads must be a positive integer"),
+    (lambda c: c.update(hidden_size="64"), "hidden_size must be a positive integer"),
+    (lambda c: c.update(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "llama3 rope scaling lacks"),
+])
+def test_config_with_a_bad_value(llama_folder, tmp_path, edit, match):
+    folder = str(tmp_path / "badvalue")
+    shutil.copytree(llama_folder, folder)
+    edit_config(folder, edit)
+    with pytest.raises(ValueError, match=match):
+        load(folder)
+
+
+def test_config_that_is_not_an_object(llama_folder, tmp_path):
+    folder = str(tmp_path / "list")
+    shutil.copytree(llama_folder, folder)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        f.write("[1, 2]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        load(folder)
+
+
+@pytest.mark.parametrize("device, match", [("tpu", "unknown device"), ("meta", "only cpu and cuda"),
+                                           *([("cuda", "no CUDA GPU")] if not torch.cuda.is_available() else [])])
+def test_bad_device_is_a_clear_error(llama_folder, device, match):
+    with pytest.raises(ValueError, match=match):
+        load_teacher_model(llama_folder, device=device)
+
+
 def test_checkpoint_missing_a_tensor(llama_folder, tmp_path):
     folder = str(tmp_path / "notensor")
     shutil.copytree(llama_folder, folder)
