@@ -138,10 +138,10 @@ def _unspellable_characters(name, missing_bytes):
             ranges.append((b, b))
         elif 0xC2 <= b < 0xE0:  # lead byte of a 2-byte sequence: 64 code points
             ranges.append(((b & 0x1F) << 6, ((b & 0x1F) << 6) + 0x3F))
-        elif 0xE0 <= b < 0xF0:  # 3 bytes: 4,096 code points
-            ranges.append(((b & 0x0F) << 12, ((b & 0x0F) << 12) + 0xFFF))
-        elif 0xF0 <= b < 0xF5:  # 4 bytes: 262,144 code points
-            ranges.append(((b & 0x07) << 18, min(((b & 0x07) << 18) + 0x3FFFF, 0x10FFFF)))
+        elif 0xE0 <= b < 0xF0:  # 3 bytes: 4,096 code points (0xE0: from U+0800, shorter forms are 2-byte)
+            ranges.append((max((b & 0x0F) << 12, 0x800), ((b & 0x0F) << 12) + 0xFFF))
+        elif 0xF0 <= b < 0xF5:  # 4 bytes: 262,144 code points (0xF0: from U+10000)
+            ranges.append((max((b & 0x07) << 18, 0x10000), min(((b & 0x07) << 18) + 0x3FFFF, 0x10FFFF)))
         # 0xC0, 0xC1 and 0xF5-0xFF never occur in UTF-8
     if not ranges:
         return None
@@ -425,7 +425,12 @@ def load_tokenizer(folder: str) -> Tokenizer | None:
     json_path, model_path = os.path.join(folder, "tokenizer.json"), os.path.join(folder, "tokenizer.model")
     if os.path.exists(json_path):
         raw = open(json_path, "rb").read()
-        spec = json.loads(raw)
+        try:
+            spec = json.loads(raw)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            raise ValueError(f"{json_path}: not valid JSON ({e})") from None
+        if not isinstance(spec, dict):
+            raise ValueError(f"{json_path}: not a tokenizer (the JSON is not an object)")
         if spec.get("model", {}).get("type") == "BPE" and '"ByteLevel"' in json.dumps(spec.get("pre_tokenizer")):
             return _load_tokenizer_json(json_path, folder, spec, raw)
         if not os.path.exists(model_path):  # e.g. Llama-2's SentencePiece-style tokenizer.json without its .model
@@ -558,7 +563,11 @@ def documents_with_splits(files, default_corpus):
     if not default_corpus and len(files) == 1 and not files[0].endswith(".jsonl"):
         text = open(files[0], "rb").read()
         cut = text.rfind(b"\n", 0, len(text) * (100 - VAL_PERCENT) // 100) + 1  # a newline never splits a character
-        if cut > 0:
+        if cut == 0:  # no line break: cut at a character start instead (step back over UTF-8 continuation bytes)
+            cut = len(text) * (100 - VAL_PERCENT) // 100
+            while 0 < cut < len(text) and 0x80 <= text[cut] < 0xC0:
+                cut -= 1
+        if 0 < cut < len(text):
             yield "train", text[:cut], 0
             yield "val", text[cut:], 0
             return
@@ -729,6 +738,10 @@ def prepare(teacher: str, inputs: list[str] | None = None, out_dir: str | None =
     splits = _write_splits(files, tok, out_dir, default_corpus)
     if not any(s["n_docs"] for s in splits.values()):
         raise ValueError(f"no text found in {', '.join(inputs or files)}: all inputs are empty")
+    for split in ("train", "val"):
+        if splits[split]["n_docs"] == 0:
+            raise ValueError(f"{', '.join(inputs or files)} give no {split} text (a corpus needs at least two documents, "
+                             f"or one file long enough to hold out its last {VAL_PERCENT}%): add more text")
     manifest = {"fingerprint": fingerprint, "tokenizer_name": tok.name, "tokenizer_hash": tok.hash,
                 "inputs": files, "splits": splits}
     json.dump(manifest, open(manifest_path, "w"), indent=1)

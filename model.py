@@ -620,7 +620,11 @@ def load_teacher(name_or_path, device="cpu", dtype=torch.float32):
     """(teacher, tokenizer) for a preset name or an HF-layout folder. tokenizer is None if the folder has none."""
     from data import load_tokenizer  # data.py owns tokenizers; imported here to keep model.py importable alone
     folder = resolve_teacher_dir(name_or_path)
-    return load_teacher_model(folder, device, dtype), load_tokenizer(folder)
+    teacher, tok = load_teacher_model(folder, device, dtype), load_tokenizer(folder)
+    if tok is not None and tok.n_vocab > teacher.cfg.vocab_size:
+        raise ValueError(f"{folder}: the tokenizer has {tok.n_vocab} ids but the model {teacher.cfg.vocab_size} embedding "
+                         "rows: the tokenizer and the weights do not belong together")
+    return teacher, tok
 
 
 def _gguf_field(reader, key):

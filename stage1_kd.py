@@ -161,6 +161,9 @@ def main(argv):
         raise ValueError(f"--phase must be all, align, distill or boundary, not {cfg.phase!r}")
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         raise ValueError(f"--dtype must be auto, bfloat16 or float32, not {cfg.dtype!r}")
+    if min(cfg.align_lr, cfg.distill_lr, cfg.boundary_lr) <= 0 or cfg.distill_main_lr < 0:
+        raise ValueError("--align_lr, --distill_lr and --boundary_lr must be > 0 (--distill_main_lr >= 0; 0 freezes "
+                         "the main network)")
     if cfg.phase in ("distill", "boundary") and not cfg.resume:
         raise ValueError(f"--phase={cfg.phase} continues from the earlier phases: add --resume (it loads "
                          f"{cfg.out_dir}/ckpt.pt), or run --phase=all")

@@ -10,6 +10,7 @@ goes through its forward(). The frozen teacher is never synchronised: every rank
 import json
 import math
 import os
+import pickle
 import random
 import time
 from contextlib import nullcontext
@@ -192,7 +193,7 @@ def load_checkpoint(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except (EOFError, RuntimeError, OSError, ValueError) as e:
+    except (EOFError, RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
         raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
 
 
@@ -248,6 +249,54 @@ def print_results(stage, results, seconds):
         print(f"| {phase} | {r['bytes']:,} | {rate} | " + ", ".join(f"{k} {v:.4f}" for k, v in r["val"].items()) + " |")
 
 
+# Settings that a resumed run may change mid-phase: where it writes, how much it logs, when it stops. Every other one
+# shapes the data order, the batches, the schedule or the model, and the run would no longer continue the same one.
+RESUME_MAY_CHANGE = {"out_dir", "resume", "phase", "data_dir", "device", "log_interval", "ckpt_interval", "stop_after",
+                     "eval_batches", "init", "teacher"}
+
+
+def check_resume(path, resume, stage, cfg, meta, world):
+    """Refuse to resume from a checkpoint of another stage or another model, or mid-phase with other settings."""
+    if resume.get("stage") != stage:
+        raise ValueError(f"{path} is not a stage-{stage} checkpoint; resume it with its own stage script")
+    for key in ("student_config", "teacher_config"):
+        old, new = resume.get(key, {}), meta[key]
+        changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
+        if changed:
+            raise ValueError(f"{path} holds another model ({key.split('_')[0]}: {', '.join(changed[:4])}); "
+                             "resume with the settings it was trained with, or start a fresh --out_dir")
+    if not resume["phase_done"]:  # mid-phase: the data order, batch shape and schedule must stay the same
+        old, new = resume["config"], asdict(cfg)
+        changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
+                   if k not in RESUME_MAY_CHANGE and old.get(k) != v]
+        if resume.get("world_size", world) != world:
+            changed.append(f"ranks: {resume['world_size']} -> {world}")
+        if changed:
+            raise ValueError(f"{path} stopped mid-phase with other settings; resuming would not continue the "
+                             "same run: " + ", ".join(changed))
+
+
+def trim_metrics(path, names, phase, step):
+    """Drop the metrics.jsonl lines of steps after the checkpoint (a run that died after it): the resumed run
+    writes them again. Lines of phases outside `names` (not run this time) are kept."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    order = {name: i for i, name in enumerate(names)}
+    at = order.get(phase, -1)
+
+    def before_checkpoint(line):
+        r = json.loads(line)
+        i = order.get(r["phase"], -1)
+        return i < 0 or i < at or (i == at and r["step"] < step)
+    kept = [line for line in lines if before_checkpoint(line)]
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
 def run_phases(stage, phases, student, cfg, meta, make_loader, device):
     """Train `phases` in order, each with its own optimizer over only its parameters, warm-up + cosine schedule,
     gradient accumulation (one gradient all-reduce per update), a log line per interval, a metrics.jsonl line per
@@ -262,20 +311,13 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device):
     if master and not cfg.resume and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run starts a fresh log; a resumed one appends
     names = [p.name for p in phases]
+    make_loader(0, "val")  # every phase ends with an evaluation on it: fail now, not after a phase of training
     resume = load_checkpoint(ckpt_path) if cfg.resume else None
     if resume is not None:
-        if resume.get("stage") != stage:
-            raise ValueError(f"{ckpt_path} is not a stage-{stage} checkpoint; resume it with its own stage script")
-        if not resume["phase_done"]:  # mid-phase: the data order, batch shape and schedule must stay the same
-            keys = ["batch_size", "seq_len", "grad_accum", "seed", f"{resume['phase']}_bytes", f"{resume['phase']}_lr"]
-            old, new = resume["config"], asdict(cfg)
-            changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-            if resume.get("world_size", world) != world:
-                changed.append(f"ranks: {resume['world_size']} -> {world}")
-            if changed:
-                raise ValueError(f"{ckpt_path} stopped mid-phase with other settings; resuming would not continue the "
-                                 "same run: " + ", ".join(changed))
+        check_resume(ckpt_path, resume, stage, cfg, meta, world)
         student.load_state_dict(resume["model"])
+        if master:
+            trim_metrics(metrics_path, [p.name for p in phases], resume["phase"], resume["step"])
         if resume["phase"] in names:  # skip what the checkpoint already finished
             done = names.index(resume["phase"]) + (1 if resume["phase_done"] else 0)
             phases = phases[done:]

@@ -289,3 +289,24 @@ def test_cli_prepares_and_reports(teacher_dir, corpus, tmp_path):
 
 def data_repo():
     return os.path.dirname(os.path.abspath(data.__file__))
+
+
+def test_one_line_file_still_gets_a_validation_split(teacher_dir, tmp_path):
+    """A single .txt with no line break is cut at a character start (never inside a UTF-8 sequence)."""
+    (tmp_path / "one.txt").write_text("é la la " * 400, encoding="utf-8")
+    out = data.prepare(teacher_dir, [str(tmp_path / "one.txt")], str(tmp_path / "out"))
+    splits = json.load(open(os.path.join(out, "manifest.json")))["splits"]
+    assert splits["train"]["n_docs"] == 1 and splits["val"]["n_docs"] == 1
+    assert splits["train"]["n_bytes"] + splits["val"]["n_bytes"] == len(("é la la " * 400).encode()) + 2  # + 2 BOS bytes
+
+
+def test_a_corpus_without_a_validation_split_is_refused(teacher_dir, tmp_path):
+    (tmp_path / "one.jsonl").write_text('{"text": "a single document"}\n')
+    with pytest.raises(ValueError, match="give no val text"):
+        data.prepare(teacher_dir, [str(tmp_path / "one.jsonl")], str(tmp_path / "out"))
+
+
+def test_missing_lead_bytes_remove_only_their_own_characters():
+    """0xE0 leads U+0800-U+0FFF only (not U+0000-U+07FF, whose 3-byte forms are overlong); 0xF0 leads U+10000-U+3FFFF."""
+    assert data._unspellable_characters("x", [0xE0]).sub("", "hello é \u1000\u0800\u0fff") == "hello é \u1000"
+    assert data._unspellable_characters("x", [0xF0]).sub("", "hi \U0001F600 \u00e9\U00100000") == "hi  \u00e9\U00100000"

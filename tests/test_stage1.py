@@ -182,6 +182,65 @@ def test_stop_mid_phase_checkpoints_the_position():
     assert (n_stopped, phase, step, done) == (ALIGN_STEPS + 2, "distill", 2, False)
 
 
+def test_resume_after_a_crash_drops_the_lost_steps_lines(reference_run):
+    """A run that died after its last checkpoint left metrics lines of steps that the resumed run takes again: they
+    are dropped, so metrics.jsonl still equals the uninterrupted run's, line for line."""
+    ref_dir, _ = reference_run
+    out = sf.tmp_dir("crash")
+    sf.run_stage1(out, f"--stop_after={ALIGN_STEPS + 2}")  # checkpoint at distill step 2
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:  # distill steps 2 and 3 logged, then the crash
+        for step in (2, 3):
+            f.write(json.dumps({"phase": "distill", "step": step, "kl": 9.9}) + "\n")
+    sf.run_stage1(out, "--resume")
+    assert sf.read_metrics(out) == sf.read_metrics(ref_dir)
+
+
+@pytest.fixture(scope="module")
+def stopped_mid_align():
+    out = sf.tmp_dir("stopped-mid-align")
+    sf.run_stage1(out, "--stop_after=4")
+    return out
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--warmup_frac=0.2"], "stopped mid-phase with other settings.*warmup_frac: 0.1 -> 0.2"),
+    (["--distill_main_lr=1e-5"], "stopped mid-phase with other settings.*distill_main_lr"),
+    (["--local_window=16"], "holds another model \\(student: local_window: 32 -> 16"),
+    (["--d_local=32"], "holds another model \\(student: d_local"),
+])
+def test_resume_refuses_other_settings(stopped_mid_align, args, match):
+    with pytest.raises(ValueError, match=match):
+        sf.run_stage1(stopped_mid_align, "--resume", *args)
+    sf.run_stage1(stopped_mid_align, "--resume", "--stop_after=1", "--log_interval=1")  # what may change, may
+
+
+def test_resume_from_a_corrupt_checkpoint_is_a_clear_error(stopped_mid_align, tmp_path):
+    out = str(tmp_path / "corrupt")
+    os.makedirs(out)
+    with open(os.path.join(stopped_mid_align, "ckpt.pt"), "rb") as f:
+        head = f.read(100)
+    with open(os.path.join(out, "ckpt.pt"), "wb") as f:
+        f.write(head[:7] + b"garbage" + head[14:])
+    with pytest.raises(ValueError, match="unreadable checkpoint"):
+        sf.run_stage1(out, "--resume")
+    with open(os.path.join(out, "ckpt.pt"), "wb") as f:
+        f.write(b"\x80\x02 not a pickle at all")
+    with pytest.raises(ValueError, match="unreadable checkpoint"):
+        sf.run_stage1(out, "--resume")
+
+
+def test_a_missing_validation_split_fails_before_training(tmp_path):
+    shards = str(tmp_path / "shards")
+    shutil.copytree(sf.shard_dir(), shards)
+    for name in os.listdir(shards):
+        if name.startswith("val_"):
+            os.remove(os.path.join(shards, name))
+    out = sf.tmp_dir("no-val")
+    with pytest.raises((ValueError, FileNotFoundError), match="val"):
+        sf.run_stage1(out, f"--data_dir={shards}")
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl")), "no step was trained"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. DDP: two gloo ranks with batch 2 each == one process with batch 4 (the same windows: rank r takes every
 # world-th window of each global batch).
@@ -277,6 +336,7 @@ def test_ddp_align_matches_single_process(ddp_runs):
     (["--resume=maybe"], ValueError, "is not a valid bool"),
     (["--phase=finetune"], ValueError, "--phase must be all, align, distill or boundary"),
     (["--dtype=fp8"], ValueError, "--dtype must be"),
+    (["--distill_lr=0"], ValueError, "--distill_lr and --boundary_lr must be > 0"),
     (["--teacher=/nonexistent/teacher"], FileNotFoundError, "unknown teacher"),
     (["--resume"], FileNotFoundError, "no checkpoint at"),
 ])

@@ -343,6 +343,16 @@ def test_bad_device_is_a_clear_error(llama_folder, device, match):
         load_teacher_model(llama_folder, device=device)
 
 
+def test_tokenizer_larger_than_the_embedding_is_refused(llama_folder, tmp_path):
+    """A tokenizer.json from another model (800 ids) beside weights with 101 embedding rows."""
+    import stage_fixtures as sf
+    folder = str(tmp_path / "mismatch")
+    shutil.copytree(llama_folder, folder)
+    shutil.copy(os.path.join(sf.teacher_dir(), "tokenizer.json"), folder)
+    with pytest.raises(ValueError, match="do not belong together"):
+        model.load_teacher(folder)
+
+
 def test_checkpoint_missing_a_tensor(llama_folder, tmp_path):
     folder = str(tmp_path / "notensor")
     shutil.copytree(llama_folder, folder)

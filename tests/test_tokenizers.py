@@ -345,6 +345,16 @@ def test_broken_tokenizer_model_files(tmp_path):
         data.load_tokenizer(str(tmp_path))
 
 
+@pytest.mark.parametrize("content, match", [('{"model": {"type": "BPE"', "tokenizer.json: not valid JSON"),
+                                            (b"\xff\xfe{}", "tokenizer.json: not valid JSON"),
+                                            ("[1, 2]", "the JSON is not an object")])
+def test_broken_tokenizer_json(tmp_path, content, match):
+    path = tmp_path / "tokenizer.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=match):
+        data.load_tokenizer(str(tmp_path))
+
+
 def test_folder_without_tokenizer(tmp_path):
     assert data.load_tokenizer(str(tmp_path)) is None
     with pytest.raises(FileNotFoundError):
