@@ -150,7 +150,6 @@ def main(argv):
         raise ValueError("--max_bytes and --num_samples must be >= 1 and --temperature >= 0")
     if not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
         raise ValueError("--top_p must be in (0, 1] and --top_k >= 0 (0 = off)")
-    cfg.device = str(model.check_device(cfg.device))
     torch.manual_seed(cfg.seed)
     prompts = read_prompts(cfg)
     texts, outputs, n, seconds = (sample_student if cfg.ckpt else sample_teacher)(cfg, prompts)

@@ -317,7 +317,7 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device):
         check_resume(ckpt_path, resume, stage, cfg, meta, world)
         student.load_state_dict(resume["model"])
         if master:
-            trim_metrics(metrics_path, [p.name for p in phases], resume["phase"], resume["step"])
+            trim_metrics(metrics_path, names, resume["phase"], resume["step"])
         if resume["phase"] in names:  # skip what the checkpoint already finished
             done = names.index(resume["phase"]) + (1 if resume["phase_done"] else 0)
             phases = phases[done:]
