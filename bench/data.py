@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's data.py, not this file
 import data  # noqa: E402
@@ -52,28 +52,28 @@ def time_prepare(folder):
     return text_bytes, prepare_s, align_s
 
 
-def time_loader(shard_dir, tok, args):
-    loader = data.ShardLoader(shard_dir, "train", tok, args["batch_size"], args["seq_len"], max_tokens=args["seq_len"])
+def time_loader(shard_dir, tok, cfg):
+    loader = data.ShardLoader(shard_dir, "train", tok, cfg.batch_size, cfg.seq_len, max_tokens=cfg.seq_len)
     for _ in range(10):  # warm the page cache and the first permutation
         loader.next_batch()
     started = time.perf_counter()
-    for _ in range(args["batches"]):
+    for _ in range(cfg.batches):
         loader.next_batch()
-    return args["batches"] * args["batch_size"] * args["seq_len"] / (time.perf_counter() - started)
+    return cfg.batches * cfg.batch_size * cfg.seq_len / (time.perf_counter() - started)
 
 
 def main(argv):
-    args = asdict(train.parse_args(Config, argv))
-    folder = data.resolve_teacher(args["teacher"])
+    cfg = train.parse_args(Config, argv)
+    folder = data.resolve_teacher(cfg.teacher)
     tok = data.load_tokenizer(folder)
     text_bytes, prepare_s, align_s = time_prepare(folder)
     with contextlib.redirect_stdout(io.StringIO()):
         shard_dir = data.prepare(folder, None, os.path.join(tempfile.gettempdir(), f"bench-data-{tok.hash}"))
-    loader_bytes_per_s = time_loader(shard_dir, tok, args)
+    loader_bytes_per_s = time_loader(shard_dir, tok, cfg)
     results = {
-        "teacher": args["teacher"], "tokenizer_hash": tok.hash, "corpus_bytes": text_bytes,
+        "teacher": cfg.teacher, "tokenizer_hash": tok.hash, "corpus_bytes": text_bytes,
         "prepare_mb_per_s": text_bytes / 1e6 / prepare_s, "align_mb_per_s": text_bytes / 1e6 / align_s,
-        "loader_bytes_per_s": loader_bytes_per_s, "loader_batch": [args["batch_size"], args["seq_len"]],
+        "loader_bytes_per_s": loader_bytes_per_s, "loader_batch": [cfg.batch_size, cfg.seq_len],
         "train_bytes_per_s": TRAIN_BYTES_PER_S,
         "train_bytes_per_s_source": "quoted from DESIGN.md section 7 (stage-1 align, ~16-18K bytes/s), not measured",
         "loader_over_train": loader_bytes_per_s / TRAIN_BYTES_PER_S,
@@ -83,17 +83,17 @@ def main(argv):
          f"measured: {text_bytes / 1e6:.1f} MB of Shakespeare in {prepare_s:.1f} s"),
         ("align_document only", f"{results['align_mb_per_s']:.2f} MB/s", "measured"),
         ("loader", f"{loader_bytes_per_s:,.0f} bytes/s",
-         f"measured: {args['batches']} batches of {args['batch_size']} x {args['seq_len']} bytes"),
+         f"measured: {cfg.batches} batches of {cfg.batch_size} x {cfg.seq_len} bytes"),
         ("stage-1 training consumes", f"{TRAIN_BYTES_PER_S:,} bytes/s",
          "QUOTED from DESIGN.md section 7, not measured"),
         ("loader / training", f"{results['loader_over_train']:,.0f}x",
          "PASS (>= 100x)" if results["loader_over_train"] >= 100 else "FAIL (< 100x)"),
     ]
-    print(f"teacher {args['teacher']} (tokenizer {tok.hash})")
+    print(f"teacher {cfg.teacher} (tokenizer {tok.hash})")
     for name, value, note in rows:
         print(f"{name:<27} {value:>18}   {note}")
-    if args["json"]:
-        with open(args["json"], "w") as f:
+    if cfg.json:
+        with open(cfg.json, "w") as f:
             json.dump(results, f, indent=1)
     return results
 
