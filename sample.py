@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 import model
+from teacher import load_teacher, resolve_teacher_dir, sample_from_logits
 from train import parse_args
 
 
@@ -59,9 +60,9 @@ def read_prompts(cfg):
 
 def tokenizer_for(teacher):
     """The teacher's tokenizer, to normalise prompts the way the student's training text was normalised."""
-    from data import load_tokenizer
+    from tokenizer import load_tokenizer
     try:
-        return load_tokenizer(model.resolve_teacher_dir(teacher))
+        return load_tokenizer(resolve_teacher_dir(teacher))
     except (FileNotFoundError, ValueError):
         return None
 
@@ -104,7 +105,7 @@ def sample_student(cfg, prompts):
 
 
 def sample_teacher(cfg, prompts):
-    teacher, tok = model.load_teacher(cfg.teacher, cfg.device)
+    teacher, tok = load_teacher(cfg.teacher, cfg.device)
     if tok is None:
         raise ValueError(f"teacher {cfg.teacher!r} has no tokenizer to sample with")
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
@@ -125,7 +126,7 @@ def sample_teacher(cfg, prompts):
         logits = teacher(ids, cache=cache)[:, -1]
         while len(out) < cfg.max_bytes:  # every sampleable token is at least one byte: this ends within max_bytes steps
             logits = logits.masked_fill(unspellable, float("-inf"))
-            next_id = model.sample_from_logits(logits, cfg.temperature, cfg.top_k or None, cfg.top_p, gen)
+            next_id = sample_from_logits(logits, cfg.temperature, cfg.top_k or None, cfg.top_p, gen)
             if int(next_id) in (tok.eos_id, tok.bos_id):
                 break
             piece = tok.token_bytes(int(next_id))

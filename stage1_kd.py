@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import data
 import model
 import train
+from teacher import load_teacher, resolve_teacher_dir
 from kernels import chunked_reverse_kl
 
 
@@ -178,13 +179,13 @@ def main(argv):
 
     # -- teacher (frozen, every rank its own copy) and data --
     teacher_dtype = torch.bfloat16 if device.type == "cuda" and cfg.dtype == "bfloat16" else torch.float32
-    teacher, tok = model.load_teacher(cfg.teacher, device, teacher_dtype)
+    teacher, tok = load_teacher(cfg.teacher, device, teacher_dtype)
     teacher.requires_grad_(False)
     if tok is None:
         raise ValueError(f"teacher {cfg.teacher!r} has no tokenizer; stage 1 needs its token boundaries")
     data_dir = cfg.data_dir or data.default_shard_dir(cfg.teacher if not os.path.isdir(cfg.teacher) else tok.name)
     if master and not cfg.data_dir:
-        data.prepare(cfg.teacher, None, data_dir)  # idempotent: returns at once when the shards are up to date
+        data.prepare(resolve_teacher_dir(cfg.teacher), None, data_dir)  # idempotent: returns at once when the shards are up to date
     if world > 1:
         torch.distributed.barrier()
     loader_args = dict(tokenizer=tok, batch_size=cfg.batch_size, seq_len=cfg.seq_len, rank=rank, world_size=world,

@@ -20,6 +20,8 @@ import torch
 import data
 import model
 import train
+from teacher import resolve_teacher_dir
+from tokenizer import load_tokenizer
 from kernels import byte_cross_entropy
 
 
@@ -106,13 +108,14 @@ def main(argv):
         raise ValueError(f"{cfg.init} is not a stage-1 checkpoint")
     student.train()
     teacher_name = meta["teacher"]
-    tok = data.load_tokenizer(model.resolve_teacher_dir(teacher_name))
+    teacher_dir = resolve_teacher_dir(teacher_name)
+    tok = load_tokenizer(teacher_dir)
     if tok is None:
         raise ValueError(f"teacher {teacher_name!r} has no tokenizer; stage 2 needs its token boundaries as labels")
     data_dir = cfg.data_dir or meta["config"].get("data_dir") or data.default_shard_dir(
         teacher_name if not os.path.isdir(teacher_name) else tok.name)
     if master and not cfg.data_dir and not meta["config"].get("data_dir"):
-        data.prepare(teacher_name, None, data_dir)
+        data.prepare(teacher_dir, None, data_dir)
     if world > 1:
         torch.distributed.barrier()
     train.broadcast_params(student)

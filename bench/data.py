@@ -23,6 +23,8 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's data.py, not this file
 import data  # noqa: E402
 import train  # noqa: E402
+from teacher import resolve_teacher_dir  # noqa: E402
+from tokenizer import align_document, load_tokenizer  # noqa: E402
 
 TRAIN_BYTES_PER_S = 18_000  # quoted from DESIGN.md section 7 (stage-1 align phase, 2 CPU threads)
 
@@ -43,11 +45,11 @@ def time_prepare(folder):
         started = time.perf_counter()
         data.prepare(folder, None, out)
         prepare_s = time.perf_counter() - started
-    tok = data.load_tokenizer(folder)
+    tok = load_tokenizer(folder)
     texts = [open(f, "rb").read() for f in files]
     started = time.perf_counter()
     for text in texts:
-        data.align_document(text, tok)
+        align_document(text, tok)
     align_s = time.perf_counter() - started
     return text_bytes, prepare_s, align_s
 
@@ -64,8 +66,8 @@ def time_loader(shard_dir, tok, cfg):
 
 def main(argv):
     cfg = train.parse_args(Config, argv)
-    folder = data.resolve_teacher(cfg.teacher)
-    tok = data.load_tokenizer(folder)
+    folder = resolve_teacher_dir(cfg.teacher)
+    tok = load_tokenizer(folder)
     text_bytes, prepare_s, align_s = time_prepare(folder)
     with contextlib.redirect_stdout(io.StringIO()):
         shard_dir = data.prepare(folder, None, os.path.join(tempfile.gettempdir(), f"bench-data-{tok.hash}"))

@@ -31,6 +31,8 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import model  # noqa: E402
 import train  # noqa: E402
+from teacher import load_teacher  # noqa: E402
+from tokenizer import align_document  # noqa: E402
 
 
 def default_texts():
@@ -53,7 +55,7 @@ def segments(aligned, window):
 
 @torch.no_grad()
 def score(student, teacher, tok, text, window):
-    aligned = data.align_document(text, tok)
+    aligned = align_document(text, tok)
     if len(aligned.bytes) < 2:
         raise ValueError("empty text: nothing to score")
     ln2 = math.log(2)
@@ -98,7 +100,7 @@ def main(argv):
     cfg = train.parse_args(Config, argv)
     files = cfg.text
     student, meta = model.load_student(cfg.ckpt)
-    teacher, tok = model.load_teacher(meta["teacher"])
+    teacher, tok = load_teacher(meta["teacher"])
     if files:
         texts = {}
         for path in files:

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import model  # noqa: E402
 import train  # noqa: E402
+from teacher import load_teacher, sample_from_logits  # noqa: E402
 
 PROMPT = "HAMLET. To be, or not to be, that is the question:"
 
@@ -47,7 +48,7 @@ def teacher_speed(teacher, tok, batch_size, new_tokens, bytes_per_token, seed=0)
     logits = teacher(ids, cache=cache)[:, -1]
     t = time.perf_counter()
     for _ in range(new_tokens):
-        next_id = model.sample_from_logits(logits, 1.0, None, None, gen)
+        next_id = sample_from_logits(logits, 1.0, None, None, gen)
         logits = teacher(next_id, cache=cache)[:, -1]
     return batch_size * new_tokens / (time.perf_counter() - t) * bytes_per_token
 
@@ -60,7 +61,7 @@ def held_out_bytes_per_token(tok, max_bytes=20000):
 
 def measure(ckpt, new_bytes=256, batch_sizes=(1, 8)):
     student, meta = model.load_student(ckpt)
-    teacher, tok = model.load_teacher(meta["teacher"])
+    teacher, tok = load_teacher(meta["teacher"])
     bpt = held_out_bytes_per_token(tok)
     out = {"student_bytes_per_s": {}, "teacher_bytes_per_s": {}, "ratio": {}, "student_patch_bytes": {},
            "teacher_bytes_per_token": bpt, "new_bytes": new_bytes}

@@ -38,7 +38,7 @@ if REPO not in sys.path:  # run as a script under torchrun: the repo's modules a
     sys.path.insert(0, REPO)
 
 import data  # noqa: E402
-import model  # noqa: E402
+import teacher as teachers  # noqa: E402
 
 TOP_WORDS = 200           # the corpus keeps only Macbeth's most frequent words
 VOCAB_SIZE = 800          # BPE entries: 256 byte tokens + 1 special + merges
@@ -97,7 +97,7 @@ def corpus_file() -> str:
 
 def train_tokenizer(folder: str, text: str, vocab_size: int | None = None) -> int:
     """A SmolLM2-style byte-level BPE (digits split, GPT-2 regex) trained on `text`, saved as folder/tokenizer.json;
-    returns its vocabulary size. HF tokenizers is a test-only dependency: data.load_tokenizer reads the file itself."""
+    returns its vocabulary size. HF tokenizers is a test-only dependency: tokenizer.load_tokenizer reads the file itself."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
@@ -110,12 +110,12 @@ def train_tokenizer(folder: str, text: str, vocab_size: int | None = None) -> in
     return hf.get_vocab_size()
 
 
-def random_teacher_state(cfg: model.TeacherConfig, seed: int = TEACHER_SEED) -> dict:
+def random_teacher_state(cfg: teachers.TeacherConfig, seed: int = TEACHER_SEED) -> dict:
     """HF-named tensors of a random teacher: norm weights in [0.5, 1.5), embedding N(0, 1), matrices N(0, 1/fan_in);
     the final norm is scaled by LOGIT_SCALE / sqrt(d_model), so that the tied head's logits have a standard deviation
     of about LOGIT_SCALE."""
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in model.Teacher(cfg).state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in teachers.Teacher(cfg).state_dict().items()}
     g = torch.Generator().manual_seed(seed)
     state = {}
     for name, shape in sorted(shapes.items()):
@@ -137,8 +137,8 @@ def make_teacher(folder: str, text: str, hf_config: dict | None = None, seed: in
     hf = {**(hf_config or TEACHER_HF_CONFIG), "vocab_size": train_tokenizer(folder, text)}
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf, f, indent=1)
-    cfg = model.config_from_hf(hf)
-    model.write_safetensors(random_teacher_state(cfg, seed), os.path.join(folder, "model.safetensors"))
+    cfg = teachers.config_from_hf(hf)
+    teachers.write_safetensors(random_teacher_state(cfg, seed), os.path.join(folder, "model.safetensors"))
     return folder
 
 

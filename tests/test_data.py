@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import decoders, pre_tokenizers, trainers  # noqa: E402
@@ -34,7 +35,7 @@ def teacher_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(teacher_dir):
-    return data.load_tokenizer(teacher_dir)
+    return tokenizer.load_tokenizer(teacher_dir)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def shard_documents(shard):
     token_end = shard.token_end(0, shard.n_bytes)
     token_id = np.full(shard.n_bytes, -1, dtype=np.int64)
     token_id[token_end] = shard.token_ids
-    starts = [*np.flatnonzero(np.asarray(shard.bytes) == data.DOC_START_BYTE), shard.n_bytes]
+    starts = [*np.flatnonzero(np.asarray(shard.bytes) == tokenizer.DOC_START_BYTE), shard.n_bytes]
     return [(np.asarray(shard.bytes[a:b]), token_end[a:b], token_id[a:b]) for a, b in zip(starts[:-1], starts[1:])]
 
 
@@ -71,7 +72,7 @@ def expected_documents(corpus, tok):
     out = []
     for path in data.list_input_files([corpus]):
         for name, text, n_repaired in data.read_documents(path):
-            out.append((name, data.align_document(text, tok), n_repaired))
+            out.append((name, tokenizer.align_document(text, tok), n_repaired))
     return out
 
 
@@ -253,7 +254,7 @@ def test_shard_for_another_tokenizer_is_refused(shards, teacher_dir, tmp_path):
                                 "rstrip": False, "normalized": False, "special": True})
     (other_dir / "tokenizer.json").write_text(json.dumps(raw))
     (other_dir / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
-    other = data.load_tokenizer(str(other_dir))
+    other = tokenizer.load_tokenizer(str(other_dir))
     with pytest.raises(ValueError, match="prepared for tokenizer .* but this teacher's tokenizer is 'other'"):
         data.ShardLoader(shards, "train", other, batch_size=1, seq_len=64)
 
@@ -308,5 +309,5 @@ def test_a_corpus_without_a_validation_split_is_refused(teacher_dir, tmp_path):
 
 def test_missing_lead_bytes_remove_only_their_own_characters():
     """0xE0 leads U+0800-U+0FFF only (not U+0000-U+07FF, whose 3-byte forms are overlong); 0xF0 leads U+10000-U+3FFFF."""
-    assert data._unspellable_characters("x", [0xE0]).sub("", "hello é \u1000\u0800\u0fff") == "hello é \u1000"
-    assert data._unspellable_characters("x", [0xF0]).sub("", "hi \U0001F600 \u00e9\U00100000") == "hi  \u00e9\U00100000"
+    assert tokenizer._unspellable_characters("x", [0xE0]).sub("", "hello é \u1000\u0800\u0fff") == "hello é \u1000"
+    assert tokenizer._unspellable_characters("x", [0xF0]).sub("", "hi \U0001F600 \u00e9\U00100000") == "hi  \u00e9\U00100000"

@@ -13,7 +13,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-import model
+import teacher as teachers
 import sample
 from model import BOS_BYTE, ByteGeneration, load_student
 from test_student import build_student, build_teacher
@@ -200,7 +200,7 @@ def test_teacher_never_samples_ids_the_tokenizer_cannot_spell(monkeypatch, capsy
     """Real teachers pad the embedding matrix past the tokenizer (Qwen3: 151,936 rows for ~151.7K ids). Here the padded
     rows get the largest logits, so greedy sampling would pick one at every step unless sample.py masks them."""
     import stage_fixtures as sf
-    teacher, tok = model.load_teacher(sf.teacher_dir())
+    teacher, tok = teachers.load_teacher(sf.teacher_dir())
     extra = 5
 
     class Padded:  # the same teacher with `extra` unspellable rows that always win
@@ -212,9 +212,9 @@ def test_teacher_never_samples_ids_the_tokenizer_cannot_spell(monkeypatch, capsy
             return torch.cat([logits, torch.full((*logits.shape[:-1], extra), 1e4)], dim=-1)
 
     seen = []
-    sample_from_logits = model.sample_from_logits
-    monkeypatch.setattr(model, "load_teacher", lambda *a, **k: (Padded(), tok))
-    monkeypatch.setattr(model, "sample_from_logits", lambda logits, *a: seen.append(logits) or sample_from_logits(logits, *a))
+    sample_from_logits = teachers.sample_from_logits
+    monkeypatch.setattr(sample, "load_teacher", lambda *a, **k: (Padded(), tok))
+    monkeypatch.setattr(sample, "sample_from_logits", lambda logits, *a: seen.append(logits) or sample_from_logits(logits, *a))
     sample.main(["--teacher=tiny", f"--prompt={PROMPT}", "--temperature=0", "--max_bytes=24"])
     out = capsys.readouterr().out
     assert seen and all(bool((l[:, tok.n_vocab:] == float("-inf")).all()) for l in seen)

@@ -13,6 +13,7 @@ import torch
 
 import data
 import model
+import teacher as teachers
 import stage1_kd
 import stage_fixtures as sf
 
@@ -34,7 +35,7 @@ def distill_val_kl(ckpt_path, eval_batches=8):
     """The distill evaluation of stage1_kd (same validation batches, same sums) for the student in ckpt_path; the
     loader's sizes are TINY_STAGE1's, eval_batches LEARNING_RUN's."""
     student, _ = model.load_student(ckpt_path)
-    teacher, tok = model.load_teacher(sf.teacher_dir())
+    teacher, tok = teachers.load_teacher(sf.teacher_dir())
     loader = data.ShardLoader(sf.shard_dir(), "val", tok, batch_size=4, seq_len=64, seed=0,
                               max_tokens=teacher.cfg.max_seq_len)
     sums = {}
@@ -118,7 +119,7 @@ def test_checkpoints_hold_what_each_phase_trained(learning_run):
     assert_params(distill, boundary, at_least=1e-3, prefixes=patcher)
     assert_params(boundary, final)
     assert_params(align, boundary, prefixes=model.ByteLM.MAIN + model.ByteLM.OUTPUT_SIDE)  # stage 2 trains these
-    teacher, _ = model.load_teacher(sf.teacher_dir())  # main = the teacher's blocks (distill_main_lr=0: frozen)
+    teacher, _ = teachers.load_teacher(sf.teacher_dir())  # main = the teacher's blocks (distill_main_lr=0: frozen)
     teacher_blocks = {"main." + k: v for k, v in teacher.state_dict().items() if not k.startswith("embed_tokens")}
     assert_params(teacher_blocks, {k: final[k] for k in teacher_blocks})
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import model
+import teacher as teachers
 import stage_fixtures as sf
 
 STAGE1 = ("--align_bytes=8192", "--align_lr=1e-2", "--distill_bytes=1024", "--boundary_bytes=8192",
@@ -116,8 +117,9 @@ def test_sft_step_loss_against_a_direct_computation(stage1):
 
     import data
     import stage2_sft
+    import tokenizer
     student, meta = model.load_student(os.path.join(stage1, "ckpt.pt"))
-    tok = data.load_tokenizer(meta["teacher"])
+    tok = tokenizer.load_tokenizer(meta["teacher"])
     batch = data.ShardLoader(sf.shard_dir(), "train", tok, BATCH, SEQ, seed=5).next_batch()
     x, end = batch["bytes"], batch["token_end"]
     assert batch["valid"].all()
@@ -255,7 +257,7 @@ def teacher_oracle(text, window):
     -> (bpb, HF encoding)."""
     from tokenizers import Tokenizer
     encoding = Tokenizer.from_file(os.path.join(sf.teacher_dir(), "tokenizer.json")).encode(text)
-    teacher, tok = model.load_teacher(sf.teacher_dir())
+    teacher, tok = teachers.load_teacher(sf.teacher_dir())
     return teacher.bits(encoding.ids, tok.doc_start_id, window=window) / len(text.encode()), encoding
 
 
@@ -318,7 +320,7 @@ def test_fidelity_window_is_capped_at_the_teacher_context(full, tmp_path):
     text = tmp_path / "context.txt"
     with open(sf.corpus_file(), encoding="utf-8") as f:
         text.write_text(f.read()[20_000:21_100], encoding="utf-8")
-    context = model.load_teacher(sf.teacher_dir())[0].cfg.max_seq_len
+    context = teachers.load_teacher(sf.teacher_dir())[0].cfg.max_seq_len
     teacher_bpb, encoding = teacher_oracle(text.read_text(encoding="utf-8"), window=context)
     assert context < len(encoding.ids) < 511  # one default window, two of the teacher's context
     with sf.quiet():

