@@ -238,8 +238,10 @@ class ByteGeneration:
         return [logits[i, :lens[i] - 1] for i in range(len(lens))]
 
     @torch.no_grad()
-    def step(self, temperature=1.0, top_k=None, top_p=None, generator=None):
-        """Produce one byte per row -> (new bytes (B,), logits (B, 512) that they were sampled from)."""
+    def step(self, temperature=1.0, top_k=None, top_p=None, generator=None, force=None):
+        """Produce one byte per row -> (new bytes (B,), logits (B, 512) that they were sampled from).
+        force (B,) appends those bytes instead of sampling, each with the flag greedy generation would give it (the
+        likelier half of the head for that byte): teacher-forced scoring of text under greedy causal boundaries."""
         m, rows, t = self.model, torch.arange(len(self.lens), device=self.x.device), self.lens - 1
         closes = self.pending_end
         self.ends[rows, t] = closes
@@ -247,8 +249,8 @@ class ByteGeneration:
             y_new = m.main.run_blocks(self.h_last[:, None], cache=self.main_cache, advance=closes.long())[:, 0]
             self.y_cur = torch.where(closes[:, None], y_new, self.y_cur)
         logits = m.decode(self.x[rows, t][:, None], self.h_last[:, None], self.y_cur[:, None], cache=self.dec_cache)[:, 0]
-        if temperature == 0:  # greedy on the byte's probability (both halves, DESIGN.md 1), then its likelier flag
-            new = byte_logprobs(logits).argmax(-1)
+        if force is not None or temperature == 0:  # greedy: the likeliest byte (both halves summed), then its flag
+            new = byte_logprobs(logits).argmax(-1) if force is None else force.to(self.x.device)
             self.pending_end = logits[rows, new + 256] > logits[rows, new]
         else:
             index = sample_from_logits(logits, temperature, top_k, top_p, generator)[:, 0]

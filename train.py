@@ -7,12 +7,17 @@ the last micro-step of gradient accumulation). We do this rather than wrap the s
 because each phase calls a different part of the student (encoder only, patcher only, ...), and DDP only syncs what
 goes through its forward(). The frozen teacher is never synchronised: every rank loads its own copy.
 """
+import inspect
+import io
 import json
 import math
 import os
 import pickle
 import random
+import sys
+import textwrap
 import time
+import tokenize
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
@@ -26,7 +31,11 @@ import torch.distributed as dist
 # Config: one dataclass per script, overridden by --key=value (typed; unknown keys and bad values are errors).
 
 def parse_args(cls, argv):
+    """--key=value overrides of the dataclass `cls` -> an instance. --help (or -h) prints the options and exits."""
     cfg, types = cls(), {f.name: f.type for f in fields(cls)}
+    if "--help" in argv or "-h" in argv:
+        print(help_text(cls, sys.modules["__main__"].__doc__))
+        sys.exit(0)
     for arg in argv:
         if not arg.startswith("--"):
             raise ValueError(f"expected --key=value, got {arg!r}")
@@ -50,6 +59,39 @@ def parse_args(cls, argv):
             raise ValueError(f"--{key}={value!r} is not a valid {kind.__name__}") from None
         setattr(cfg, key, parsed)
     return cfg
+
+
+def field_comments(cls):
+    """({field: the comment beside it in the dataclass source}, {field: the section comment above it}). A comment
+    line indented past the fields continues the comment of the field above; one at the fields' indent heads a
+    section. Read with the tokenizer, so a '#' inside a string is no comment."""
+    comments, sections, current, heading, seen = {}, {}, None, None, set()
+    source = textwrap.dedent(inspect.getsource(cls))
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        row, col = tok.start
+        if tok.type == tokenize.NAME and col == 4 and row not in seen:  # a field line at the class body's indent
+            current, seen = tok.string, seen | {row}
+            if heading:
+                sections[current], heading = heading, None
+        elif tok.type == tokenize.COMMENT and col == 4:
+            heading = tok.string.lstrip("# ")
+        elif tok.type == tokenize.COMMENT and current is not None:
+            comments[current] = (comments.get(current, "") + " " + tok.string.lstrip("# ")).strip()
+    return comments, sections
+
+
+def help_text(cls, doc=None):
+    """The script's docstring, then one line per option: --name (type, default value): the comment beside it."""
+    (comments, sections), defaults = field_comments(cls), cls()
+    lines = [doc.strip(), ""] if doc else []
+    lines.append("options (--key=value; a bool also as --key alone):")
+    for f in fields(cls):
+        if f.name in sections:
+            lines.append(f"  {sections[f.name]}:")
+        default = getattr(defaults, f.name)
+        kind, shown = ("repeatable", "none") if f.type is list else (f.type.__name__, repr(default))
+        lines.append(f"  --{f.name} ({kind}, default {shown})" + (f": {comments[f.name]}" if f.name in comments else ""))
+    return "\n".join(lines)
 
 
 def print_config(cfg):

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
-import teacher as teachers  # noqa: E402
 import train  # noqa: E402
+from safetensors_io import read_checkpoint  # noqa: E402
+from teacher import load_teacher, resolve_teacher_dir  # noqa: E402
 
 
 def default_texts():
@@ -46,8 +47,8 @@ def load_seconds(folder, repeats=10):
     def touch(tensors):
         return sum(float(t.float().sum()) for t in tensors.values() if t.numel())
 
-    readers = {"ours": lambda: teachers.read_checkpoint(folder, use_mmap=True),
-               "copy": lambda: teachers.read_checkpoint(folder)}
+    readers = {"ours": lambda: read_checkpoint(folder, use_mmap=True),
+               "copy": lambda: read_checkpoint(folder)}
     if load_file is not None:
         readers["theirs"] = lambda: {k: v for f in files for k, v in load_file(os.path.join(folder, f)).items()}
     times = {name: [] for name in readers}
@@ -73,9 +74,9 @@ class Config:
 def main(argv):
     cfg = train.parse_args(Config, argv)
     texts = cfg.text
-    folder = teachers.resolve_teacher_dir(cfg.teacher)
+    folder = resolve_teacher_dir(cfg.teacher)
     t0 = time.perf_counter()
-    teacher, tok = teachers.load_teacher(cfg.teacher)
+    teacher, tok = load_teacher(cfg.teacher)
     load_total = time.perf_counter() - t0
     if tok is None:
         raise ValueError(f"{folder} has no tokenizer (tokenizer.json or tokenizer.model)")

@@ -38,6 +38,7 @@ if REPO not in sys.path:  # run as a script under torchrun: the repo's modules a
     sys.path.insert(0, REPO)
 
 import data  # noqa: E402
+import safetensors_io  # noqa: E402
 import teacher as teachers  # noqa: E402
 
 TOP_WORDS = 200           # the corpus keeps only Macbeth's most frequent words
@@ -138,7 +139,7 @@ def make_teacher(folder: str, text: str, hf_config: dict | None = None, seed: in
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf, f, indent=1)
     cfg = teachers.config_from_hf(hf)
-    teachers.write_safetensors(random_teacher_state(cfg, seed), os.path.join(folder, "model.safetensors"))
+    safetensors_io.write_safetensors(random_teacher_state(cfg, seed), os.path.join(folder, "model.safetensors"))
     return folder
 
 

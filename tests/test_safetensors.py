@@ -1,4 +1,4 @@
-"""Our safetensors reader/writer (teacher.py part 1) against the `safetensors` library, plus a header fuzz test.
+"""Our safetensors reader/writer (safetensors_io.py) against the `safetensors` library, plus a header fuzz test.
 
 Oracles: the tensors we wrote (round trip), `safetensors.torch` (files written by the library read equal by ours,
 and ours read equal by the library). Every malformed file must end in a ValueError naming the file and the problem."""
@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 
-import teacher as teachers
-from teacher import read_checkpoint, read_safetensors, read_safetensors_header, write_safetensors
+import safetensors_io
+from safetensors_io import read_checkpoint, read_safetensors, read_safetensors_header, write_safetensors
 
 
 def sample_tensors():
@@ -58,7 +58,7 @@ def test_round_trip_all_dtypes(tmp_path, use_mmap):
     assert metadata == {"format": "pt", "n": "3"}
     assert data_start % 8 == 0  # the writer pads the header so the data section starts aligned
     assert {k: (v[0], v[1]) for k, v in entries.items()} == {
-        k: (teachers.DTYPE_NAMES[t.dtype], tuple(t.shape)) for k, t in want.items()}
+        k: (safetensors_io.DTYPE_NAMES[t.dtype], tuple(t.shape)) for k, t in want.items()}
 
 
 def test_mmap_is_copy_on_write_and_fresh_tensors_are_independent(tmp_path):
@@ -314,7 +314,7 @@ BAD_HEADERS = [  # (id, header dict or raw bytes, length override, words the mes
      []),
     ("length_past_end", base_header(), 10_000, ["header length", "past the end"]),
     ("length_huge", base_header(), 2**64 - 1, ["header length", "cap"]),
-    ("length_over_cap", base_header(), teachers.MAX_HEADER_BYTES + 1, ["header length", "cap"]),
+    ("length_over_cap", base_header(), safetensors_io.MAX_HEADER_BYTES + 1, ["header length", "cap"]),
 ]
 
 
@@ -386,7 +386,7 @@ def _structural_mutation(rng):
         if not isinstance(entry, dict):
             continue
         if kind == 0:
-            entry["dtype"] = rng.choice(EVIL_DTYPES + list(teachers.SAFETENSORS_DTYPES))
+            entry["dtype"] = rng.choice(EVIL_DTYPES + list(safetensors_io.SAFETENSORS_DTYPES))
         elif kind == 1:
             entry["shape"] = rng.choice(EVIL_VALUES)
         elif kind == 2:
@@ -408,7 +408,7 @@ def _structural_mutation(rng):
         elif kind == 7:
             h["__metadata__"] = rng.choice(EVIL_VALUES + [{"k": 1}, {"k": None}, {"k": "v"}, {"": ""}])
         elif kind == 8:  # a new tensor at a random place
-            h[f"new{rng.randrange(100)}"] = {"dtype": rng.choice(list(teachers.SAFETENSORS_DTYPES)),
+            h[f"new{rng.randrange(100)}"] = {"dtype": rng.choice(list(safetensors_io.SAFETENSORS_DTYPES)),
                                              "shape": [rng.randrange(0, 9) for _ in range(rng.randrange(0, 3))],
                                              "data_offsets": sorted([rng.randrange(0, 60), rng.randrange(0, 60)])}
         elif kind == 9:  # zero-size tensor with huge or many dimensions
@@ -450,7 +450,7 @@ def _fuzz_case(rng, good):
         lie = max(0, n + rng.randint(-n, 64))
         return f"length {lie} instead of {n}", struct.pack("<Q", lie) + header + data
     if kind == 3:  # lying length prefix, huge or random 64-bit
-        lie = rng.choice([2**64 - 1, 2**63, 2**32, teachers.MAX_HEADER_BYTES, teachers.MAX_HEADER_BYTES + 1,
+        lie = rng.choice([2**64 - 1, 2**63, 2**32, safetensors_io.MAX_HEADER_BYTES, safetensors_io.MAX_HEADER_BYTES + 1,
                           rng.randrange(2**64)])
         return f"length {lie}", struct.pack("<Q", lie) + header + data
     if kind == 4:  # flipped bytes in the length prefix

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import teacher as teachers
-from teacher import load_teacher_model, read_safetensors, resolve_teacher_dir, write_safetensors
+from safetensors_io import read_safetensors, write_safetensors
+from teacher import load_teacher_model, resolve_teacher_dir
 
 transformers = pytest.importorskip("transformers")
 from transformers import (LlamaConfig, LlamaForCausalLM, Olmo2Config, Olmo2ForCausalLM, OlmoConfig,  # noqa: E402
