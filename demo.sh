@@ -11,11 +11,11 @@ OUT=${OUT:-out}
 PROMPT="HAMLET. To be, or not to be, that is the question:"
 $PY data.py --teacher=smollm2
 $PY stage1_kd.py --out_dir=$OUT/stage1 "$@"
-$PY stage2_sft.py --init=$OUT/stage1/ckpt.pt --out_dir=$OUT/stage2
-$PY bench/fidelity.py --ckpt=$OUT/stage2/ckpt.pt --json=$OUT/fidelity.json
-$PY bench/generate.py --ckpt=$OUT/stage2/ckpt.pt --batch_sizes=1 --new_bytes=128 --json=$OUT/generate.json
+$PY stage2_sft.py --init=$OUT/stage1 --out_dir=$OUT/stage2
+$PY bench/fidelity.py --ckpt=$OUT/stage2 --json=$OUT/fidelity.json
+$PY bench/generate.py --ckpt=$OUT/stage2 --batch_sizes=1 --new_bytes=128 --json=$OUT/generate.json
 echo; echo "== the byte student:"
-$PY sample.py --ckpt=$OUT/stage2/ckpt.pt --prompt="$PROMPT" --max_bytes=200 --seed=1
+$PY sample.py --ckpt=$OUT/stage2 --prompt="$PROMPT" --max_bytes=200 --seed=1
 echo; echo "== the teacher (tokens):"
 $PY sample.py --teacher=smollm2 --prompt="$PROMPT" --max_bytes=200 --seed=1
 $PY bench/summary.py --out=$OUT

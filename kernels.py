@@ -1,6 +1,6 @@
 """Loss kernels: the byte head's cross-entropy and the teacher-vocabulary reverse KL.
 
-Two losses dominate the cost of this project's training steps (DESIGN.md section 5):
+Two losses dominate the cost of this project's training steps (README, Method):
 
 - byte_cross_entropy: stage 2's loss on every byte, over the 512-way joint head (index v + 256*e = "next byte
   is v, and it ends a patch iff e = 1"; a 256-way head also works). One Triton program takes a tile of whole

@@ -4,16 +4,20 @@ bytes -> encoder -> projection to the teacher width (h) -> patcher -> the teache
 dechunk to bytes -> decoder -> 512-way head (next byte v, and whether it ends a patch). The README's "Method" section
 explains each piece; the byte blocks reuse teacher.py's transformer code (Llama-style blocks, sliding-window attention).
 """
+import json
 import math
 import os
-import pickle
-from dataclasses import dataclass
+import shutil
+import typing
+import uuid
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from teacher import Teacher, TeacherConfig, check_device, rope_inv_freq, sample_from_logits
+from safetensors_io import is_int, read_safetensors, read_safetensors_header, write_safetensors
+from teacher import Teacher, TeacherConfig, check_device, sample_from_logits
 from tokenizer import DOC_START_BYTE
 
 BOS_BYTE = DOC_START_BYTE  # 0xFE starts every document; it never occurs in UTF-8
@@ -49,7 +53,7 @@ def _local_config(scfg, n_layers):
 
 
 class Projection(nn.Module):
-    """Encoder width -> teacher width: SwiGLU MLP (DESIGN.md 7: an MLP beats a linear map here) or a linear map."""
+    """Encoder width -> teacher width: SwiGLU MLP (an MLP beat a linear map in a prototype on SmolLM2) or a linear map."""
 
     def __init__(self, d_in, d_out, hidden):
         super().__init__()
@@ -94,7 +98,7 @@ class ByteLM(nn.Module):
         - byte blocks: linear weights N(0, 0.02); attention and MLP output projections N(0, 0.02 / sqrt(2 * n_layers))
           (GPT-2's residual scaling); norm weights 1;
         - encoder -> teacher projection: hidden weights N(0, 0.02), output weights ZERO and output bias = the mean row of
-          the teacher's input embedding (DESIGN.md 7: starts at relative MSE ~0.9 instead of ~8 from a random init);
+          the teacher's input embedding (starts at relative MSE ~0.9 instead of ~8 from a random init);
         - patcher W_q, W_k: the identity (the rule starts as plain cosine similarity of neighbouring states);
         - main network: the teacher's blocks and final norm, copied (if `teacher` is given);
         - dechunk null vector: zero; residual from h: ZERO (the decoder starts from the main network alone);
@@ -132,9 +136,12 @@ class ByteLM(nn.Module):
 
     # -- the pieces, each usable on its own (the training phases need different subsets) --
 
-    def encode(self, x, cache=None, advance=None):
-        """bytes (B, T) -> h (B, T, D): byte states in the teacher's embedding space."""
-        return self.enc_proj(self.encoder.run_blocks(self.byte_embed(x), cache=cache, advance=advance))
+    def encode(self, x, cache=None, advance=None, at=None):
+        """bytes (B, T) -> h (B, T, D): byte states in the teacher's embedding space. at (B, T) bool projects only
+        those bytes -> (N, D): the projection to the teacher width costs more than the byte blocks, and the align
+        phase needs it only at token ends."""
+        states = self.encoder.run_blocks(self.byte_embed(x), cache=cache, advance=advance)
+        return self.enc_proj(states if at is None else states[at])
 
     def boundary_probs(self, h):
         """p_t = (1 - cos(W_q h_t, W_k h_{t+1})) / 2, the probability that byte t ends a patch (one-byte lookahead);
@@ -193,6 +200,36 @@ def byte_logprobs(logits):
     return torch.logaddexp(logits[..., :256], logits[..., 256:]) - torch.logsumexp(logits, dim=-1, keepdim=True)
 
 
+
+@torch.no_grad()
+def greedy_flag_logprobs(model, texts, batch_size=16):
+    """The student's proper likelihood of byte strings, each scored from a fresh document start (0xFE): every boundary
+    flag is decided causally, as greedy generation decides it (once byte t is known, the likelier half of the head for
+    it at position t-1), never by the patcher looking at the next byte. The product of the summed-halves
+    probabilities along those flags is the exact likelihood of a well-defined byte model (the one whose boundaries
+    greedy generation follows). Runs ByteGeneration teacher-forced, many texts in one batch.
+    -> per text (log p(byte) (n,), log p(byte, flag used) (n,), flags (n,) bool): fp32, natural log."""
+    out = [None] * len(texts)
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # similar lengths share a batch
+    for first in range(0, len(order), batch_size):
+        chunk = order[first:first + batch_size]
+        L = len(texts[chunk[0]])
+        x = torch.full((len(chunk), L), ord(" "), dtype=torch.long)  # padding after a short text is never scored
+        for row, i in enumerate(chunk):
+            x[row, :len(texts[i])] = torch.tensor(list(texts[i]), dtype=torch.long)
+        gen = ByteGeneration(model, [b""] * len(chunk), L)
+        logp, joint, flags = torch.zeros(len(chunk), L), torch.zeros(len(chunk), L), torch.zeros(len(chunk), L, dtype=torch.bool)
+        for t in range(L):
+            new, logits = gen.step(force=x[:, t])
+            logp[:, t] = byte_logprobs(logits).gather(1, new[:, None].to(logits.device))[:, 0].cpu()
+            index = new.to(logits.device) + 256 * gen.pending_end.long()
+            joint[:, t] = torch.log_softmax(logits.float(), -1).gather(1, index[:, None])[:, 0].cpu()
+            flags[:, t] = gen.pending_end.cpu()
+        for row, i in enumerate(chunk):
+            n = len(texts[i])
+            out[i] = (logp[row, :n], joint[row, :n], flags[row, :n])
+    return out
+
 class ByteGeneration:
     """Cached byte generation for a batch of prompts (each a bytes object; 0xFE is prepended).
 
@@ -245,9 +282,10 @@ class ByteGeneration:
         m, rows, t = self.model, torch.arange(len(self.lens), device=self.x.device), self.lens - 1
         closes = self.pending_end
         self.ends[rows, t] = closes
-        if bool(closes.any()):  # the newest byte ends a patch: the main network runs once on it
-            y_new = m.main.run_blocks(self.h_last[:, None], cache=self.main_cache, advance=closes.long())[:, 0]
-            self.y_cur = torch.where(closes[:, None], y_new, self.y_cur)
+        closing = closes.nonzero()[:, 0]
+        if len(closing):  # those rows' newest bytes end patches: the main network steps once, on those rows only
+            cache = self.main_cache if len(closing) == len(rows) else self.main_cache.select(closing)
+            self.y_cur[closing] = m.main.run_blocks(self.h_last[closing, None], cache=cache)[:, 0]
         logits = m.decode(self.x[rows, t][:, None], self.h_last[:, None], self.y_cur[:, None], cache=self.dec_cache)[:, 0]
         if force is not None or temperature == 0:  # greedy: the likeliest byte (both halves summed), then its flag
             new = byte_logprobs(logits).argmax(-1) if force is None else force.to(self.x.device)
@@ -262,25 +300,159 @@ class ByteGeneration:
         return new, logits
 
 
-def load_student(path, device="cpu", dtype=torch.float32):
-    """A ByteLM from a checkpoint written by stage1_kd.py / stage2_sft.py -> (model, checkpoint dict without tensors)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+# ----------------------------------------------------------------------------------------------------------------
+# Byte-model folders: model.safetensors (the weights) and config.json (both configurations, stage, phase, training
+# config, teacher name, results), the unit that the stages write and everything else reads. Weights and JSON only: a
+# pickle (torch.save / torch.load) can run any code when it is loaded, so a checkpoint that someone shares could too.
+
+FORMAT = "byte-model/1"
+CONFIG_FIELDS = {"format": str, "save_id": str, "stage": int, "teacher": str, "student_config": dict,
+                 "teacher_config": dict, "config": dict, "phase": str, "step": int, "phase_done": bool,
+                 "results": dict}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+MAX_JSON_BYTES = 64 * 1024 * 1024  # ours are kilobytes; anything far larger is not one
+
+
+def save_student(folder, model, meta, extra=None):
+    """Write the byte-model folder `folder`: model.safetensors (the weights as they are, fp32 in training) and
+    config.json (meta, with the model's own configurations). extra(staging, save_id), if given, writes more files
+    beside them (train.py: the resume state). Atomic as a whole: everything goes into folder/.saving, which is renamed
+    to folder/.saved once complete (the commit), then moved into place file by file (finish_save). A crash before the
+    commit leaves the previous save as it was; one after it is completed by the next save or --resume. Every file
+    carries the save's random save_id, so files of two different saves never load as one."""
+    os.makedirs(folder, exist_ok=True)
+    finish_save(folder)
+    staging = os.path.join(folder, ".saving")
+    shutil.rmtree(staging, ignore_errors=True)  # a save that died before its commit
+    os.makedirs(staging)
+    save_id = uuid.uuid4().hex  # from os.urandom: draws nothing from the generators that resume restores
+    config = {**meta, "format": FORMAT, "save_id": save_id, "student_config": asdict(model.scfg),
+              "teacher_config": asdict(model.tcfg)}
+    write_safetensors(model.state_dict(), os.path.join(staging, "model.safetensors"),
+                      {"format": FORMAT, "save_id": save_id})
+    with open(os.path.join(staging, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    if extra is not None:
+        extra(staging, save_id)
+    os.rename(staging, os.path.join(folder, ".saved"))
+    finish_save(folder)
+
+
+def finish_save(folder):
+    """Move a committed save (folder/.saved) into place; each os.replace is atomic, and a crash midway is finished by
+    the next call."""
+    saved = os.path.join(folder, ".saved")
+    if not os.path.isdir(saved):
+        return
+    for root, _, names in os.walk(saved):
+        target = os.path.join(folder, os.path.relpath(root, saved))
+        os.makedirs(target, exist_ok=True)
+        for name in names:
+            os.replace(os.path.join(root, name), os.path.join(target, name))
+    shutil.rmtree(saved)
+
+
+def read_json(path):
+    """A JSON object from a file, or a ValueError naming the file: whatever else is there is only parsed as JSON."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        scfg, tcfg = StudentConfig(**ckpt["student_config"]), TeacherConfig(**ckpt["teacher_config"])
-        state = ckpt["model"]
-    except (KeyError, TypeError, EOFError, RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{path}: not a byte-student checkpoint ({type(e).__name__}: {e})") from None
+        if os.path.getsize(path) > MAX_JSON_BYTES:
+            raise ValueError(f"larger than {MAX_JSON_BYTES} bytes")
+        with open(path, "rb") as f:
+            value = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"{path}: not a JSON file ({type(e).__name__}: {str(e)[:100]})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return value
+
+
+def has_type(value, kind):
+    """JSON value against a field type: int excludes bool, a float may be written as an int, X | None allows null."""
+    return any(value is None if k is type(None) else is_int(value) if k is int else
+               (is_int(value) or isinstance(value, float)) if k is float else isinstance(value, k)
+               for k in typing.get_args(kind) or (kind,))
+
+
+def check_fields(values, spec, where):
+    """Every key of spec {key: type} present in values with a value of that type, else a ValueError naming it."""
+    for key, kind in spec.items():
+        if key not in values:
+            raise ValueError(f"{where}: {key!r} is missing")
+        if not has_type(values[key], kind):
+            raise ValueError(f"{where}: {key!r} is {str(values[key])[:60]!r}, not of type {kind}")
+
+
+def config_from_json(cls, values, where):
+    """A StudentConfig / TeacherConfig from its JSON object: exactly the dataclass's fields (a default silently filled
+    in could build another model that the weights happen to fit), each of its type, plain ints not negative."""
+    types = {f.name: f.type for f in fields(cls)}
+    if values.keys() != types.keys():
+        extra, missing = sorted(values.keys() - types.keys()), sorted(types.keys() - values.keys())
+        raise ValueError(f"{where}: unknown fields {extra}, missing fields {missing}")
+    check_fields(values, types, where)
+    negative = [k for k, v in values.items() if types[k] is int and v < 0]
+    if negative:
+        raise ValueError(f"{where}: {negative[0]} is negative ({values[negative[0]]})")
+    return cls(**{k: float(v) if is_int(v) and float in (typing.get_args(types[k]) or (types[k],)) else v
+                  for k, v in values.items()})
+
+
+def read_student_config(folder):
+    """config.json of a byte-model folder, checked: the folder holds both files, and every field has its type.
+    -> (config.json's contents, StudentConfig, TeacherConfig)."""
+    if not os.path.exists(folder):
+        raise FileNotFoundError(f"no checkpoint at {folder}")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: not a byte-student checkpoint: that is a file, and a checkpoint is a folder with "
+                         "model.safetensors and config.json (pickled .pt checkpoints are never loaded: they run code)")
+    missing = [name for name in ("model.safetensors", "config.json") if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        old = " (its ckpt.pt is a pickle from before byte-model folders: never loaded, it could run code)" \
+            if os.path.exists(os.path.join(folder, "ckpt.pt")) else ""
+        raise FileNotFoundError(f"no checkpoint at {folder} (no {' or '.join(missing)} in it){old}")
+    path = os.path.join(folder, "config.json")
+    try:
+        meta = read_json(path)
+        check_fields(meta, CONFIG_FIELDS, path)
+        if meta["format"] != FORMAT:
+            raise ValueError(f"{path}: format {meta['format']!r}, not {FORMAT!r}")
+        scfg = config_from_json(StudentConfig, meta["student_config"], f"{path}: student_config")
+        tcfg = config_from_json(TeacherConfig, meta["teacher_config"], f"{path}: teacher_config")
+    except ValueError as e:
+        raise ValueError(f"{folder}: not a byte-student checkpoint ({e})") from None
+    return meta, scfg, tcfg
+
+
+def check_weights(path, entries, model):
+    """The safetensors header against the model that config.json describes: the same names, the same shapes, floats."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unknown = sorted(expected.keys() - entries.keys()), sorted(entries.keys() - expected.keys())
+    wrong = [f"{k} is {list(entries[k][1])}, config.json says {list(expected[k])}"
+             for k in sorted(expected.keys() & entries.keys()) if entries[k][1] != expected[k]]
+    not_float = [f"{k} is {entries[k][0]}" for k in sorted(entries) if entries[k][0] not in FLOAT_DTYPES]
+    if missing or unknown or wrong or not_float:
+        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unknown[:3]}" if unknown else "",
+                 "; ".join(wrong[:3]), "; ".join(not_float[:3])]
+        raise ValueError(f"{path}: weights do not fit config.json: " + "; ".join(p for p in parts if p))
+
+
+def load_student(folder, device="cpu", dtype=torch.float32):
+    """A ByteLM from a byte-model folder (save_student; stage1_kd.py, stage2_sft.py) -> (model, config.json's contents).
+    config.json and the safetensors header are checked against each other before a tensor is read: anything else given
+    as a checkpoint (a pickle, a folder without the two files, a header that lies, a config.json with wrong types,
+    missing keys or sizes that disagree with the weights) is one ValueError / FileNotFoundError; nothing in it runs."""
+    meta, scfg, tcfg = read_student_config(folder)
     device = check_device(device)
-    with torch.device("meta"):
-        model = ByteLM(scfg, tcfg)
-    try:
-        model.load_state_dict({k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-                               for k, v in state.items()}, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit the stored configuration: {str(e)[:300]}") from None
-    for stack in (model.encoder, model.main, model.decoder):
-        stack.inv_freq = rope_inv_freq(stack.cfg)
-    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+    path = os.path.join(folder, "model.safetensors")
+    entries, metadata, _ = read_safetensors_header(path)
+    if metadata.get("save_id") != meta["save_id"]:
+        raise ValueError(f"{folder}: model.safetensors (save_id {metadata.get('save_id')!r}) and config.json (save_id "
+                         f"{meta['save_id']!r}) come from different saves")
+    try:  # on the meta device: no memory for the weights yet (RoPE tables are computed on the CPU even there)
+        with torch.device("meta"):
+            model = ByteLM(scfg, tcfg)
+    except (ValueError, TypeError, KeyError, RuntimeError, ZeroDivisionError, OverflowError) as e:
+        raise ValueError(f"{folder}: config.json does not describe a byte student ({type(e).__name__}: {e})") from None
+    check_weights(path, entries, model)
+    model.load_state_dict(read_safetensors(path, dtype=dtype, device=device), assign=True)
     return model.eval(), meta

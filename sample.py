@@ -1,6 +1,6 @@
 """Generate bytes from a trained byte student (or tokens from a teacher, for comparison).
 
-    python sample.py --ckpt=out/stage2/final.pt --prompt="To be, or not to be" --max_bytes=300
+    python sample.py --ckpt=out/stage2 --prompt="To be, or not to be" --max_bytes=300
     python sample.py --ckpt=... --prompt="First prompt" --prompt="Second prompt" --num_samples=2   # one batch
     python sample.py --teacher=smollm2 --prompt="To be, or not to be"
 
@@ -21,7 +21,7 @@ from train import parse_args
 
 @dataclass
 class Config:
-    ckpt: str = ""               # a stage-1/stage-2 checkpoint; or leave empty and give --teacher
+    ckpt: str = ""               # a byte-model folder (out/stage2, out/stage1/boundary, ...), or empty and --teacher
     teacher: str = ""            # sample the teacher itself (preset name or folder), with its tokens
     prompt: list = field(default_factory=list)  # repeatable: --prompt=A --prompt=B is a batch of two
     prompt_file: str = ""

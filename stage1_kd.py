@@ -1,4 +1,4 @@
-"""Stage 1: progressive knowledge distillation of a token teacher into a byte student (DESIGN.md section 1).
+"""Stage 1: progressive knowledge distillation of a token teacher into a byte student (README: Method).
 
     python stage1_kd.py                                   # embedded default: SmolLM2-135M on Shakespeare, CPU, ~10 min
     torchrun --standalone --nproc_per_node=8 stage1_kd.py --teacher=olmo --batch_size=32 --seq_len=8192 ...
@@ -8,6 +8,8 @@ learning rate, warm-up + cosine schedule, and an optimizer over only the paramet
   align     byte embedding, encoder, projection    MSE(h_t, E_teacher[token]) at token-end bytes (relative MSE)
   distill   encoder side (+ main network)          reverse KL(student || teacher) over the teacher vocabulary
   boundary  patcher only (encoder output detached) BCE(p_t, token_end_t)
+  decoder   the output side, on the teacher's   CE(head, next byte + flag) + w x KL(exact byte targets || head)
+            hidden states (optional)
 """
 import math
 import os
@@ -22,7 +24,8 @@ import data
 import model
 import train
 from teacher import load_teacher, resolve_teacher_dir
-from kernels import chunked_reverse_kl
+from kernels import byte_cross_entropy, chunked_reverse_kl
+from targets import ByteTrie, exact_byte_targets, next_token_nodes
 
 
 @dataclass
@@ -30,12 +33,12 @@ class Config:
     teacher: str = "smollm2"          # preset (smollm2, olmo, llama, qwen) or an HF-layout folder
     data_dir: str = ""                # shard folder; default shards/<teacher>, prepared from the default corpus if missing
     out_dir: str = "out/stage1"
-    phase: str = "all"                # all | align | distill | boundary
-    resume: bool = False              # continue from out_dir/ckpt.pt exactly where it stopped
+    phase: str = "all"                # all | align | distill | boundary | decoder
+    resume: bool = False              # continue from the checkpoint in out_dir exactly where it stopped
     seed: int = 1337
     device: str = "auto"              # auto | cpu | cuda
-    dtype: str = "auto"               # autocast dtype: bfloat16 | float32 | auto (bf16 on CUDA; fp32 on CPU, where bf16
-                                      # ran ~15x slower than fp32 on our AVX2-only machines)
+    dtype: str = "auto"               # autocast dtype: bfloat16 | float32 | auto (bf16 on CUDA; on CPU whichever a
+                                      # short timing at start shows faster: bf16 pays on AMX CPUs, not on AVX2-only)
     batch_size: int = 8               # windows per micro-step per rank
     seq_len: int = 512                # bytes per window
     grad_accum: int = 1               # micro-steps per optimizer update (gradients sync on the last one only)
@@ -47,12 +50,16 @@ class Config:
     proj_hidden: int = -1             # SwiGLU hidden width of the projection to the teacher; 0 = linear, -1 = default
     # phases: budgets in training bytes (all ranks together) and learning rates
     align_bytes: int = 1_000_000     # CPU demo budgets: about 4 + 3 + 1 minutes on 2 cores (see README for GPU)
-    align_lr: float = 3e-3            # DESIGN.md 7: 3e-3 beat 1e-3 for the same CPU minutes
+    align_lr: float = 3e-3            # 3e-3 beat 1e-3 for the same CPU minutes (a prototype here)
     distill_bytes: int = 36_864
     distill_lr: float = 3e-4          # encoder side
     distill_main_lr: float = 0.0      # main network; 0 keeps it frozen (CPU demo). Paper scale: 2e-5
     boundary_bytes: int = 500_000
     boundary_lr: float = 1e-3
+    decoder_bytes: int = 0            # the optional decoder phase (0 = skip): the output side learns to spell from the
+                                      # teacher's own hidden states and exact byte targets
+    decoder_lr: float = 1e-3
+    decoder_soft_weight: float = 10.0  # loss = CE(hard labels) + this x KL(exact targets || head)
     warmup_frac: float = 0.05
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -63,7 +70,7 @@ class Config:
     stop_after: int = 0               # stop (with a checkpoint) after N steps of this run; for resume tests
 
 
-PHASES = ("align", "distill", "boundary")
+PHASES = ("align", "distill", "boundary")  # always run; "decoder" follows them when --decoder_bytes > 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,7 +79,7 @@ PHASES = ("align", "distill", "boundary")
 def align_step(student, batch, embed, embed_var):
     """Relative MSE between h at token-end bytes and the teacher's input embedding rows of those tokens."""
     ends = batch["token_end"] & batch["valid"]
-    h = student.encode(batch["bytes"])[ends].float()  # (N, D)
+    h = student.encode(batch["bytes"], at=ends).float()  # (N, D): projected at the token ends only
     target = embed[batch["token_id"][ends]].float()
     loss = (h - target).pow(2).mean() / embed_var  # 1.0 = as far off as the average row is from the mean row
     cos = F.cosine_similarity(h.detach(), target, dim=-1)
@@ -131,6 +138,38 @@ def boundary_step(student, batch):
     return loss, {"bce": loss.item() * len(prob), "tp": tp, "fp": fp, "fn": fn, "n": len(prob)}
 
 
+def decoder_step(student, teacher, trie, batch, chunk_rows, soft_weight):
+    """The output side learns to spell from the teacher itself: the teacher's final hidden states at the true token
+    ends stand in for the main network's output (Bolmo's stage 1: "oracle patch representations", arXiv 2512.15586),
+    and the head is trained against the teacher's exact byte targets (KL) plus the hard labels next byte + 256 x
+    token end. One frozen teacher forward per batch; the encoder's h (for the residual) is computed without grad."""
+    x, valid = batch["bytes"], batch["valid"]
+    ends = batch["token_end"] & valid
+    with torch.no_grad():
+        h = student.encode(x)
+        order, patch_mask = model.patch_order(ends)
+        hidden = teacher(batch["token_id"].gather(1, order).clamp(min=0), return_hidden=True)  # (B, P, D)
+        patch, nodes, has = next_token_nodes(trie, ends, batch["token_id"])
+        has = has & valid & torch.cat([valid[:, 1:], torch.zeros_like(valid[:, :1])], 1)
+        first_patch = patch_mask.sum(1).cumsum(0) - patch_mask.sum(1)  # rows' offsets among the real patches
+        soft = torch.zeros(*x.shape, 512, device=x.device)
+        soft[has] = exact_byte_targets(trie, hidden[patch_mask], teacher.head_weight,
+                                       (patch + first_patch[:, None])[has], nodes[has], chunk_rows)
+    logits = student.decode(x, h, student.dechunk(hidden, ends))
+    labels = (x[:, 1:] + 256 * ends[:, 1:].long()).masked_fill(~has[:, :-1], -100)
+    loss = byte_cross_entropy(logits[:, :-1].reshape(-1, 512), labels.reshape(-1),
+                              soft_targets=soft[:, :-1].reshape(-1, 512), soft_weight=soft_weight)
+    with torch.no_grad():
+        n = int(has[:, :-1].sum())
+        logp = torch.log_softmax(logits[:, :-1].float(), -1)[has[:, :-1]]
+        hard = labels[has[:, :-1]]
+        q = soft[:, :-1][has[:, :-1]]
+        stats = {"ce": -logp.gather(1, hard[:, None]).sum().item(), "n": n,
+                 "kl": (torch.xlogy(q, q) - q * logp).sum().item(),
+                 "teacher_ce": -q.gather(1, hard[:, None]).clamp(min=1e-30).log().sum().item()}
+    return loss, stats
+
+
 def summarize(phase, sums):
     """Metric sums (over batches and ranks) -> the figures a person reads."""
     n = max(sums["n"], 1)
@@ -142,6 +181,10 @@ def summarize(phase, sums):
             s_bpb, t_bpb = sums["student_bits"] / sums["token_bytes"], sums["teacher_bits"] / sums["token_bytes"]
             out.update(student_bpb=s_bpb, teacher_bpb=t_bpb, bpb_ratio=s_bpb / t_bpb)
         return out
+    if phase == "decoder":  # bits per byte at the true patches, byte and flag together (joint), head and teacher
+        ln2 = math.log(2)
+        return {"bpb_joint": sums["ce"] / n / ln2, "teacher_bpb_joint": sums["teacher_ce"] / n / ln2,
+                "kl_bits": sums["kl"] / n / ln2}
     precision = sums["tp"] / max(sums["tp"] + sums["fp"], 1)
     recall = sums["tp"] / max(sums["tp"] + sums["fn"], 1)
     return {"bce": sums["bce"] / n, "precision": precision, "recall": recall,
@@ -158,19 +201,20 @@ def add_sums(total, stats):
 
 def main(argv):
     cfg = train.parse_args(Config, argv)
-    if cfg.phase not in ("all", *PHASES):
-        raise ValueError(f"--phase must be all, align, distill or boundary, not {cfg.phase!r}")
+    if cfg.phase not in ("all", *PHASES, "decoder"):
+        raise ValueError(f"--phase must be all, align, distill, boundary or decoder, not {cfg.phase!r}")
+    if cfg.phase == "decoder" and cfg.decoder_bytes <= 0:
+        raise ValueError("--phase=decoder needs --decoder_bytes > 0")
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         raise ValueError(f"--dtype must be auto, bfloat16 or float32, not {cfg.dtype!r}")
     if min(cfg.align_lr, cfg.distill_lr, cfg.boundary_lr) <= 0 or cfg.distill_main_lr < 0:
         raise ValueError("--align_lr, --distill_lr and --boundary_lr must be > 0 (--distill_main_lr >= 0; 0 freezes "
                          "the main network)")
-    if cfg.phase in ("distill", "boundary") and not cfg.resume:
+    if cfg.phase in ("distill", "boundary", "decoder") and not cfg.resume:
         raise ValueError(f"--phase={cfg.phase} continues from the earlier phases: add --resume (it loads "
-                         f"{cfg.out_dir}/ckpt.pt), or run --phase=all")
+                         f"the checkpoint in {cfg.out_dir}), or run --phase=all")
     rank, world, device = train.setup_distributed(cfg.device)
-    if cfg.dtype == "auto":
-        cfg.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    cfg.dtype, dtype_line = train.resolve_dtype(cfg.dtype, device)
     master = rank == 0
     if master:
         train.print_config(cfg)
@@ -207,7 +251,7 @@ def main(argv):
         n_params = sum(p.numel() for p in student.parameters())
         print(f"teacher {cfg.teacher} ({teacher.cfg.family}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M) | "
               f"student {n_params / 1e6:.1f}M parameters, byte blocks d={scfg.d_local} x {scfg.n_enc}+{scfg.n_dec} | "
-              f"device {device}, {world} rank(s), autocast {cfg.dtype}")
+              f"device {device}, {world} rank(s), {dtype_line}")
 
     # -- the phases --
     def make_loader(seed, split="train"):
@@ -236,6 +280,13 @@ def main(argv):
                     lambda s: summarize("boundary", s), lambda: summarize("boundary", evaluate(boundary)),
                     seed=cfg.seed + 2),
     ]
+    if cfg.decoder_bytes > 0:
+        trie = ByteTrie(tok.id_to_bytes)
+        decoder = lambda batch: decoder_step(student, teacher, trie, batch, cfg.kl_chunk_rows,  # noqa: E731
+                                             cfg.decoder_soft_weight)
+        all_phases.append(train.Phase("decoder", cfg.decoder_bytes, cfg.decoder_lr, model.ByteLM.OUTPUT_SIDE, decoder,
+                                      lambda s: summarize("decoder", s),
+                                      lambda: summarize("decoder", evaluate(decoder)), seed=cfg.seed + 3))
     phases = [p for p in all_phases if cfg.phase in ("all", p.name)]
     meta = {"student_config": asdict(scfg), "teacher_config": asdict(teacher.cfg), "teacher": cfg.teacher}
     results, stopped = train.run_phases(1, phases, student, cfg, meta, make_loader, device)

@@ -156,7 +156,7 @@ class KVCache:
     """Per-layer key/value buffers (B, n_kv, max_len, head_dim) and a per-row write position `pos` (B,).
     A step writes its S new entries at pos[b]..pos[b]+S-1 of every row and then advances each row by `advance[b]`
     (S by default). Rows advanced by less simply get those slots overwritten later: that is how right-padded
-    prompts and rows that skip a step share one batched call."""
+    prompts and rows that skip a step share one batched call. select(rows) steps only some rows (CacheRows)."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -164,28 +164,59 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
+        self.rows = torch.arange(batch_size, device=device)  # the buffer rows this cache reads and writes
+        self._end, self._mask = 0, None  # int(pos.max()) on the host (no device sync per layer); this step's mask
+
+    def select(self, rows):
+        return CacheRows(self, rows)
 
     def write(self, layer, k, v):  # k, v: (B, n_kv, S, hd) -> the cached keys/values up to the furthest row
-        B, _, S, hd = k.shape
-        if int(self.pos.max()) + S > self.max_len:
+        S = k.shape[2]
+        end = self._end + S
+        if end > self.max_len:
             raise ValueError(f"KV cache is full: {self.max_len} positions")
-        idx = (self.pos[:, None] + torch.arange(S, device=k.device))[:, None, :, None].expand(B, k.shape[1], S, hd)
-        self.k[layer].scatter_(2, idx, k)
-        self.v[layer].scatter_(2, idx, v)
-        end = int(self.pos.max()) + S
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        slots = self.pos[:, None] + torch.arange(S, device=k.device)  # (B, S)
+        # indices on dims 0 and 2 with a slice between them address a (B, S, n_kv, hd) block
+        self.k[layer][self.rows[:, None], :, slots] = k.transpose(1, 2)
+        self.v[layer][self.rows[:, None], :, slots] = v.transpose(1, 2)
+        return self._read(self.k[layer], end), self._read(self.v[layer], end)
+
+    def _read(self, buf, end):
+        return buf[:, :, :end]
 
     def mask(self, S, window=None):  # (B, 1, S, end) bool: query s of row b sees key j iff q - window < j <= q
-        end = int(self.pos.max()) + S
-        q_pos = (self.pos[:, None] + torch.arange(S, device=self.pos.device))[:, :, None]  # (B, S, 1)
-        k_pos = torch.arange(end, device=self.pos.device)[None, None, :]
-        visible = k_pos <= q_pos
-        if window is not None:
-            visible &= k_pos > q_pos - window
-        return visible[:, None]
+        if self._mask is None or self._mask[0] != (S, window):  # the same for every layer of a step: build it once
+            q_pos = (self.pos[:, None] + torch.arange(S, device=self.pos.device))[:, :, None]  # (B, S, 1)
+            k_pos = torch.arange(self._end + S, device=self.pos.device)[None, None, :]
+            visible = k_pos <= q_pos
+            if window is not None:
+                visible &= k_pos > q_pos - window
+            self._mask = ((S, window), visible[:, None])
+        return self._mask[1]
 
     def advance(self, n=None):
         self.pos += n
+        self._end, self._mask = int(self.pos.max()), None
+
+
+class CacheRows(KVCache):
+    """Some rows of a KVCache (indices (R,), distinct) as a cache of their own, sharing its buffers: a step through it
+    reads, writes and advances only those rows, and the other rows' entries and positions do not move. A batch steps
+    the rows that need a step (the byte student's main network: rows whose newest byte closes a patch) without
+    computing the others."""
+
+    def __init__(self, cache, rows):
+        self.cache, self.k, self.v, self.max_len, self.rows = cache, cache.k, cache.v, cache.max_len, rows
+        self.pos = cache.pos[rows]
+        self._end, self._mask = int(self.pos.max()), None
+
+    def _read(self, buf, end):
+        return buf[:, :, :end][self.rows]  # (R, n_kv, end, hd): a copy of only these rows
+
+    def advance(self, n=None):
+        super().advance(n)
+        self.cache.pos[self.rows] = self.pos
+        self.cache._end, self.cache._mask = max(self.cache._end, self._end), None
 
 
 class Attention(nn.Module):
@@ -238,7 +269,9 @@ def cached_attention(q, k, v, mask):
     B, nh, S, hd = q.shape
     nkv, L = k.shape[1], k.shape[2]
     group = nh // nkv
-    scores = (q.reshape(B, nkv, group * S, hd) @ k.transpose(-1, -2)).float() / math.sqrt(hd)  # (B, nkv, g*S, L)
+    # softmax in fp32 at least (fp64 stays fp64: tests compare paths in fp64, beyond the reach of rounding)
+    scores = (q.reshape(B, nkv, group * S, hd) @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
+    scores = scores / math.sqrt(hd)  # (B, nkv, g*S, L)
     visible = mask[:, :, None].expand(B, 1, group, S, L).reshape(B, 1, group * S, L)
     weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).to(v.dtype)
     return (weights @ v).reshape(B, nh, S, hd)

@@ -7,12 +7,13 @@ the last micro-step of gradient accumulation). We do this rather than wrap the s
 because each phase calls a different part of the student (encoder only, patcher only, ...), and DDP only syncs what
 goes through its forward(). The frozen teacher is never synchronised: every rank loads its own copy.
 """
+import base64
+import binascii
 import inspect
 import io
 import json
 import math
 import os
-import pickle
 import random
 import sys
 import textwrap
@@ -25,6 +26,9 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import model
+from safetensors_io import read_safetensors, read_safetensors_header, write_safetensors
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -200,43 +204,112 @@ def select_params(model, prefixes):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# RNG state and checkpoints.
+# RNG state and checkpoints. A checkpoint is the out_dir's byte-model folder (model.py: model.safetensors and
+# config.json) plus out_dir/resume/: optimizer.safetensors (AdamW's moments and step count, per parameter name) and
+# state.json (the optimizer's parameter groups, the loader position, every RNG state). Safetensors and JSON only, no
+# pickle: a checkpoint that is not what it should be is refused, and nothing in it can run.
+
+def _b64(state):  # a uint8 RNG state tensor -> base64 text
+    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
+
+
+def _from_b64(text):
+    return torch.frombuffer(bytearray(base64.b64decode(text, validate=True)), dtype=torch.uint8)
+
 
 def rng_state():
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as JSON values: Python's and numpy's Mersenne Twister words, torch's bytes (base64)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(words), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+             "torch": _b64(torch.get_rng_state())}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path, payload, summary=None):
-    """Atomic: write to a temporary name, then rename, so a crash never leaves a half-written checkpoint.
-    A JSON sidecar (same name, .json) holds the config and metrics for reading without torch."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    if summary is not None:
-        with open(path.removesuffix(".pt") + ".json.tmp", "w") as f:
-            json.dump(summary, f, indent=2, default=str)
-        os.replace(path.removesuffix(".pt") + ".json.tmp", path.removesuffix(".pt") + ".json")
-
-
-def load_checkpoint(path):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+    """Set every generator from rng_state()'s values read back from JSON. The generators check what they are given
+    (lengths, word ranges); whatever they refuse is a ValueError."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (EOFError, RuntimeError, OSError, ValueError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+        version, words, gauss = state["python"]
+        random.setstate((version, tuple(words), gauss))
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(_from_b64(state["torch"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([_from_b64(s) for s in state["cuda"]])
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, binascii.Error) as e:
+        raise ValueError(f"malformed RNG state in the resume state ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def optimizer_state(optimizer, names):
+    """AdamW's state by parameter name -> ({"<name>.exp_avg" / ".exp_avg_sq" / ".step": tensor}, the parameter
+    groups as JSON values with their parameters as names). names: {parameter: its name in the student}."""
+    sd = optimizer.state_dict()
+    order = [names[p] for group in optimizer.param_groups for p in group["params"]]  # state_dict's numbering
+    tensors = {f"{order[i]}.{key}": t for i, state in sd["state"].items() for key, t in state.items()}
+    plain = (bool, int, float, str, list, tuple, type(None))  # hyper-parameters JSON holds (betas as a list)
+    groups = [{**{k: v for k, v in g.items() if isinstance(v, plain)}, "params": [order[i] for i in g["params"]]}
+              for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def load_optimizer_state(optimizer, names, tensors, groups):
+    """optimizer_state's tensors into an optimizer built the same way (the same groups of the same parameters, which
+    check_resume guarantees for its hyper-parameters); anything that does not fit it is a ValueError."""
+    current = [[names[p] for p in group["params"]] for group in optimizer.param_groups]
+    if [group.get("params") for group in groups] != current:
+        raise ValueError("the resume state's optimizer holds other parameter groups than this phase trains")
+    shapes = {names[p]: tuple(p.shape) for group in optimizer.param_groups for p in group["params"]}
+    index = {name: i for i, name in enumerate(n for group in current for n in group)}
+    state = {}
+    for key, t in tensors.items():
+        name, _, field = key.rpartition(".")
+        shape = () if field == "step" else shapes.get(name)
+        if name not in index or field not in ("step", "exp_avg", "exp_avg_sq") or tuple(t.shape) != shape:
+            raise ValueError(f"optimizer.safetensors: {key} {list(t.shape)} is not a state of this phase's optimizer")
+        state.setdefault(index[name], {})[field] = t
+    if any(len(s) != 3 for s in state.values()):
+        raise ValueError("optimizer.safetensors: a parameter lacks one of step, exp_avg, exp_avg_sq")
+    sd = optimizer.state_dict()  # its own groups and hyper-parameters; the lr is set again before every step
+    optimizer.load_state_dict({**sd, "state": state})
+
+
+def save_checkpoint(folder, student, info, resume=None):
+    """The byte-model folder `folder` (model.save_student: the weights, and info in config.json) and, given
+    resume = (optimizer, loader), folder/resume/ with what exact resume needs. One atomic save (see save_student)."""
+    def write_resume(staging, save_id):
+        optimizer, loader = resume
+        tensors, groups = optimizer_state(optimizer, {p: n for n, p in student.named_parameters()})
+        os.makedirs(os.path.join(staging, "resume"))
+        write_safetensors(tensors, os.path.join(staging, "resume", "optimizer.safetensors"), {"save_id": save_id})
+        with open(os.path.join(staging, "resume", "state.json"), "w") as f:
+            json.dump({"save_id": save_id, "optimizer_groups": groups, "loader": loader.state_dict(),
+                       "rng": rng_state()}, f)
+    model.save_student(folder, student, info, write_resume if resume is not None else None)
+
+
+LOADER_FIELDS = {"epoch": int, "consumed": int, "seed": int, "seq_len": int, "n_windows": int}
+
+
+def load_resume_state(folder, save_id):
+    """folder/resume/ of a run that stopped mid-phase, checked to come from the save that config.json describes (its
+    save_id) and to be well formed -> {"optimizer": tensors, "optimizer_groups", "loader", "rng"}. The RNG state is
+    checked by the generators themselves when the phase sets it (set_rng_state)."""
+    path, tensors_path = (os.path.join(folder, "resume", name) for name in ("state.json", "optimizer.safetensors"))
+    for p in (path, tensors_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{folder} stopped mid-phase, but {p} is missing: exact resume needs it")
+    state = model.read_json(path)
+    model.check_fields(state, {"save_id": str, "optimizer_groups": list, "loader": dict, "rng": dict}, path)
+    model.check_fields(state["loader"], LOADER_FIELDS, f"{path}: loader")
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in state["optimizer_groups"]):
+        raise ValueError(f"{path}: optimizer_groups must be objects with a list of params")
+    _, metadata, _ = read_safetensors_header(tensors_path)
+    if state["save_id"] != save_id or metadata.get("save_id") != save_id:
+        raise ValueError(f"{folder}: resume/ holds the state of another save than config.json and model.safetensors")
+    return {**state, "optimizer": read_safetensors(tensors_path)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -274,6 +347,44 @@ class Phase:
     evaluate: Callable                # () -> validation figures, at the end of the phase
     lr_scale: Callable | None = None  # parameter name -> multiplier of lr
     seed: int = 0                     # the loader's shuffling seed
+
+
+def resolve_dtype(dtype, device):
+    """--dtype=auto -> "bfloat16" or "float32". On CUDA bf16. On CPU whichever a short timing of a training-sized
+    matmul (forward and backward) shows faster here: CPUs with AMX / AVX512-BF16 run bf16 autocast several times
+    faster than fp32, AVX2-only ones several times slower, and the same code runs on both. Every rank takes rank 0's
+    choice. -> (dtype, a line saying why)."""
+    if dtype not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"--dtype must be auto, bfloat16 or float32, not {dtype!r}")
+    if dtype != "auto":
+        return dtype, f"autocast {dtype} (--dtype)"
+    if device.type == "cuda":
+        return "bfloat16", "autocast bfloat16 (--dtype=auto on CUDA)"
+    seconds = {"float32": cpu_matmul_seconds(False)}
+    seconds["bfloat16"] = cpu_matmul_seconds(True, give_up=2 * seconds["float32"])  # AVX2: one slow run says enough
+    choice = torch.tensor([seconds["bfloat16"] < 0.8 * seconds["float32"]])  # bf16 only where it clearly pays
+    if dist.is_initialized():
+        dist.broadcast(choice, 0)
+    dtype = "bfloat16" if bool(choice) else "float32"
+    return dtype, (f"autocast {dtype} (--dtype=auto: a 512x1024x1024 matmul, forward and backward, took "
+                   f"{seconds['float32'] * 1e3:.1f} ms in fp32 and {seconds['bfloat16'] * 1e3:.1f} ms in bf16 here)")
+
+
+def cpu_matmul_seconds(bf16, repeats=3, give_up=float("inf")):
+    """Best time of one forward + backward of a (512 x 1024) @ (1024 x 1024) linear layer on the CPU (stops early
+    once a warm run takes longer than give_up seconds)."""
+    layer = torch.nn.Linear(1024, 1024, bias=False)
+    x = torch.randn(512, 1024, requires_grad=True)
+    best = float("inf")
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
+            layer(x).float().sum().backward()
+        if i > 0:  # the first run warms up the kernels
+            best = min(best, time.perf_counter() - start)
+        if best > give_up:
+            break
+    return best
 
 
 def autocast(cfg, device):
@@ -339,32 +450,48 @@ def trim_metrics(path, names, phase, step):
         os.replace(path + ".tmp", path)
 
 
+def resume_from(folder, student, stage, cfg, meta, world, names):
+    """--resume: folder's config.json, checked by check_resume, and its weights into `student`; plus the resume state
+    when it stopped mid-phase in a phase this run trains -> (config.json's contents, resume state or None)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        model.finish_save(folder)  # a save that died after its commit: complete it before reading
+    if dist.is_initialized():
+        dist.barrier()
+    saved, resume = model.load_student(folder)
+    check_resume(folder, resume, stage, cfg, meta, world)
+    mid_phase = resume["phase"] in names and not resume["phase_done"]
+    state = load_resume_state(folder, resume["save_id"]) if mid_phase else None
+    student.load_state_dict(saved.state_dict())
+    return resume, state
+
+
 def run_phases(stage, phases, student, cfg, meta, make_loader, device):
     """Train `phases` in order, each with its own optimizer over only its parameters, warm-up + cosine schedule,
     gradient accumulation (one gradient all-reduce per update), a log line per interval, a metrics.jsonl line per
     step, an evaluation and a checkpoint at the end, and a checkpoint every cfg.ckpt_interval steps.
-    With cfg.resume, continues from out_dir/ckpt.pt exactly: model, optimizer, loader position and RNG state.
+    The checkpoints: out_dir itself, a byte-model folder of the latest weights with out_dir/resume/ beside them, and
+    out_dir/<phase>/, the byte-model folder of each phase's end. With cfg.resume, continues from out_dir exactly:
+    model, optimizer, loader position and RNG state.
     Returns {phase: {"bytes", "steps", "val", "bytes_per_s"}} and whether the run stopped early (cfg.stop_after)."""
     master = not dist.is_initialized() or dist.get_rank() == 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    names = [p.name for p in phases]
+    make_loader(0, "val")  # every phase ends with an evaluation on it: fail now, not after a phase of training
+    resume, resume_state = None, None
+    if cfg.resume:
+        resume, resume_state = resume_from(cfg.out_dir, student, stage, cfg, meta, world, names)
     os.makedirs(cfg.out_dir, exist_ok=True)
     if master and not cfg.resume and os.path.exists(metrics_path):
         os.remove(metrics_path)  # a fresh run starts a fresh log; a resumed one appends
-    names = [p.name for p in phases]
-    make_loader(0, "val")  # every phase ends with an evaluation on it: fail now, not after a phase of training
-    resume = load_checkpoint(ckpt_path) if cfg.resume else None
     if resume is not None:
-        check_resume(ckpt_path, resume, stage, cfg, meta, world)
-        student.load_state_dict(resume["model"])
         if master:
             trim_metrics(metrics_path, names, resume["phase"], resume["step"])
         if resume["phase"] in names:  # skip what the checkpoint already finished
             done = names.index(resume["phase"]) + (1 if resume["phase_done"] else 0)
             phases = phases[done:]
         if master:
-            print(f"resuming from {ckpt_path}: phase {resume['phase']} step {resume['step']}"
+            print(f"resuming from {cfg.out_dir}: phase {resume['phase']} step {resume['step']}"
                   f"{' (finished)' if resume['phase_done'] else ''}")
     results, steps_run = dict(resume.get("results", {})) if resume else {}, 0
     for phase in phases:
@@ -376,9 +503,10 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device):
         loader = make_loader(phase.seed)
         start = 0
         if resume is not None and resume["phase"] == phase.name and not resume["phase_done"]:
-            optimizer.load_state_dict(resume["optimizer"])
-            loader.load_state_dict(resume["loader"])
-            set_rng_state(resume["rng"])
+            load_optimizer_state(optimizer, {p: n for n, p in params}, resume_state["optimizer"],
+                                 resume_state["optimizer_groups"])
+            loader.load_state_dict(resume_state["loader"])
+            set_rng_state(resume_state["rng"])
             start = resume["step"]
         resume = None
         trainable = [p for _, p in params]
@@ -387,14 +515,11 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device):
             print(f"== {phase.name}: {total} steps x {bytes_per_step:,} bytes, lr {phase.lr:g}, "
                   f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters", flush=True)
 
-        def checkpoint(step, done, path=ckpt_path, full=True):
+        def checkpoint(step, done, folder=cfg.out_dir, full=True):
             if master:
-                payload = {"stage": stage, "model": student.state_dict(), "config": asdict(cfg), **meta, "world_size": world,
-                           "phase": phase.name, "step": step, "phase_done": done, "results": results}
-                if full:  # what exact resume needs
-                    payload.update(optimizer=optimizer.state_dict(), loader=loader.state_dict(), rng=rng_state())
-                summary = {k: v for k, v in payload.items() if k not in ("model", "optimizer", "rng")}
-                save_checkpoint(path, payload, summary)
+                info = {"stage": stage, "config": asdict(cfg), **meta, "world_size": world, "phase": phase.name,
+                        "step": step, "phase_done": done, "results": results}
+                save_checkpoint(folder, student, info, (optimizer, loader) if full else None)  # full: exact resume
 
         for step in range(start, total):
             lr = lr_at(step, total, phase.lr, warmup)
@@ -439,7 +564,7 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device):
         if master:
             print(f"== {phase.name} done | val " + " ".join(f"{k} {v:.4f}" for k, v in figures.items()), flush=True)
         checkpoint(total, True)
-        checkpoint(total, True, os.path.join(cfg.out_dir, f"{phase.name}.pt"), full=False)
+        checkpoint(total, True, os.path.join(cfg.out_dir, phase.name), full=False)
         if stop_here:  # --stop_after landed on the end of a phase
             if master:
                 print(f"stopped after {steps_run} steps (--stop_after); continue with --resume", flush=True)

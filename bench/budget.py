@@ -42,8 +42,8 @@ def one_scale(scale, out, max_bytes, reuse, folder=None):
         s1 = [f"--{k}={int(getattr(stage1_kd.Config, k) * scale)}" for k in STAGE1_BUDGETS]
         s2 = [f"--{k}={int(getattr(stage2_sft.Config, k) * scale)}" for k in STAGE2_BUDGETS]
         run(["stage1_kd.py", f"--out_dir={folder}/stage1", *s1])
-        run(["stage2_sft.py", f"--init={folder}/stage1/ckpt.pt", f"--out_dir={folder}/stage2", *s2])
-        run(["bench/fidelity.py", f"--ckpt={folder}/stage2/ckpt.pt", f"--max_bytes={max_bytes}", f"--json={fid}"])
+        run(["stage2_sft.py", f"--init={folder}/stage1", f"--out_dir={folder}/stage2", *s2])
+        run(["bench/fidelity.py", f"--ckpt={folder}/stage2", f"--max_bytes={max_bytes}", f"--json={fid}"])
         with open(os.path.join(folder, "wall_s.json"), "w") as f:
             json.dump({"wall_s": time.time() - t}, f)
     with open(fid) as f:
@@ -75,13 +75,13 @@ def main(argv):
         rows.append(one_scale(float(scale), cfg.out, cfg.max_bytes, True, folder))
     rows.sort(key=lambda r: r["scale"])
     print("\n| scale | training bytes (budget, both stages) | wall s | text | teacher bpb | student bpb | ratio | "
-          "boundary F1 |")
+          "head-flag F1 |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         for name, t in r["texts"].items():
             wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "-"
             print(f"| {r['scale']:g} | {r['training_bytes_budget']:,} | {wall} | {name} | "
-                  f"{t['teacher_bpb']:.3f} | {t['student_bpb']:.3f} | {t['ratio']:.2f} | {t['boundary_f1']:.3f} |")
+                  f"{t['teacher_bpb']:.3f} | {t['student_bpb']:.3f} | {t['ratio']:.2f} | {t['head_f1']:.3f} |")
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump(rows, f, indent=2)

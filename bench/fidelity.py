@@ -1,21 +1,32 @@
-"""How much of the teacher the byte student keeps: bits per byte of both on the same bytes, and how well the
-student's patches track the teacher's tokens.
+"""How much of the teacher the byte student keeps, and where the lost bits go: bits per byte of both on the same
+bytes, by the proper likelihood, with a decomposition.
 
-    python bench/fidelity.py --ckpt=out/stage2/ckpt.pt [--text=FILE ...] [--max_bytes=20000] [--json=OUT]
+    python bench/fidelity.py --ckpt=out/stage2 [--text=FILE ...] [--max_bytes=20000] [--json=OUT]
 
-Scoring conventions (identical for both models, printed with the results):
+Scoring conventions (identical for both models):
 - the text is normalised by the teacher's tokenizer and cut to --max_bytes (at a character boundary);
 - it is tokenised once, canonically, and cut into segments of --window - 1 tokens; each segment is scored on its
-  own, the teacher seeing [document-start token] + its tokens, the student [0xFE] + the same bytes; every text byte
-  (every text token) is scored once, the first one given only the document-start symbol;
-- teacher bpb = total NLL of the tokens in bits / text bytes;
-- student bpb = total of -log2 p(byte), p(byte) = sum over both halves of the 512-way head (DESIGN.md 1), with the
-  student's own patches (patcher, p > 0.5; the last byte of a segment is forced to end a patch);
-- student bpb_joint = -log2 of the head's probability of (byte, the boundary flag the patcher then used). It is an
-  upper bound on the student's true bits per byte; the marginal figure conditions on boundary flags that the
-  patcher set with a one-byte lookahead, so it can be optimistic. Both are printed;
-- boundary precision/recall/F1: the patcher's ends against the teacher's token ends over the text bytes (the forced
-  last byte of each segment excluded); mean patch bytes against the teacher's bytes per token.
+  own from a fresh document start (the teacher sees [document-start token] + its tokens, the student [0xFE] + the
+  same bytes); every text byte is scored once; every figure is bits / text bytes.
+The figures, per text:
+  teacher_bpb              the teacher on its canonical tokens
+  teacher_byte_bpb         the teacher's exact byte targets (targets.py) along the true token ends: equal to
+                           teacher_bpb up to float error and the probability of ids that spell no bytes (a check)
+  teacher_byte_bpb_greedy  the teacher as a byte model: its exact targets with every flag decided causally, greedily
+                           (targets.teacher_greedy_logprobs; mixed with 1e-6 uniform, for dead ends): the ceiling a
+                           student with a greedy-flag head can approach
+  student_token_bpb        the student's main network at the true token ends through the teacher's output layer,
+                           token-level: what stage 1 achieved
+  student_bpb_true_patches the student's head at the true patches: -log2 p(byte, true flag) (joint, so it cannot
+                           profit from the true flags' lookahead)
+  student_bpb              THE HEADLINE: the proper likelihood. Every flag decided causally as greedy generation does
+                           (model.greedy_flag_logprobs), the byte's probability summed over both halves; ratio =
+                           student_bpb / teacher_bpb
+  student_bpb_joint        -log2 p(byte, flag used) along the same flags: an upper bound (flags as a latent variable)
+  student_bpb_lookahead    NOT a likelihood, printed to compare with older figures: summed halves with the patcher's
+                           flags, which look at the next byte (one bit of it leaks into the input)
+  F1 of the patcher's ends and of the head's greedy flags against the teacher's token ends (the patcher's forced last
+  byte of each segment excluded); bytes per patch under the greedy flags against the teacher's bytes per token.
 Default texts: held-out Hamlet (a validation play, never trained on) and the Python reference topics
 (pydoc_data.topics, English and code).
 """
@@ -27,11 +38,14 @@ from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import data  # noqa: E402
 import model  # noqa: E402
+from model import greedy_flag_logprobs  # noqa: E402
 import train  # noqa: E402
 from teacher import load_teacher  # noqa: E402
+from targets import ByteTrie, exact_byte_targets, next_token_nodes, teacher_greedy_logprobs  # noqa: E402
 from tokenizer import align_document  # noqa: E402
 
 
@@ -53,43 +67,97 @@ def segments(aligned, window):
     return out
 
 
+FIGURES = {"teacher": "teacher_bpb", "teacher_byte": "teacher_byte_bpb", "teacher_greedy": "teacher_byte_bpb_greedy",
+           "student_token": "student_token_bpb", "student_true_patches": "student_bpb_true_patches",
+           "student": "student_bpb", "student_joint": "student_bpb_joint", "student_lookahead": "student_bpb_lookahead"}
+
+
+def f1(pred, truth):
+    """precision, recall, F1 of boolean predictions against the truth (tensors of the same shape)."""
+    tp, fp, fn = (pred & truth).sum().item(), (pred & ~truth).sum().item(), (~pred & truth).sum().item()
+    precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+    return precision, recall, 2 * precision * recall / max(precision + recall, 1e-12)
+
+
 @torch.no_grad()
-def score(student, teacher, tok, text, window):
+def parallel_figures(student, teacher, trie, tok, seg):
+    """The figures one full forward per model gives for a segment -> nats {name: float}, patcher ends (n,)."""
+    seg_bytes, seg_ends, seg_ids = seg
+    ids = torch.tensor([[tok.doc_start_id, *seg_ids.tolist()]])
+    x = torch.tensor([[model.BOS_BYTE, *seg_bytes.tolist()]])
+    ends = torch.tensor([[True, *seg_ends.tolist()]])
+    token_id = torch.full_like(x, -1).masked_scatter(ends, ids)
+    nats = {}
+    hidden = teacher(ids, return_hidden=True)
+    nats["teacher"] = -torch.log_softmax(teacher.logits(hidden[:, :-1]).float(), -1).gather(-1, ids[:, 1:, None]).sum()
+    patch, nodes, has = next_token_nodes(trie, ends, token_id)
+    q = exact_byte_targets(trie, hidden[0], teacher.head_weight, patch[has], nodes[has])
+    joint_labels = x[:, 1:] + 256 * ends[:, 1:].long()
+    nats["teacher_byte"] = -q.double().gather(1, joint_labels[has[:, :-1]][:, None]).log().sum()
+    y, patch_mask = student.run_main(student.encode(x), ends)  # token level: patch i predicts token i + 1
+    nats["student_token"] = F.cross_entropy(teacher.logits(y[:, :-1]).float()[0], ids[0, 1:], reduction="sum")
+    logits, _, _ = student(x, ends=ends)
+    nats["student_true_patches"] = -torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, joint_labels[..., None]).sum()
+    logits, _, patcher_ends = student(x)
+    nats["student_lookahead"] = -model.byte_logprobs(logits[:, :-1]).gather(-1, x[:, 1:, None]).sum()
+    return {k: float(v) for k, v in nats.items()}, patcher_ends[0, 1:]
+
+
+@torch.no_grad()
+def score(student, teacher, tok, trie, text, window):
     aligned = align_document(text, tok)
     if len(aligned.bytes) < 2:
         raise ValueError("empty text: nothing to score")
-    ln2 = math.log(2)
-    t_nats = s_nats = s_joint_nats = 0.0
-    tp = fp = fn = patches = 0
-    for seg_bytes, seg_ends, seg_ids in segments(aligned, window):
-        ids = torch.tensor([[tok.doc_start_id, *seg_ids.tolist()]])
-        t_logp = torch.log_softmax(teacher(ids[:, :-1]).float(), dim=-1)
-        t_nats -= t_logp.gather(-1, ids[:, 1:, None]).sum().item()
-        x = torch.tensor([[model.BOS_BYTE, *seg_bytes.tolist()]])
-        logits, _, ends = student(x)
-        s_nats -= model.byte_logprobs(logits[:, :-1]).gather(-1, x[:, 1:, None]).sum().item()
-        joint = x[:, 1:] + 256 * ends[:, 1:].long()
-        s_joint_nats -= torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, joint[..., None]).sum().item()
-        pred, truth = ends[0, 1:-1], torch.from_numpy(seg_ends[:-1])
-        tp += (pred & truth).sum().item()
-        fp += (pred & ~truth).sum().item()
-        fn += (~pred & truth).sum().item()
-        patches += ends[0, 1:].sum().item()
+    segs = segments(aligned, window)
+    nats, patcher, patcher_truth, head, truth = {}, [], [], [], []
+    for seg in segs:
+        part, patcher_ends = parallel_figures(student, teacher, trie, tok, seg)
+        for k, v in part.items():
+            nats[k] = nats.get(k, 0.0) + v
+        truth.append(torch.from_numpy(seg[1]))
+        patcher.append(patcher_ends[:-1])  # the last byte of a segment is forced to end a patch: not a prediction
+        patcher_truth.append(truth[-1][:-1])
+    seg_texts = [bytes(s[0].tolist()) for s in segs]
+    for logp, _, dead in teacher_greedy_logprobs(teacher, trie, tok.doc_start_id, seg_texts):
+        nats["teacher_greedy"] = nats.get("teacher_greedy", 0.0) - logp.sum().item()
+        nats["dead_ends"] = nats.get("dead_ends", 0) + dead
+    for logp, joint, flags in greedy_flag_logprobs(student, seg_texts):
+        nats["student"] = nats.get("student", 0.0) - logp.double().sum().item()
+        nats["student_joint"] = nats.get("student_joint", 0.0) - joint.double().sum().item()
+        head.append(flags)
     n_bytes, n_tokens = len(aligned.bytes) - 1, int(aligned.token_end.sum()) - 1
-    precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
-    result = {"bytes": n_bytes, "tokens": n_tokens, "teacher_bpb": t_nats / ln2 / n_bytes,
-              "student_bpb": s_nats / ln2 / n_bytes, "student_bpb_joint": s_joint_nats / ln2 / n_bytes,
-              "boundary_precision": precision, "boundary_recall": recall,
-              "boundary_f1": 2 * precision * recall / max(precision + recall, 1e-12),
-              "mean_patch_bytes": n_bytes / max(patches, 1), "bytes_per_token": n_bytes / n_tokens}
-    result["ratio"] = result["student_bpb"] / result["teacher_bpb"]
-    result["ratio_joint"] = result["student_bpb_joint"] / result["teacher_bpb"]
-    return result
+    r = {FIGURES[k]: v / math.log(2) / n_bytes for k, v in nats.items() if k in FIGURES}
+    r.update(bytes=n_bytes, tokens=n_tokens, bytes_per_token=n_bytes / n_tokens, teacher_dead_ends=nats["dead_ends"])
+    r["ratio"] = r["student_bpb"] / r["teacher_bpb"]
+    head, truth = torch.cat(head), torch.cat(truth)
+    r["patcher_precision"], r["patcher_recall"], r["patcher_f1"] = f1(torch.cat(patcher), torch.cat(patcher_truth))
+    r["head_precision"], r["head_recall"], r["head_f1"] = f1(head, truth)
+    r["mean_patch_bytes"] = n_bytes / max(int(head.sum()), 1)
+    return r
+
+
+def print_tables(results):
+    print("\n| text | bytes | teacher bpb | student bpb | ratio | student bpb joint (upper bound) | bytes/patch "
+          "| bytes/token |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['bytes']:,} | {r['teacher_bpb']:.3f} | {r['student_bpb']:.3f} | {r['ratio']:.2f} | "
+              f"{r['student_bpb_joint']:.3f} | {r['mean_patch_bytes']:.2f} | {r['bytes_per_token']:.2f} |")
+    print("\nwhere the bits go (bits per byte on the same bytes; see the docstring):")
+    print("| text | teacher | teacher byte targets, true flags | teacher byte targets, greedy flags (dead ends) "
+          "| student token-level | student, true patches (joint) | student (greedy flags) | student lookahead "
+          "(not a likelihood) | F1 patcher / head flags |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        print(f"| {name} | {r['teacher_bpb']:.3f} | {r['teacher_byte_bpb']:.3f} | {r['teacher_byte_bpb_greedy']:.3f} "
+              f"({r['teacher_dead_ends']}) | {r['student_token_bpb']:.3f} | {r['student_bpb_true_patches']:.3f} | "
+              f"{r['student_bpb']:.3f} | {r['student_bpb_lookahead']:.3f} | {r['patcher_f1']:.3f} / "
+              f"{r['head_f1']:.3f} |", flush=True)
 
 
 @dataclass
 class Config:
-    ckpt: str = "out/stage2/ckpt.pt"
+    ckpt: str = "out/stage2"    # a byte-model folder
     text: list = field(default_factory=list)  # repeatable; default: held-out Hamlet and the pydoc topics
     max_bytes: int = 20000      # score the first max_bytes of each text
     window: int = 512           # tokens per segment, the document-start token included (capped at the teacher's)
@@ -108,22 +176,18 @@ def main(argv):
                 texts[os.path.basename(path)] = f.read().decode("utf-8", errors="replace")
     else:
         texts = default_texts()
-    # segments never exceed the teacher's context (DESIGN.md 1: windows are capped at it)
+    # segments never exceed the teacher's context (windows are capped at it)
     max_bytes, window = cfg.max_bytes, min(cfg.window, teacher.cfg.max_seq_len)
     if window < 2:
         raise ValueError("--window must be at least 2 tokens (the document-start token and one to score)")
     print(f"fidelity of {cfg.ckpt} (teacher {meta['teacher']}): first {max_bytes:,} bytes of each text, "
           f"segments of {window - 1} tokens, each scored from a fresh document start (see the docstring)")
-    print("| text | bytes | teacher bpb | student bpb | ratio | student bpb (joint, upper bound) | boundary P / R / F1 "
-          "| bytes/patch | bytes/token |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    results = {}
+    trie, results = ByteTrie(tok.id_to_bytes), {}
     for name, text in texts.items():
         text = tok.normalize(text).encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
-        r = results[name] = score(student, teacher, tok, text, window)
-        print(f"| {name} | {r['bytes']:,} | {r['teacher_bpb']:.3f} | {r['student_bpb']:.3f} | {r['ratio']:.2f} | "
-              f"{r['student_bpb_joint']:.3f} | {r['boundary_precision']:.3f} / {r['boundary_recall']:.3f} / "
-              f"{r['boundary_f1']:.3f} | {r['mean_patch_bytes']:.2f} | {r['bytes_per_token']:.2f} |", flush=True)
+        results[name] = score(student, teacher, tok, trie, text, window)
+        print(f"scored {name}", flush=True)
+    print_tables(results)
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump({"ckpt": cfg.ckpt, "teacher": meta["teacher"], "max_bytes": max_bytes, "window": window,

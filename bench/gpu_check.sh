@@ -51,7 +51,7 @@ step kernel-bench "$PY" bench/kernels.py --json="$OUT_DIR/kernels.json"
 # The shards and the converted teacher are prepared by the stage script itself if missing (needs setup.sh's packages).
 step stage1-steps "$PY" stage1_kd.py --dtype=bfloat16 --device=cuda --out_dir="$OUT_DIR/stage1" --batch_size=8 \
     --seq_len=1024 --align_bytes=163840 --distill_bytes=81920 --boundary_bytes=81920 --eval_batches=2 --log_interval=5
-step stage2-steps "$PY" stage2_sft.py --dtype=bfloat16 --device=cuda --init="$OUT_DIR/stage1/ckpt.pt" \
+step stage2-steps "$PY" stage2_sft.py --dtype=bfloat16 --device=cuda --init="$OUT_DIR/stage1" \
     --out_dir="$OUT_DIR/stage2" --batch_size=8 --seq_len=1024 --warmup_bytes=81920 --e2e_bytes=81920 --eval_batches=2 \
     --log_interval=5
 

@@ -1,5 +1,5 @@
 """The demo's closing table, from what the steps before it wrote (no new measurement):
-out/stage1/ckpt.json and out/stage2/ckpt.json (training bytes/s and validation figures), out/fidelity.json (bits per
+out/stage1/config.json and out/stage2/config.json (training bytes/s and validation figures), out/fidelity.json (bits per
 byte of teacher and student on held-out text) and out/generate.json (generation bytes/s).
 
     python bench/summary.py [--out=out]
@@ -27,7 +27,7 @@ class Config:
 
 def main(argv):
     out = train.parse_args(Config, argv).out
-    s1, s2 = load(f"{out}/stage1/ckpt.json"), load(f"{out}/stage2/ckpt.json")
+    s1, s2 = load(f"{out}/stage1/config.json"), load(f"{out}/stage2/config.json")  # the byte-model folders' JSON
     fidelity, generate = load(f"{out}/fidelity.json"), load(f"{out}/generate.json")
     print(f"\n== summary: teacher {fidelity['teacher']}, student {fidelity['ckpt']}")
     print("| training phase | bytes | bytes/s | validation |")
@@ -36,12 +36,12 @@ def main(argv):
         for phase, r in results.items():
             rate = f"{r['bytes_per_s']:,.0f}" if r.get("bytes_per_s") else "-"
             print(f"| {phase} | {r['bytes']:,} | {rate} | " + ", ".join(f"{k} {v:.3f}" for k, v in r["val"].items()) + " |")
-    print(f"\n| text | teacher bpb | student bpb | ratio | student bpb joint (upper bound) | boundary F1 "
+    print(f"\n| text | teacher bpb | student bpb | ratio | student bpb joint (upper bound) | head-flag F1 "
           f"| bytes/patch | bytes/token |   (first {fidelity['max_bytes']:,} bytes)")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in fidelity["texts"].items():
         print(f"| {name} | {r['teacher_bpb']:.3f} | {r['student_bpb']:.3f} | {r['ratio']:.2f} | "
-              f"{r['student_bpb_joint']:.3f} | {r['boundary_f1']:.3f} | {r['mean_patch_bytes']:.2f} | "
+              f"{r['student_bpb_joint']:.3f} | {r['head_f1']:.3f} | {r['mean_patch_bytes']:.2f} | "
               f"{r['bytes_per_token']:.2f} |")
     print("\n| generation, batch | student bytes/s | teacher bytes/s | student/teacher |")
     print("|---|---|---|---|")

@@ -230,7 +230,7 @@ RUN_SEPARATOR = "::"
 
 
 def rank_state_path(out_dir: str, rank: int) -> str:
-    return os.path.join(out_dir, f"rank{rank}_params.pt")
+    return os.path.join(out_dir, f"rank{rank}_params.safetensors")
 
 
 def read_metrics(out_dir: str, phase: str | None = None) -> list[dict]:
@@ -241,9 +241,23 @@ def read_metrics(out_dir: str, phase: str | None = None) -> list[dict]:
 
 
 def load_params(path: str) -> dict:
-    """The student's parameters from a stage checkpoint (or a rank_state_path file)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return ckpt["model"] if "model" in ckpt else ckpt
+    """The student's parameters from a byte-model folder (a stage's out_dir or out_dir/<phase>), or a rank_state_path
+    file."""
+    return safetensors_io.read_safetensors(os.path.join(path, "model.safetensors") if os.path.isdir(path) else path)
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def copy_checkpoint(src: str, dst: str):
+    """The checkpoint of a stage's out_dir (model.safetensors, config.json, resume/) into dst, without metrics.jsonl
+    or the per-phase folders."""
+    os.makedirs(dst, exist_ok=True)
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(os.path.join(src, name), os.path.join(dst, name))
+    shutil.copytree(os.path.join(src, "resume"), os.path.join(dst, "resume"), dirs_exist_ok=True)
 
 
 def worst_param_diff(a: dict, b: dict, prefixes: tuple = ("",)) -> tuple[float, str]:
@@ -262,8 +276,9 @@ def max_param_diff(a: dict, b: dict, prefixes: tuple = ("",)) -> float:
 
 def _torchrun_entry(argv):
     """Under torchrun: `module args [:: args ...]` -> module.main(args) for each group of args in turn, in one process
-    group (the scripts' cleanup_distributed is held back until the last), each followed by a torch.save of this
-    rank's student parameters (by wrapping train.run_phases, which every stage script calls with the student)."""
+    group (the scripts' cleanup_distributed is held back until the last), each followed by a save of this
+    rank's student parameters as safetensors (by wrapping train.run_phases, which every stage script calls with the
+    student)."""
     import importlib
 
     import train
@@ -282,7 +297,8 @@ def _torchrun_entry(argv):
 
         def run_and_save(stage, phases, student, *rest, _out_dir=out_dir, **kwargs):
             out = run_phases(stage, phases, student, *rest, **kwargs)
-            torch.save(student.state_dict(), rank_state_path(_out_dir, int(os.environ.get("RANK", 0))))
+            rank = int(os.environ.get("RANK", 0))
+            safetensors_io.write_safetensors(student.state_dict(), rank_state_path(_out_dir, rank))
             return out
         train.run_phases = run_and_save
         module.main(args)

@@ -8,14 +8,13 @@ import os
 import runpy
 import subprocess
 import sys
-from dataclasses import asdict
 
 import pytest
 import torch
 
 import teacher as teachers
 import sample
-from model import BOS_BYTE, ByteGeneration, load_student
+from model import BOS_BYTE, ByteGeneration, load_student, save_student
 from test_student import build_student, build_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,10 +51,9 @@ class Run:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     student = build_student(build_teacher())
-    path = str(tmp_path_factory.mktemp("sample") / "student.pt")
-    torch.save({"stage": 1, "model": student.state_dict(), "config": {}, "student_config": asdict(student.scfg),
-                "teacher_config": asdict(student.tcfg), "teacher": "/no/such/teacher/folder", "phase": "align",
-                "step": 1, "phase_done": True}, path)
+    path = str(tmp_path_factory.mktemp("sample") / "student")
+    save_student(path, student, {"stage": 1, "config": {}, "teacher": "/no/such/teacher/folder", "phase": "align",
+                                 "step": 1, "phase_done": True, "results": {}})
     return path
 
 

@@ -31,10 +31,10 @@ def learning_run():
     return out, results, log
 
 
-def distill_val_kl(ckpt_path, eval_batches=8):
-    """The distill evaluation of stage1_kd (same validation batches, same sums) for the student in ckpt_path; the
+def distill_val_kl(folder, eval_batches=8):
+    """The distill evaluation of stage1_kd (same validation batches, same sums) for the student in folder; the
     loader's sizes are TINY_STAGE1's, eval_batches LEARNING_RUN's."""
-    student, _ = model.load_student(ckpt_path)
+    student, _ = model.load_student(folder)
     teacher, tok = teachers.load_teacher(sf.teacher_dir())
     loader = data.ShardLoader(sf.shard_dir(), "val", tok, batch_size=4, seq_len=64, seed=0,
                               max_tokens=teacher.cfg.max_seq_len)
@@ -75,11 +75,11 @@ def test_align_halves_its_loss(learning_run):
 
 def test_distill_lowers_the_kl(learning_run):
     """Per-step KLs vary by +-20% from batch to batch, more than the phase lowers them in 60 steps, so the figure
-    compared is the KL on the fixed validation batches: of align.pt (before distill) and of the phase's end."""
+    compared is the KL on the fixed validation batches: of out/align (before distill) and of the phase's end."""
     out, results, _ = learning_run
     after = results["distill"]["val"]["kl"]
-    assert after == pytest.approx(distill_val_kl(os.path.join(out, "distill.pt")), rel=1e-6)  # the same figure
-    before = distill_val_kl(os.path.join(out, "align.pt"))
+    assert after == pytest.approx(distill_val_kl(os.path.join(out, "distill")), rel=1e-6)  # the same figure
+    before = distill_val_kl(os.path.join(out, "align"))
     assert after < 0.93 * before, (before, after)
     assert results["distill"]["val"]["top1"] > 0.5
 
@@ -95,22 +95,26 @@ def test_boundary_f1_on_validation(learning_run):
 
 def test_checkpoints_hold_what_each_phase_trained(learning_run):
     out, results, log = learning_run
-    for name in ("ckpt.pt", "ckpt.json", "align.pt", "distill.pt", "boundary.pt"):
-        assert os.path.exists(os.path.join(out, name)), name
-    assert not [f for f in os.listdir(out) if f.endswith(".tmp")], "atomic writes leave no temporary files"
-    sidecar = json.load(open(os.path.join(out, "ckpt.json")))
+    for name in ("model.safetensors", "config.json", "resume/optimizer.safetensors", "resume/state.json",
+                 *(f"{phase}/{f}" for phase in stage1_kd.PHASES for f in ("model.safetensors", "config.json"))):
+        assert os.path.isfile(os.path.join(out, name)), name
+    for phase in stage1_kd.PHASES:  # per-phase folders hold the byte model only
+        assert sorted(os.listdir(os.path.join(out, phase))) == ["config.json", "model.safetensors"], phase
+    leftovers = [f for _, dirs, files in os.walk(out) for f in dirs + files if f.endswith(".tmp") or f.startswith(".")]
+    assert not leftovers, "atomic writes leave no temporary files"
+    sidecar = sf.read_json(os.path.join(out, "config.json"))
     assert sidecar["phase"] == "boundary" and sidecar["phase_done"] and sidecar["stage"] == 1
     assert sidecar["config"]["align_bytes"] == 60000 and sidecar["config"]["teacher"] == sf.teacher_dir()
     assert sidecar["results"]["boundary"]["val"] == pytest.approx(results["boundary"]["val"])
     assert "stage 1 finished" in log and "| boundary |" in log
 
-    student, meta = model.load_student(os.path.join(out, "ckpt.pt"))
-    final = sf.load_params(os.path.join(out, "ckpt.pt"))
+    student, meta = model.load_student(out)
+    final = sf.load_params(out)
     assert_params(student.state_dict(), final)
     assert meta["phase"] == "boundary" and meta["phase_done"]
 
     # Each phase changes exactly the parameters it trains (no update and no weight decay on anything else).
-    align, distill, boundary = (sf.load_params(os.path.join(out, f"{p}.pt")) for p in stage1_kd.PHASES)
+    align, distill, boundary = (sf.load_params(os.path.join(out, p)) for p in stage1_kd.PHASES)
     encoder_side, patcher = model.ByteLM.ENCODER_SIDE, model.ByteLM.PATCHER
     eye = torch.eye(align["patcher_q.weight"].shape[0])
     assert torch.equal(distill["patcher_q.weight"], eye) and torch.equal(distill["patcher_k.weight"], eye)
@@ -145,7 +149,7 @@ def stopped_and_resumed(k):
         _, log = sf.run_stage1(out, f"--stop_after={k}")
         assert "stopped after" in log and "stage 1 finished" not in log
         n_lines = len(sf.read_metrics(out))
-        ckpt = json.load(open(os.path.join(out, "ckpt.json")))
+        ckpt = sf.read_json(os.path.join(out, "config.json"))
         results, log = sf.run_stage1(out, "--resume")
         assert "resuming from" in log and "stage 1 finished" in log
         _stopped_runs[k] = out, n_lines, (ckpt["phase"], ckpt["step"], ckpt["phase_done"]), results
@@ -166,11 +170,10 @@ def test_resume_is_exact(reference_run, k):
     for phase in stage1_kd.PHASES:
         assert results[phase]["val"] == ref_results[phase]["val"], phase
         assert results[phase]["bytes"] == ref_results[phase]["bytes"]
-    for name in ("ckpt.pt", "align.pt", "distill.pt"):
+    for name in ("", "align", "distill"):  # out_dir itself: the latest weights
         assert_params(sf.load_params(os.path.join(out, name)), sf.load_params(os.path.join(ref_dir, name)))
-    ref_ckpt = torch.load(os.path.join(ref_dir, "ckpt.pt"), weights_only=False)
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
-    assert ckpt["loader"] == ref_ckpt["loader"]
+    ref_state, state = (sf.read_json(os.path.join(d, "resume", "state.json")) for d in (ref_dir, out))
+    assert state["loader"] == ref_state["loader"]
 
 
 def test_stop_after_stops_after_k_steps():
@@ -215,18 +218,19 @@ def test_resume_refuses_other_settings(stopped_mid_align, args, match):
     sf.run_stage1(stopped_mid_align, "--resume", "--stop_after=1", "--log_interval=1")  # what may change, may
 
 
-def test_resume_from_a_corrupt_checkpoint_is_a_clear_error(stopped_mid_align, tmp_path):
+@pytest.mark.parametrize("name, match", [("model.safetensors", "not a valid safetensors file"),
+                                         ("resume/optimizer.safetensors", "not a valid safetensors file"),
+                                         ("config.json", "not a byte-student checkpoint"),
+                                         ("resume/state.json", "not a JSON file")])
+def test_resume_from_a_corrupt_checkpoint_is_a_clear_error(stopped_mid_align, tmp_path, name, match):
     out = str(tmp_path / "corrupt")
-    os.makedirs(out)
-    with open(os.path.join(stopped_mid_align, "ckpt.pt"), "rb") as f:
+    sf.copy_checkpoint(stopped_mid_align, out)
+    path = os.path.join(out, name)
+    with open(path, "rb") as f:
         head = f.read(100)
-    with open(os.path.join(out, "ckpt.pt"), "wb") as f:
-        f.write(head[:7] + b"garbage" + head[14:])
-    with pytest.raises(ValueError, match="unreadable checkpoint"):
-        sf.run_stage1(out, "--resume")
-    with open(os.path.join(out, "ckpt.pt"), "wb") as f:
-        f.write(b"\x80\x02 not a pickle at all")
-    with pytest.raises(ValueError, match="unreadable checkpoint"):
+    with open(path, "wb") as f:
+        f.write(b"\x80\x02 garbage" + head[10:])  # a bad header length (safetensors), not UTF-8 (JSON)
+    with pytest.raises(ValueError, match=match):
         sf.run_stage1(out, "--resume")
 
 
@@ -264,7 +268,7 @@ def ddp_runs():
     sf.run_stage1(single_align, "--batch_size=4", *DDP_ALIGN)
     single_boundary, ddp_boundary = sf.tmp_dir("single-boundary"), sf.tmp_dir("ddp-boundary")
     for folder in (single_boundary, ddp_boundary):
-        shutil.copy(os.path.join(single_align, "ckpt.pt"), os.path.join(folder, "ckpt.pt"))
+        sf.copy_checkpoint(single_align, folder)
     result = sf.run_torchrun("stage1_kd", (ddp_align, "--batch_size=2", *DDP_ALIGN),
                              (ddp_boundary, "--batch_size=2", *DDP_BOUNDARY))
     sf.run_stage1(single_boundary, "--batch_size=4", *DDP_BOUNDARY)
@@ -291,10 +295,10 @@ def test_ddp_boundary_matches_single_process(ddp_runs):
     single = sf.read_metrics(ddp_runs["single_boundary"], "boundary")
     assert len(single) == 2048 // 256
     compare_metrics(ddp, single, rel=1e-5, skip=())  # grad_norm too: the averaged gradient is the global one
-    assert_params(sf.load_params(os.path.join(ddp_runs["ddp_boundary"], "ckpt.pt")),
-                  sf.load_params(os.path.join(ddp_runs["single_boundary"], "ckpt.pt")), at_most=1e-5)  # seen: 1e-6
+    assert_params(sf.load_params(ddp_runs["ddp_boundary"]),
+                  sf.load_params(ddp_runs["single_boundary"]), at_most=1e-5)  # seen: 1e-6
     # The evaluation: each rank scores its stride of the same validation windows; the sums are all-reduced.
-    ddp_val, single_val = (json.load(open(os.path.join(ddp_runs[run], "ckpt.json")))["results"]["boundary"]["val"]
+    ddp_val, single_val = (sf.read_json(os.path.join(ddp_runs[run], "config.json"))["results"]["boundary"]["val"]
                            for run in ("ddp_boundary", "single_boundary"))
     assert ddp_val == pytest.approx(single_val, rel=1e-5)
 
@@ -302,19 +306,18 @@ def test_ddp_boundary_matches_single_process(ddp_runs):
 def test_grad_accum_matches_bigger_batch(ddp_runs):
     """Two micro-steps of 2 windows == one step of 4 (the loader hands out the same windows in the same order)."""
     out = sf.tmp_dir("accum")
-    shutil.copy(os.path.join(ddp_runs["single_align"], "ckpt.pt"), os.path.join(out, "ckpt.pt"))
+    sf.copy_checkpoint(ddp_runs["single_align"], out)
     sf.run_stage1(out, "--batch_size=2", "--grad_accum=2", *DDP_BOUNDARY)
     compare_metrics(sf.read_metrics(out, "boundary"), sf.read_metrics(ddp_runs["single_boundary"], "boundary"),
                     rel=1e-5, skip=())
-    assert_params(sf.load_params(os.path.join(out, "ckpt.pt")),
-                  sf.load_params(os.path.join(ddp_runs["single_boundary"], "ckpt.pt")), at_most=1e-5)
+    assert_params(sf.load_params(out), sf.load_params(ddp_runs["single_boundary"]), at_most=1e-5)
 
 
 @pytest.mark.parametrize("run", ["ddp_align", "ddp_boundary"])
 def test_ddp_ranks_hold_identical_parameters(ddp_runs, run):
     rank0, rank1 = (sf.load_params(sf.rank_state_path(ddp_runs[run], r)) for r in (0, 1))
     assert_params(rank0, rank1)  # bit for bit: every rank applies the same averaged update
-    assert_params(rank0, sf.load_params(os.path.join(ddp_runs[run], "ckpt.pt")))
+    assert_params(rank0, sf.load_params(ddp_runs[run]))
 
 
 def test_ddp_align_matches_single_process(ddp_runs):
@@ -323,8 +326,8 @@ def test_ddp_align_matches_single_process(ddp_runs):
     ddp, single = sf.read_metrics(ddp_runs["ddp_align"]), sf.read_metrics(ddp_runs["single_align"])
     assert len(single) == 2048 // 256
     compare_metrics(ddp, single, rel=1e-5, skip=())
-    assert_params(sf.load_params(os.path.join(ddp_runs["ddp_align"], "ckpt.pt")),
-                  sf.load_params(os.path.join(ddp_runs["single_align"], "ckpt.pt")), at_most=1e-4)  # seen: 1.6e-5
+    assert_params(sf.load_params(ddp_runs["ddp_align"]),
+                  sf.load_params(ddp_runs["single_align"]), at_most=1e-4)  # seen: 1.6e-5
     # (Adam at lr 1e-2 turns float-order noise in near-zero gradient entries into weight differences of ~lr * 1e-3)
 
 
@@ -335,7 +338,7 @@ def test_ddp_align_matches_single_process(ddp_runs):
     (["--nope=1"], ValueError, "unknown option --nope"),
     (["--batch_size=four"], ValueError, "--batch_size='four' is not a valid int"),
     (["--resume=maybe"], ValueError, "is not a valid bool"),
-    (["--phase=finetune"], ValueError, "--phase must be all, align, distill or boundary"),
+    (["--phase=finetune"], ValueError, "--phase must be all, align, distill, boundary or decoder"),
     (["--dtype=fp8"], ValueError, "--dtype must be"),
     (["--distill_lr=0"], ValueError, "--distill_lr and --boundary_lr must be > 0"),
     (["--teacher=/nonexistent/teacher"], FileNotFoundError, "unknown teacher"),

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -43,7 +44,7 @@ def one_thread():
 
 
 def stage2_args(init_dir, out_dir, *args):
-    return [f"--init={os.path.join(init_dir, 'ckpt.pt')}", f"--data_dir={sf.shard_dir()}", f"--out_dir={out_dir}",
+    return [f"--init={init_dir}", f"--data_dir={sf.shard_dir()}", f"--out_dir={out_dir}",
             *TINY_STAGE2, *args]
 
 
@@ -94,7 +95,7 @@ def test_stage2_loss_falls_in_each_phase_then_sample_writes_the_bytes(full):
         assert last < first - 0.2, (phase, ce)  # measured: warmup 6.16 -> 5.10, e2e 4.72 -> 3.96
     assert results["e2e"]["val"]["ce"] < results["warmup"]["val"]["ce"]
 
-    proc = subprocess.run([sys.executable, "sample.py", f"--ckpt={out}/ckpt.pt", f"--prompt={PROMPT}",
+    proc = subprocess.run([sys.executable, "sample.py", f"--ckpt={out}", f"--prompt={PROMPT}",
                            f"--max_bytes={SAMPLE_BYTES}", "--raw", "--seed=2"],
                           cwd=sf.REPO, env=ENV, capture_output=True, timeout=120)
     assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr.decode(errors="replace")
@@ -118,7 +119,7 @@ def test_sft_step_loss_against_a_direct_computation(stage1):
     import data
     import stage2_sft
     import tokenizer
-    student, meta = model.load_student(os.path.join(stage1, "ckpt.pt"))
+    student, meta = model.load_student(stage1)
     tok = tokenizer.load_tokenizer(meta["teacher"])
     batch = data.ShardLoader(sf.shard_dir(), "train", tok, BATCH, SEQ, seed=5).next_batch()
     x, end = batch["bytes"], batch["token_end"]
@@ -143,9 +144,9 @@ def test_sft_step_loss_against_a_direct_computation(stage1):
 
 def test_warmup_trains_only_the_output_side_and_e2e_trains_everything(stage1, full):
     out, _ = full
-    before = sf.load_params(os.path.join(stage1, "ckpt.pt"))
-    warm = sf.load_params(os.path.join(out, "warmup.pt"))
-    after = sf.load_params(os.path.join(out, "e2e.pt"))
+    before = sf.load_params(stage1)
+    warm = sf.load_params(os.path.join(out, "warmup"))
+    after = sf.load_params(os.path.join(out, "e2e"))
     output_side = [k for k in before if k.startswith(model.ByteLM.OUTPUT_SIDE)]
     others = [k for k in before if k not in output_side]
     assert output_side and any(k.startswith("main.") for k in others) and any(k.startswith("encoder.") for k in others)
@@ -163,11 +164,11 @@ def test_e2e_byte_level_parts_run_at_the_lr_multiple(stage1):
     out = sf.tmp_dir("stage2-lr")
     run_stage2(stage1, out, "--phase=e2e", "--stop_after=1", "--weight_decay=0", "--warmup_frac=0.01",
                f"--e2e_lr={lr}", f"--e2e_byte_lr_mult={mult}")
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)
+    ckpt = sf.read_json(os.path.join(out, "config.json"))
     assert (ckpt["phase"], ckpt["step"]) == ("e2e", 1)
-    before, after = sf.load_params(os.path.join(stage1, "ckpt.pt")), ckpt["model"]
+    before, after = sf.load_params(stage1), sf.load_params(out)
     n_main = sum(1 for k in before if k.startswith("main."))
-    groups = ckpt["optimizer"]["param_groups"]
+    groups = sf.read_json(os.path.join(out, "resume", "state.json"))["optimizer_groups"]
     by_scale = {}
     for g in groups:
         assert g["lr"] == pytest.approx(lr * g["lr_scale"], rel=1e-12)
@@ -185,19 +186,19 @@ def test_resume_continues_exactly(stage1, full):
     ref_out, ref_results = full
     out = sf.tmp_dir("stage2-resume")
     run_stage2(stage1, out, "--stop_after=5")
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)
+    ckpt = sf.read_json(os.path.join(out, "config.json"))
     assert (ckpt["phase"], ckpt["step"], ckpt["phase_done"]) == ("warmup", 5, False)
-    n_output_side = sum(1 for k in ckpt["model"] if k.startswith(model.ByteLM.OUTPUT_SIDE))
-    assert sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"]) == n_output_side  # warmup's optimizer
+    n_output_side = sum(1 for k in sf.load_params(out) if k.startswith(model.ByteLM.OUTPUT_SIDE))
+    groups = sf.read_json(os.path.join(out, "resume", "state.json"))["optimizer_groups"]
+    assert sum(len(g["params"]) for g in groups) == n_output_side  # warmup's optimizer
     run_stage2(stage1, out, "--resume", "--stop_after=10")  # the 7 remaining warmup steps, then 3 of e2e
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)
+    ckpt = sf.read_json(os.path.join(out, "config.json"))
     assert (ckpt["phase"], ckpt["step"], ckpt["phase_done"]) == ("e2e", 3, False)
     results, log = run_stage2(stage1, out, "--resume")
     assert "resuming from" in log
     assert sf.read_metrics(out) == sf.read_metrics(ref_out)
     assert {p: r["val"] for p, r in results.items()} == {p: r["val"] for p, r in ref_results.items()}
-    assert sf.max_param_diff(sf.load_params(os.path.join(out, "ckpt.pt")),
-                             sf.load_params(os.path.join(ref_out, "ckpt.pt"))) == 0.0
+    assert sf.max_param_diff(sf.load_params(out), sf.load_params(ref_out)) == 0.0
 
 
 # DDP: 2 ranks x batch 2 against 1 process x batch 4 over the same windows (rank r takes every 2nd window of the single
@@ -231,12 +232,12 @@ def test_ddp_matches_single_process(stage1):
         assert ra.keys() == rb.keys()
         for key in ra.keys() - {"phase", "step"}:
             assert rb[key] == pytest.approx(ra[key], rel=DDP_REL, abs=DDP_REL), (ra["phase"], ra["step"], key)
-    reference = sf.load_params(os.path.join(single, "ckpt.pt"))
-    assert sf.max_param_diff(reference, sf.load_params(os.path.join(ddp, "ckpt.pt"))) < DDP_PARAM_ATOL
+    reference = sf.load_params(single)
+    assert sf.max_param_diff(reference, sf.load_params(ddp)) < DDP_PARAM_ATOL
     # the ranks hold identical weights (the averaged gradient, applied by every rank)
     rank0, rank1 = (sf.load_params(sf.rank_state_path(ddp, r)) for r in (0, 1))
     assert sf.max_param_diff(rank0, rank1) == 0.0
-    assert sf.max_param_diff(rank0, sf.load_params(os.path.join(ddp, "ckpt.pt"))) == 0.0
+    assert sf.max_param_diff(rank0, sf.load_params(ddp)) == 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,7 +264,7 @@ def teacher_oracle(text, window):
 
 def test_fidelity_json_against_teacher_and_student_oracles(full, tmp_path):
     out, _ = full
-    ckpt = os.path.join(out, "ckpt.pt")
+    ckpt = out  # the byte-model folder
     fidelity = load_bench("fidelity")
     short, long = tmp_path / "short.txt", tmp_path / "long.txt"
     short.write_text(SHORT_TEXT, encoding="utf-8")
@@ -276,7 +277,9 @@ def test_fidelity_json_against_teacher_and_student_oracles(full, tmp_path):
     got = json.loads(js.read_text())["texts"]["short.txt"]
     got_w16 = json.loads((tmp_path / "fidelity.json.w16").read_text())["texts"]["long.txt"]
     for r in (got, got_w16):
-        for key in ("teacher_bpb", "student_bpb", "ratio", "boundary_f1", "mean_patch_bytes", "bytes_per_token"):
+        for key in ("teacher_bpb", "teacher_byte_bpb", "teacher_byte_bpb_greedy", "student_token_bpb",
+                    "student_bpb_true_patches", "student_bpb", "student_bpb_joint", "student_bpb_lookahead", "ratio",
+                    "patcher_f1", "head_f1", "mean_patch_bytes", "bytes_per_token"):
             assert math.isfinite(r[key]), (key, r)
         assert r["ratio"] == pytest.approx(r["student_bpb"] / r["teacher_bpb"], rel=1e-12)
 
@@ -291,16 +294,30 @@ def test_fidelity_json_against_teacher_and_student_oracles(full, tmp_path):
     assert len(encoding_long.ids) > 5 * 15
     assert got_w16["teacher_bpb"] == pytest.approx(teacher_bpb_w16, rel=1e-5)
 
-    # student side, on the single-segment text: p(byte) = p(byte, not end) + p(byte, end), patches from the patcher
+    # the teacher's exact byte targets along the true flags: its token bits, renormalised over the ids that spell
+    # bytes (a random teacher gives its special tokens real probability)
+    teacher, tok = teachers.load_teacher(sf.teacher_dir())
+    with torch.no_grad():
+        logp = torch.log_softmax(teacher(torch.tensor([[tok.doc_start_id, *ids]]))[0, :-1].double(), -1)
+    spelled = torch.tensor([i for i in range(tok.n_vocab) if tok.id_to_bytes[i]])
+    renormalised = logp.gather(1, torch.tensor(ids)[:, None])[:, 0] - torch.logsumexp(logp[:, spelled], -1)
+    assert got["teacher_byte_bpb"] == pytest.approx(-renormalised.sum().item() / math.log(2) / len(SHORT_TEXT.encode()),
+                                                    rel=1e-4)
+    # the headline: the proper likelihood, greedy causal flags (model.greedy_flag_logprobs, tested in test_scoring.py)
     student, _ = model.load_student(ckpt)
+    greedy_logp, greedy_joint, flags = model.greedy_flag_logprobs(student, [SHORT_TEXT.encode()])[0]
+    n_bytes = len(SHORT_TEXT.encode())
+    assert got["student_bpb"] == pytest.approx(-greedy_logp.double().sum().item() / math.log(2) / n_bytes, rel=1e-5)
+    assert got["student_bpb_joint"] >= got["student_bpb"]
+    assert got["mean_patch_bytes"] == pytest.approx(n_bytes / flags.sum().item(), rel=1e-12)
+    # the old figure, now labelled as lookahead: p(byte) = p(byte, not end) + p(byte, end), patches from the patcher
     x = torch.tensor([[model.BOS_BYTE, *SHORT_TEXT.encode()]])
     with torch.no_grad():
         logits, _, ends = student(x)
     probs = torch.softmax(logits[0, :-1].double(), dim=-1)
     nxt = x[0, 1:]
     p_byte = probs.gather(-1, nxt[:, None])[:, 0] + probs.gather(-1, nxt[:, None] + 256)[:, 0]
-    n_bytes = len(SHORT_TEXT.encode())
-    assert got["student_bpb"] == pytest.approx(-torch.log2(p_byte).sum().item() / n_bytes, rel=1e-4)
+    assert got["student_bpb_lookahead"] == pytest.approx(-torch.log2(p_byte).sum().item() / n_bytes, rel=1e-4)
     # boundaries: the patcher's ends against the token ends (HF offsets: byte offsets, the text being ASCII), the
     # last byte excluded (forced to end a patch)
     assert SHORT_TEXT.isascii()
@@ -310,8 +327,10 @@ def test_fidelity_json_against_teacher_and_student_oracles(full, tmp_path):
     tp = (pred[:-1] & truth[:-1]).sum().item()
     precision, recall = tp / max(pred[:-1].sum().item(), 1), tp / truth[:-1].sum().item()
     assert 0 < pred.sum().item() < n_bytes  # the patcher cuts real patches
-    assert got["boundary_f1"] == pytest.approx(2 * precision * recall / max(precision + recall, 1e-12), rel=1e-9)
-    assert got["mean_patch_bytes"] == pytest.approx(n_bytes / pred.sum().item(), rel=1e-12)
+    assert got["patcher_f1"] == pytest.approx(2 * precision * recall / max(precision + recall, 1e-12), rel=1e-9)
+    tp = (flags & truth).sum().item()
+    precision, recall = tp / max(flags.sum().item(), 1), tp / truth.sum().item()
+    assert got["head_f1"] == pytest.approx(2 * precision * recall / max(precision + recall, 1e-12), rel=1e-9)
 
 
 def test_fidelity_window_is_capped_at_the_teacher_context(full, tmp_path):
@@ -324,7 +343,7 @@ def test_fidelity_window_is_capped_at_the_teacher_context(full, tmp_path):
     teacher_bpb, encoding = teacher_oracle(text.read_text(encoding="utf-8"), window=context)
     assert context < len(encoding.ids) < 511  # one default window, two of the teacher's context
     with sf.quiet():
-        got = fidelity.main([f"--ckpt={out}/ckpt.pt", f"--text={text}"])["context.txt"]
+        got = fidelity.main([f"--ckpt={out}", f"--text={text}"])["context.txt"]
     assert got["teacher_bpb"] == pytest.approx(teacher_bpb, rel=1e-5)
 
 
@@ -333,7 +352,7 @@ def test_generate_json_has_speeds_by_batch_size(full, tmp_path):
     generate = load_bench("generate")
     js = tmp_path / "generate.json"
     with sf.quiet():
-        generate.main([f"--ckpt={out}/ckpt.pt", "--new_bytes=8", "--batch_sizes=1,2", f"--json={js}"])
+        generate.main([f"--ckpt={out}", "--new_bytes=8", "--batch_sizes=1,2", f"--json={js}"])
     got = json.loads(js.read_text())
     for b in ("1", "2"):
         s, t = got["student_bytes_per_s"][b], got["teacher_bytes_per_s"][b]
@@ -348,7 +367,7 @@ def test_bad_init_is_one_clear_error_line(tmp_path):
     """As a user runs it: a missing --init and a file that is not a checkpoint end with one 'error:' line."""
     not_ckpt = tmp_path / "notes.txt"
     not_ckpt.write_text("not a checkpoint\n")
-    cases = {"missing": (tmp_path / "missing.pt", "no checkpoint at"),
+    cases = {"missing": (tmp_path / "missing", "no checkpoint at"),
              "text file": (not_ckpt, "not a byte-student checkpoint")}
     procs = {name: subprocess.Popen([sys.executable, "stage2_sft.py", f"--init={path}", f"--data_dir={sf.shard_dir()}",
                                      f"--out_dir={tmp_path / 'out'}", *TINY_STAGE2], cwd=sf.REPO, env=ENV,
@@ -361,24 +380,28 @@ def test_bad_init_is_one_clear_error_line(tmp_path):
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), (name, stderr)
         assert cases[name][1] in stderr and str(cases[name][0]) in stderr, (name, stderr)
-    assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
+    assert not os.path.exists(tmp_path / "out" / "model.safetensors")
 
 
 def test_other_bad_inputs_raise_the_errors_the_script_reports(stage1, tmp_path):
     """More cases in this process: the script turns ValueError / FileNotFoundError into its 'error:' line (above)."""
     import stage2_sft
-    not_student = tmp_path / "dict.pt"
-    torch.save({"stage": 1, "weights": [1, 2, 3]}, not_student)
-    stage7 = tmp_path / "stage7.pt"
-    torch.save({**torch.load(os.path.join(stage1, "ckpt.pt"), weights_only=False), "stage": 7}, stage7)
+    not_student = tmp_path / "dict"  # both files, but config.json describes no byte student
+    not_student.mkdir()
+    (not_student / "config.json").write_text(json.dumps({"stage": 1, "weights": [1, 2, 3]}))
+    shutil.copy(os.path.join(stage1, "model.safetensors"), not_student / "model.safetensors")
+    stage7 = tmp_path / "stage7"
+    sf.copy_checkpoint(stage1, str(stage7))
+    (stage7 / "config.json").write_text(json.dumps({**sf.read_json(os.path.join(stage1, "config.json")), "stage": 7}))
     cases = [  # --init, extra args, expected error, message
         (not_student, (), ValueError, "not a byte-student checkpoint"),
         (os.path.join(sf.teacher_dir(), "model.safetensors"), (), ValueError, "not a byte-student checkpoint"),
+        (sf.teacher_dir(), (), ValueError, "not a byte-student checkpoint"),  # an HF folder: the same two file names
         (stage7, (), ValueError, "is not a stage-1 checkpoint"),
-        (os.path.join(stage1, "ckpt.pt"), ("--resume", f"--out_dir={stage1}"), ValueError, "not a stage-2 checkpoint"),
-        (os.path.join(stage1, "ckpt.pt"), ("--resume", f"--out_dir={tmp_path / 'empty'}"), FileNotFoundError,
+        (stage1, ("--resume", f"--out_dir={stage1}"), ValueError, "not a stage-2 checkpoint"),
+        (stage1, ("--resume", f"--out_dir={tmp_path / 'empty'}"), FileNotFoundError,
          "no checkpoint at"),
-        (os.path.join(stage1, "ckpt.pt"), ("--phase=decoder",), ValueError, "--phase must be"),
+        (stage1, ("--phase=decoder",), ValueError, "--phase must be"),
     ]
     for init, extra, error, message in cases:
         argv = [f"--init={init}", f"--data_dir={sf.shard_dir()}", f"--out_dir={tmp_path / 'out'}", *TINY_STAGE2, *extra]

@@ -5,13 +5,16 @@ Oracles: a full forward for every batched or cached path; the teacher's own logi
 a naive float64 computation for byte_logprobs. The models are tiny and every weight is perturbed after init_weights,
 so the zero-initialised parts (residual, enc_proj output, null vector) matter and the identity patcher is not
 degenerate; the byte blocks' sliding window (8) is shorter than every sequence, so the window is exercised."""
+import json
 import pickle
 from dataclasses import asdict
 
 import pytest
 import torch
 
-from model import BOS_BYTE, ByteGeneration, ByteLM, StudentConfig, byte_logprobs, load_student, patch_order
+from model import (BOS_BYTE, ByteGeneration, ByteLM, StudentConfig, byte_logprobs, load_student, patch_order,
+                   save_student)
+from safetensors_io import write_safetensors
 from teacher import Teacher, TeacherConfig, sample_from_logits
 
 TCFG = TeacherConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12, d_ff=80)
@@ -368,17 +371,26 @@ def test_byte_logprobs_sums_both_halves():
 
 # -- checkpoints --------------------------------------------------------------------------------------------------
 
-def save_ckpt(path, student, **changes):
-    payload = {"stage": 1, "model": student.state_dict(), "config": {"lr": 1e-3},
-               "student_config": asdict(student.scfg), "teacher_config": asdict(student.tcfg),
-               "teacher": "/no/such/teacher", "phase": "align", "step": 5, "phase_done": True}
-    payload.update(changes)
-    torch.save({k: v for k, v in payload.items() if v is not None}, path)
-    return path
+META = {"stage": 1, "config": {"lr": 1e-3}, "teacher": "/no/such/teacher", "phase": "align", "step": 5,
+        "phase_done": True, "results": {}}
+
+
+def save_ckpt(folder, student, **changes):
+    """A byte-model folder of `student` (save_student), then config.json's fields changed (None deletes one) and,
+    with weights=, model.safetensors rewritten with those tensors (under the same save_id)."""
+    weights = changes.pop("weights", None)
+    save_student(str(folder), student, META)
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config = {k: v for k, v in {**config, **changes}.items() if v is not None}
+    path.write_text(json.dumps(config))
+    if weights is not None:
+        write_safetensors(weights, str(folder / "model.safetensors"), {"save_id": config["save_id"]})
+    return folder
 
 
 def test_load_student_round_trip(student, tmp_path):
-    path = save_ckpt(tmp_path / "s.pt", student)
+    path = save_ckpt(tmp_path / "s", student)
     loaded, meta = load_student(str(path))
     assert not loaded.training
     assert meta["teacher"] == "/no/such/teacher" and meta["step"] == 5 and "model" not in meta
@@ -397,23 +409,25 @@ def test_load_student_round_trip(student, tmp_path):
 
 def test_load_student_errors(student, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        load_student(str(tmp_path / "missing.pt"))
+        load_student(str(tmp_path / "missing"))
     for name, content in [("text.pt", b"this is not a checkpoint\n"), ("empty.pt", b""),
                           ("zip.pt", b"PK\x03\x04" + b"\0" * 40), ("list.pt", pickle.dumps([1, 2, 3]))]:
         (tmp_path / name).write_bytes(content)
         with pytest.raises(ValueError, match="not a byte-student checkpoint"):
             load_student(str(tmp_path / name))
+    no_weights = save_ckpt(tmp_path / "nomodel", student)
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        load_student(str(no_weights))
     with pytest.raises(ValueError, match="not a byte-student checkpoint"):
-        load_student(str(save_ckpt(tmp_path / "nomodel.pt", student, model=None)))
+        load_student(str(save_ckpt(tmp_path / "nocfg", student, student_config=None)))
     with pytest.raises(ValueError, match="not a byte-student checkpoint"):
-        load_student(str(save_ckpt(tmp_path / "nocfg.pt", student, student_config=None)))
-    with pytest.raises(ValueError, match="not a byte-student checkpoint"):
-        load_student(str(save_ckpt(tmp_path / "badcfg.pt", student,
+        load_student(str(save_ckpt(tmp_path / "badcfg", student,
                                    student_config={**asdict(SCFG), "no_such_field": 1})))
     state = dict(student.state_dict())
     del state["head.weight"]
     with pytest.raises(ValueError, match="do not fit"):
-        load_student(str(save_ckpt(tmp_path / "missingkey.pt", student, model=state)))
+        load_student(str(save_ckpt(tmp_path / "missingkey", student, weights=state)))
     with pytest.raises(ValueError, match="do not fit"):
-        load_student(str(save_ckpt(tmp_path / "wrongsize.pt", student,
+        load_student(str(save_ckpt(tmp_path / "wrongsize", student,
                                    student_config=asdict(StudentConfig(d_local=64, n_local_heads=2, proj_hidden=64)))))

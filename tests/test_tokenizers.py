@@ -10,8 +10,11 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 import data
+import targets
+import test_targets
 import tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
@@ -422,3 +425,19 @@ def test_real_vocabularies_match_quicktok(name, tmp_path, test_strings):
     print(f"\nparity {name} (real vocabulary, quicktok): {len(test_strings)} strings, {len(bad)} mismatches")
     assert tok.n_vocab == encoding.n_vocab
     assert not bad, bad[0]
+
+
+def test_product_along_true_bytes_is_the_token_probability_for_every_tokenizer_style(built):
+    """Every tokenizer style of the parity suite: random logits, every vocabulary entry as the next token."""
+    torch.manual_seed(1)
+    for style, (tok, _) in built.items():
+        trie = targets.ByteTrie(tok.id_to_bytes)
+        spelled = [i for i, b in enumerate(tok.id_to_bytes) if b]
+        ids = spelled[:: max(1, len(spelled) // 300)]
+        logits = torch.randn(len(ids), tok.n_vocab) * 3
+        logp = torch.log_softmax(logits.float(), -1)  # the fp32 oracle, renormalised over the spelled ids
+        logp = logp - torch.logsumexp(logp[:, trie.sorted_ids], -1, keepdim=True)
+        same = {w: [j for j in spelled if tok.id_to_bytes[j] == tok.id_to_bytes[w]] for w in ids}  # duplicate spellings
+        want = [torch.logsumexp(logp[i, same[w]], 0).item() for i, w in enumerate(ids)]
+        got = test_targets.product_along_tokens(trie, logits, ids, tok.id_to_bytes)
+        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-5, style

@@ -1,0 +1,216 @@
+"""Teacher-exact byte targets: a teacher's next-token distribution turned into the distribution of every byte of the
+next token, as 512-way targets in the byte head's layout (index v + 256 * e: next byte v, and whether it ends the token).
+
+With p the teacher's next-token distribution (over the ids that spell bytes, renormalised), s the bytes of the next
+token seen so far, P(x) the total p of tokens whose bytes start with x and p(=x) that of tokens whose bytes are x:
+
+    q(v, end) = p(= s+v) / Z        q(v, not end) = (P(s+v) - p(= s+v)) / Z        Z = P(s) - p(= s)
+
+Along a token's true bytes the product of the targets telescopes to p(token), so the teacher scored through its own
+targets has exactly its token bits. In lexicographic byte order the tokens that start with x are one contiguous range,
+so prefix sums C of p in that order give every P(x) as C[hi] - C[lo] (in float64: rare prefixes are differences of
+numbers near 1). The targets are sparse, a prefix's children only; they are written out dense over the 512 entries,
+the size of the byte head's logits, and the vocabulary-sized work is done per patch in row chunks.
+"""
+import os
+
+import numpy as np
+import torch
+
+
+class ByteTrie:
+    """Every prefix of every vocabulary entry is a node (node 0 = the empty prefix). For node n with string s:
+    entries [lo[n], hi[n]) of the sorted vocabulary start with s, entries [lo[n], exact_hi[n]) are s itself; its
+    children s+v are child_node[child_start[n] : child_start[n] + n_children[n]], in increasing v = byte_of[child].
+    For token id w, prefix_nodes[prefix_offset[w] + j] is the node of its first j bytes (j < its length), and
+    token_node[w] the node of all of them. Ids that spell no bytes are left out (sorted_ids holds the rest)."""
+
+    def __init__(self, id_to_bytes):
+        entries = sorted((b, i) for i, b in enumerate(id_to_bytes) if b)
+        self.sorted_ids = torch.tensor([i for _, i in entries], dtype=torch.long)
+        lo, hi, exact_hi, parent, byte_of = [0], [len(entries)], [0], [-1], [-1]
+        n_ids = len(id_to_bytes)
+        token_node, prefix_offset = np.full(n_ids, -1, np.int64), np.zeros(n_ids + 1, np.int64)
+        lengths = np.array([len(b) for b in id_to_bytes], np.int64)
+        prefix_offset[1:] = np.cumsum(lengths)
+        prefix_nodes = np.zeros(int(prefix_offset[-1]), np.int64)
+        stack, prev = [0], b""  # stack[d] = the node of the current entry's first d bytes
+        for k, (key, w) in enumerate(entries):  # one pass over the sorted entries builds the trie (as a sorted merge)
+            common = len(os.path.commonprefix([prev, key]))
+            while len(stack) - 1 > common:  # nodes that no later entry shares end here
+                hi[stack.pop()] = k
+            for d in range(common + 1, len(key) + 1):
+                stack.append(len(lo))
+                lo.append(k), hi.append(-1), exact_hi.append(k), parent.append(stack[-2]), byte_of.append(key[d - 1])
+            exact_hi[stack[len(key)]] = k + 1  # shorter strings sort first, so entries equal to s open s's range
+            prefix_nodes[prefix_offset[w]:prefix_offset[w] + len(key)] = stack[:len(key)]
+            token_node[w] = stack[len(key)]
+            prev = key
+        for n in stack[1:]:
+            hi[n] = len(entries)
+        as_long = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))  # noqa: E731
+        self.lo, self.hi, self.exact_hi, self.byte_of = as_long(lo), as_long(hi), as_long(exact_hi), as_long(byte_of)
+        parents = np.asarray(parent[1:])
+        order = np.argsort(parents, kind="stable") + 1  # children grouped by parent, in byte order within a group
+        self.child_node = as_long(order)
+        counts = np.bincount(parents, minlength=len(lo))
+        self.n_children = as_long(counts)
+        self.child_start = as_long(np.concatenate([[0], np.cumsum(counts)[:-1]]))
+        self.token_node, self.prefix_offset, self.prefix_nodes = map(as_long, (token_node, prefix_offset, prefix_nodes))
+        self.n_nodes = len(lo)
+
+    def child_table(self):
+        """{(node, byte): child node} for walking the trie one byte at a time in plain Python (built once)."""
+        if getattr(self, "_child_table", None) is None:
+            parents = torch.repeat_interleave(torch.arange(self.n_nodes), self.n_children).tolist()
+            kids, byte_of = self.child_node.tolist(), self.byte_of.tolist()
+            self._child_table = {(p, byte_of[k]): k for p, k in zip(parents, kids)}
+        return self._child_table
+
+    def child(self, node, v):
+        """The node of s+v for node s and byte v (ints), or -1 where no entry starts with s+v."""
+        start, count = int(self.child_start[node]), int(self.n_children[node])
+        kids = self.child_node[start:start + count]
+        at = int(torch.searchsorted(self.byte_of[kids], v)) if count else 0
+        return int(kids[at]) if at < count and int(self.byte_of[kids[at]]) == v else -1
+
+    def sorted_head(self, head_weight):
+        """The output layer's rows of the spelled ids in sorted order (kept for the last weight seen: the teacher's
+        is frozen), so that hidden @ sorted_head.T comes out in trie order with no vocabulary-sized gather."""
+        key = (head_weight.data_ptr(), tuple(head_weight.shape), head_weight.dtype, head_weight._version)
+        if getattr(self, "_head_key", None) != key:
+            self._head_key, self._head = key, head_weight.detach().index_select(0, self.sorted_ids.to(head_weight.device))
+        return self._head
+
+    def cumulative(self, sorted_logits):
+        """(R, n_sorted) logits of the spelled ids in sorted order -> (R, n_sorted + 1) float64 prefix sums of p.
+        The softmax is fp32 (each p to 1e-7 of itself); the sums are fp64, so P(x) = C[hi] - C[lo] stays exact to
+        ~1e-16 even for rare prefixes."""
+        p = torch.softmax(sorted_logits.float(), dim=-1).double()
+        return torch.nn.functional.pad(p.cumsum(-1), (1, 0))
+
+    def targets(self, cum, rows, nodes):
+        """cum (R, n_sorted + 1) from cumulative(); for each position, the row of its patch and the node of the
+        next token's bytes seen so far -> (N, 512) float64 targets (each row sums to 1 where Z > 0)."""
+        dev = cum.device
+        nodes = nodes.to(dev)
+        count = self.n_children.to(dev)[nodes]
+        K = max(int(count.max()), 1) if len(nodes) else 1
+        slot = torch.arange(K, device=dev)
+        real = slot < count[:, None]  # (N, K)
+        kids = self.child_node.to(dev)[torch.where(real, self.child_start.to(dev)[nodes][:, None] + slot, 0)]
+        flat = cum.reshape(-1)
+        base = rows.to(dev)[:, None] * cum.shape[1]
+        at = lambda index: flat[base + index.to(dev)[kids]]  # noqa: E731
+        start = at(self.lo)
+        prefix = torch.where(real, at(self.hi) - start, 0.0)   # P(s+v)
+        exact = torch.where(real, at(self.exact_hi) - start, 0.0)  # p(= s+v)
+        z = prefix.sum(-1, keepdim=True)  # = P(s) - p(= s): every longer entry lies under exactly one child
+        v = torch.where(real, self.byte_of.to(dev)[kids], 0)
+        out = torch.zeros(len(nodes), 512, dtype=torch.float64, device=dev)
+        out.scatter_add_(1, v, (prefix - exact) / z.clamp(min=1e-300))
+        out.scatter_add_(1, v + 256, exact / z.clamp(min=1e-300))
+        return out
+
+
+def next_token_nodes(trie, token_end, token_id):
+    """Where each byte position of a batch stands in the next teacher token. Position t predicts byte t+1, which
+    belongs to the token that ends at the first token end after t; the patch (token) ending at or before t gives the
+    teacher distribution. -> (patch index within the row (B, T), trie node (B, T), has_target (B, T)): has_target is
+    False before the first token end and after the last one (no teacher distribution, or no next token in the window)."""
+    B, T = token_end.shape
+    dev = token_end.device
+    t = torch.arange(T, device=dev).expand(B, T)
+    patch = token_end.long().cumsum(1) - 1
+    prev_end = torch.where(token_end, t, -1).cummax(1).values
+    upcoming = torch.where(token_end, t, T).flip(1).cummin(1).values.flip(1)  # first end at or after t
+    next_end = torch.cat([upcoming[:, 1:], torch.full((B, 1), T, device=dev)], dim=1)
+    has_target = (patch >= 0) & (next_end < T)
+    w = token_id.gather(1, next_end.clamp(max=T - 1)).clamp(min=0)
+    index = trie.prefix_offset.to(dev)[w] + (t - prev_end)
+    index = torch.where(has_target, index, 0).clamp(max=len(trie.prefix_nodes) - 1)
+    return patch, trie.prefix_nodes.to(dev)[index], has_target
+
+
+def exact_byte_targets(trie, hidden, head_weight, rows, nodes, chunk_rows=32):
+    """Teacher-exact 512-way targets for N byte positions: hidden (P, D) final hidden states at the patches (token
+    ends), head_weight (V, D) the teacher's output layer, rows (N,) the patch of each position, nodes (N,) its trie
+    node. Chunked over patches, so at most chunk_rows x V probabilities exist at once. -> (N, 512) float32."""
+    out = torch.zeros(len(rows), 512, dtype=torch.float32, device=hidden.device)
+    order = torch.argsort(rows, stable=True)
+    sorted_rows, head = rows[order], trie.sorted_head(head_weight).float()
+    for first in range(0, len(hidden), chunk_rows):
+        lo, hi = torch.searchsorted(sorted_rows, torch.tensor([first, first + chunk_rows], device=rows.device)).tolist()
+        if lo == hi:
+            continue
+        pick = order[lo:hi]
+        cum = trie.cumulative(hidden[first:first + chunk_rows].float() @ head.T)
+        out[pick] = trie.targets(cum, rows[pick] - first, nodes[pick]).float()
+    return out
+
+
+def longest_match(trie, text):
+    """Split bytes into vocabulary entries, longest first from the left -> token ids (each byte of a byte-level
+    vocabulary is an entry, so this always succeeds there)."""
+    ids, at, child = [], 0, trie.child_table()
+    while at < len(text):
+        node, best, j = 0, None, at
+        while j < len(text) and (node := child.get((node, text[j]), -1)) >= 0:
+            j += 1
+            if trie.exact_hi[node] > trie.lo[node]:
+                best = (j, int(trie.sorted_ids[trie.lo[node]]))
+        if best is None:
+            raise ValueError(f"byte {text[at]:#04x} is in no vocabulary entry")
+        at, w = best
+        ids.append(w)
+    return ids
+
+
+@torch.no_grad()
+def teacher_greedy_logprobs(teacher, trie, doc_start_id, texts, eps=1e-6):
+    """The teacher itself as a byte model: its exact targets, with every flag decided causally as greedy generation
+    decides it (byte t known -> the token ends there iff q(t, end) > q(t, not end)); a token that ends is fed to the
+    teacher, whose next distribution serves the following bytes. The byte distribution is (1 - eps) q + eps uniform:
+    q alone gives zero to a byte that continues no token after a wrong 'not end' (a dead end); there the bytes of the
+    unfinished token are fed as their longest-match entries. Many texts in one batch (the teacher steps the rows
+    that end a token; the others' caches do not advance).
+    -> per text (log p(byte) (n,) float64, flags (n,) bool, number of dead ends)."""
+    head = trie.sorted_head(teacher.head_weight).float()
+    lo, hi, exact_hi, child = trie.lo.numpy(), trie.hi.numpy(), trie.exact_hi.numpy(), trie.child_table()
+    B, L = len(texts), max(len(t) for t in texts)
+    cache = teacher.new_cache(B, L + 2)
+    cum = [None] * B
+
+    def feed(pending):  # pending[b]: token ids to feed row b; afterwards cum[b] is its next distribution
+        while any(pending):
+            has = [bool(q) for q in pending]
+            step = torch.tensor([[q.pop(0) if q else 0] for q in pending], device=head.device)
+            hidden = teacher(step, cache=cache, advance=torch.tensor(has, device=head.device).long(),
+                             return_hidden=True)[:, 0]
+            done = [b for b in range(B) if has[b] and not pending[b]]
+            for b, row in zip(done, trie.cumulative(hidden[done].float() @ head.T).cpu().numpy()):
+                cum[b] = row
+    out = [(torch.zeros(len(t), dtype=torch.float64), torch.zeros(len(t), dtype=torch.bool), 0) for t in texts]
+    node, start, dead = [0] * B, [0] * B, [0] * B
+    feed([[doc_start_id] for _ in range(B)])
+    for t in range(L):
+        pending = [[] for _ in range(B)]
+        for b, text in enumerate(texts):
+            if t >= len(text):
+                continue
+            c, n = child.get((node[b], text[t]), -1), node[b]
+            C = cum[b]
+            z = (C[hi[n]] - C[lo[n]]) - (C[exact_hi[n]] - C[lo[n]])
+            q_all = (C[hi[c]] - C[lo[c]]) / z if c >= 0 else 0.0
+            q_end = (C[exact_hi[c]] - C[lo[c]]) / z if c >= 0 else 0.0
+            out[b][0][t] = np.log((1 - eps) * q_all + eps * 2 / 512)
+            if q_end > q_all - q_end:
+                pending[b] = [int(trie.sorted_ids[lo[c]])]
+            elif q_all > 0:
+                node[b] = c
+                continue
+            else:
+                pending[b], dead[b] = longest_match(trie, text[start[b]:t + 1]), dead[b] + 1
+            out[b][1][t], node[b], start[b] = True, 0, t + 1
+        feed(pending)
+    return [(logp, flags, d) for (logp, flags, _), d in zip(out, dead)]

@@ -1,0 +1,124 @@
+"""Batched generation steps the main network per row (ByteGeneration, KVCache.select).
+
+Oracles: each prompt generated alone (a batch of one) for the batched generator; the teacher's full forward of each
+row's own sequence for a cache stepped through row subsets; the bytes whose flags close a patch, for the rows the
+main network is handed. Rows are deterministic (temperature 0, or teacher-forced bytes) so that a batch and its rows
+alone can be compared step by step. That comparison runs in fp64: in fp32 the two differ by up to ~2e-5 on these
+sensitive random weights from rounding alone (different kernel shapes and cache lengths), as they did before the main
+network stepped per row; in fp64 they agree to ~1e-15, so any leak between rows would stand out."""
+import pytest
+import torch
+
+from model import ByteGeneration
+from test_student import build_student, build_teacher, max_diff
+
+PROMPTS = [b"", b"Hi", b"To be, or not to be: that is", b"\xc3\xa9t\xc3\xa9"]  # lengths 0..29, one past the window
+N_NEW = 24
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return build_teacher()
+
+
+@pytest.fixture(scope="module")
+def student(teacher):
+    return build_student(teacher)
+
+
+@pytest.fixture(scope="module")
+def student64(teacher):
+    return build_student(teacher).double()
+
+
+def forced_bytes(seed):
+    return torch.randint(0, 256, (len(PROMPTS), N_NEW), generator=torch.Generator().manual_seed(seed))
+
+
+def run(student, prompts, forced=None):
+    """N_NEW steps, greedy or teacher-forced -> (generator, logits (B, N_NEW, 512), flags that closed (B, N_NEW))."""
+    gen = ByteGeneration(student, prompts, N_NEW)
+    logits, closed = [], []
+    for t in range(N_NEW):
+        closed.append(gen.pending_end.clone())
+        _, step_logits = gen.step(0.0, force=None if forced is None else forced[:, t])
+        logits.append(step_logits)
+    return gen, torch.stack(logits, 1), torch.stack(closed, 1)
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_batch_equals_each_row_alone(student64, forced):
+    """Prompts of different lengths in one batch, whose rows close patches at different steps: every logit (prefill
+    and each step), byte and boundary equals that prompt generated alone."""
+    x = forced_bytes(5) if forced else None
+    gen, logits, closed = run(student64, PROMPTS, x)
+    mixed = closed.any(0) & ~closed.all(0)
+    assert int(mixed.sum()) >= N_NEW // 4, closed  # many steps where only some rows step the main network
+    for i, prompt in enumerate(PROMPTS):
+        alone, row_logits, row_closed = run(student64, [prompt], None if x is None else x[i:i + 1])
+        n = int(alone.lens[0])
+        assert int(gen.lens[i]) == n
+        assert torch.equal(gen.x[i, :n], alone.x[0, :n]) and torch.equal(gen.ends[i, :n], alone.ends[0, :n])
+        assert torch.equal(closed[i], row_closed[0])
+        assert max_diff(gen.prefill_logits[i], alone.prefill_logits[0]) < 1e-10
+        assert max_diff(logits[i], row_logits[0]) < 1e-10
+        assert int(gen.main_cache.pos[i]) == int(alone.main_cache.pos[0]) == int(gen.ends[i, :n].sum())
+
+
+def test_main_network_gets_exactly_the_closing_rows(student, monkeypatch):
+    """At each step the main network is handed the newest byte states of exactly the rows whose flag closes a patch
+    (none when no row closes), and the other rows' main-network cache entries and positions stay as they were."""
+    gen = ByteGeneration(student, PROMPTS, N_NEW)
+    calls = []
+    run_blocks = student.main.run_blocks
+    monkeypatch.setattr(student.main, "run_blocks", lambda x, **k: calls.append(x.clone()) or run_blocks(x, **k))
+    x = forced_bytes(6)
+    sizes = []
+    for t in range(N_NEW):
+        closing = gen.pending_end.clone()
+        want = gen.h_last[closing].clone()
+        pos, keys = gen.main_cache.pos.clone(), [k.clone() for k in gen.main_cache.k]
+        calls.clear()
+        gen.step(force=x[:, t])
+        if not closing.any():
+            assert calls == []
+            continue
+        [got] = calls
+        assert got.shape == (int(closing.sum()), 1, want.shape[-1]) and torch.equal(got[:, 0], want)
+        assert gen.main_cache.pos.tolist() == (pos + closing.long()).tolist()
+        for before, after in zip(keys, gen.main_cache.k):
+            assert torch.equal(before[~closing], after[~closing])
+        sizes.append(len(got))
+    assert len(set(sizes)) > 1 and min(sizes) < len(PROMPTS)  # subsets of several sizes were exercised
+
+
+def test_cache_stepped_through_row_subsets_equals_full_forward(teacher):
+    """The teacher with one KVCache: a right-padded prefill, then steps on random subsets of the rows (select), on
+    all rows, and on one row: each row's logits equal the full forward of that row's own token sequence."""
+    g = torch.Generator().manual_seed(7)
+    lens = [5, 2, 7, 3]
+    seqs = [torch.randint(0, teacher.cfg.vocab_size, (n,), generator=g).tolist() for n in lens]
+    padded = torch.zeros(len(seqs), max(lens), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        padded[b, :len(s)] = torch.tensor(s)
+    subsets = [[0, 2], [1], [0, 1, 2, 3], [3, 1], [2], [0, 3], [0, 1, 2, 3], [1, 2, 3]]
+    with torch.no_grad():
+        cache = teacher.new_cache(len(seqs), 16)
+        teacher(padded, cache=cache, advance=torch.tensor(lens))
+        for rows in subsets:
+            tokens = torch.randint(0, teacher.cfg.vocab_size, (len(rows), 1), generator=g)
+            step = cache if len(rows) == len(seqs) else cache.select(torch.tensor(rows))
+            logits = teacher(tokens, cache=step)[:, 0]
+            for r, b in enumerate(rows):
+                seqs[b].append(int(tokens[r]))
+                want = teacher(torch.tensor([seqs[b]]))[0, -1]
+                assert max_diff(logits[r], want) < 1e-5, (rows, b)
+        assert cache.pos.tolist() == [len(s) for s in seqs]
