@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded default, on a fresh machine: install, prepare the Shakespeare shards for the
-# SmolLM2-135M teacher, stage 1 (align -> distill -> boundary), stage 2 (decoder warm-up -> end to end), the fidelity
-# benchmark on held-out Hamlet and the Python reference topics, generation speed, samples from the byte model next to
-# the teacher's, and a closing table. About 20-30 minutes on 2 CPU cores; every step prints progress lines.
+# SmolLM2-135M teacher, stage 1 (align -> distill -> boundary -> decoder on the teacher's own states and exact byte
+# targets), stage 2 (decoder warm-up -> end to end), the fidelity benchmark on held-out Hamlet and the Python reference
+# topics, generation speed, samples from the byte model next to the teacher's, and a closing table. About 30 minutes
+# on 2 CPU cores; every step prints progress lines.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh
@@ -10,8 +11,8 @@ PY=.venv/bin/python
 OUT=${OUT:-out}
 PROMPT="HAMLET. To be, or not to be, that is the question:"
 $PY data.py --teacher=smollm2
-$PY stage1_kd.py --out_dir=$OUT/stage1 "$@"
-$PY stage2_sft.py --init=$OUT/stage1 --out_dir=$OUT/stage2
+$PY stage1_kd.py --out_dir=$OUT/stage1 --decoder_bytes=200000 "$@"
+$PY stage2_sft.py --init=$OUT/stage1 --out_dir=$OUT/stage2 --warmup_bytes=300000
 $PY bench/fidelity.py --ckpt=$OUT/stage2 --json=$OUT/fidelity.json
 $PY bench/generate.py --ckpt=$OUT/stage2 --batch_sizes=1 --new_bytes=128 --json=$OUT/generate.json
 echo; echo "== the byte student:"

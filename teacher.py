@@ -256,25 +256,12 @@ class Attention(nn.Module):
             mask = (j <= i) & (j > i - cfg.sliding_window)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         else:
+            # SDPA with a mask: 3x faster on one query than attention written out (which an earlier note preferred
+            # after timing both with more threads than free cores: then every op waits ms for a descheduled thread)
             mask = cache.mask(T, cfg.sliding_window)
             k, v = cache.write(layer, k, v)
-            y = cached_attention(q, k, v, mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
-def cached_attention(q, k, v, mask):
-    """Attention of a few new queries over the cache, written out: on CPU, SDPA with a mask spent ~6 ms per call on
-    a single query (most of a decoding step). Grouped-query heads share their key/value head without copies.
-    q (B, nh, S, hd), k/v (B, nkv, L, hd), mask (B, 1, S, L) bool -> (B, nh, S, hd)."""
-    B, nh, S, hd = q.shape
-    nkv, L = k.shape[1], k.shape[2]
-    group = nh // nkv
-    # softmax in fp32 at least (fp64 stays fp64: tests compare paths in fp64, beyond the reach of rounding)
-    scores = (q.reshape(B, nkv, group * S, hd) @ k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
-    scores = scores / math.sqrt(hd)  # (B, nkv, g*S, L)
-    visible = mask[:, :, None].expand(B, 1, group, S, L).reshape(B, 1, group * S, L)
-    weights = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).to(v.dtype)
-    return (weights @ v).reshape(B, nh, S, hd)
 
 
 class MLP(nn.Module):  # SwiGLU

@@ -3,9 +3,9 @@
 Oracles: each prompt generated alone (a batch of one) for the batched generator; the teacher's full forward of each
 row's own sequence for a cache stepped through row subsets; the bytes whose flags close a patch, for the rows the
 main network is handed. Rows are deterministic (temperature 0, or teacher-forced bytes) so that a batch and its rows
-alone can be compared step by step. That comparison runs in fp64: in fp32 the two differ by up to ~2e-5 on these
-sensitive random weights from rounding alone (different kernel shapes and cache lengths), as they did before the main
-network stepped per row; in fp64 they agree to ~1e-15, so any leak between rows would stand out."""
+alone can be compared step by step. That comparison runs in fp64: in fp32 the two differ by up to ~1e-5 on these
+sensitive random weights from rounding alone (different kernel shapes and cache lengths; 2e-5 with the attention written
+out that SDPA replaced); in fp64 they agree to ~1e-15, so any leak between rows would stand out."""
 import pytest
 import torch
 
