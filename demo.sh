@@ -2,8 +2,9 @@
 # The whole pipeline on the embedded default, on a fresh machine: install, prepare the Shakespeare shards for the
 # SmolLM2-135M teacher, stage 1 (align -> distill -> boundary -> decoder on the teacher's own states and exact byte
 # targets), stage 2 (decoder warm-up -> end to end), the fidelity benchmark on held-out Hamlet and the Python reference
-# topics, generation speed, samples from the byte model next to the teacher's, and a closing table. About 30 minutes
-# on 2 CPU cores; every step prints progress lines.
+# topics, generation speed, samples from the byte model next to the teacher's, and a closing table. Measured: 65
+# minutes on a shared 2-core AVX2 machine, half of it the fidelity step's byte-by-byte scoring (README, Results);
+# every step prints progress lines.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh
