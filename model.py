@@ -4,6 +4,7 @@ bytes -> encoder -> projection to the teacher width (h) -> patcher -> the teache
 dechunk to bytes -> decoder -> 512-way head (next byte v, and whether it ends a patch). The README's "Method" section
 explains each piece; the byte blocks reuse teacher.py's transformer code (Llama-style blocks, sliding-window attention).
 """
+import itertools
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 
 from safetensors_io import is_int, read_safetensors, read_safetensors_header, write_safetensors
 from teacher import Teacher, TeacherConfig, check_device, sample_from_logits
+from targets import ByteTrie, exact_byte_targets, patch_prefix_nodes
 from tokenizer import DOC_START_BYTE
 
 BOS_BYTE = DOC_START_BYTE  # 0xFE starts every document; it never occurs in UTF-8
@@ -34,6 +36,9 @@ class StudentConfig:
     proj_hidden: int = 2048     # SwiGLU hidden width of the encoder -> teacher projection; 0 = a linear map
     boundary_threshold: float = 0.5
     max_bytes: int = 65536      # longest byte sequence (RoPE positions of the byte blocks)
+    prior_vocab: int = 0        # vocabulary entries of the byte-head prior (0: the pure learned head; see log_prior)
+    prior_bytes: int = 0        # their total length in bytes
+    prior_floor: float = 1e-5   # the prior's probability floor, so that every byte stays possible
 
     @staticmethod
     def for_teacher(tcfg, **overrides):
@@ -72,7 +77,7 @@ class ByteLM(nn.Module):
     ENCODER_SIDE = ("byte_embed.", "encoder.", "enc_proj.")
     PATCHER = ("patcher_q.", "patcher_k.")
     MAIN = ("main.",)
-    OUTPUT_SIDE = ("null_patch", "residual.", "main_to_local.", "byte_embed_dec.", "decoder.", "head.")
+    OUTPUT_SIDE = ("null_patch", "residual.", "main_to_local.", "byte_embed_dec.", "decoder.", "head.", "prior_scale")
 
     def __init__(self, scfg, tcfg):
         super().__init__()
@@ -90,6 +95,12 @@ class ByteLM(nn.Module):
         self.byte_embed_dec = nn.Embedding(256, d)
         self.decoder = Teacher(_local_config(scfg, scfg.n_dec), with_embeddings=False)
         self.head = nn.Linear(d, 512, bias=False)
+        if scfg.prior_vocab:  # the teacher's output layer and vocabulary, as buffers: part of the model, never trained
+            self.prior_scale = nn.Parameter(torch.ones(()))
+            self.register_buffer("prior_head", torch.zeros(scfg.prior_vocab, D))            # rows in byte order
+            self.register_buffer("prior_vocab_bytes", torch.zeros(scfg.prior_bytes, dtype=torch.uint8))
+            self.register_buffer("prior_vocab_ends", torch.zeros(scfg.prior_vocab, dtype=torch.int64))
+        self._trie = None
 
     @torch.no_grad()
     def init_weights(self, teacher=None):
@@ -127,7 +138,30 @@ class ByteLM(nn.Module):
         self.residual.weight.zero_()
         nn.init.normal_(self.main_to_local.weight, 0.0, 1.0 / math.sqrt(self.tcfg.d_model))
         nn.init.normal_(self.head.weight, 0.0, 0.02)
+        if self.scfg.prior_vocab:
+            self.prior_scale.fill_(1.0)  # with a learned part near zero, the head starts as the prior itself
         return self
+
+    @torch.no_grad()
+    def attach_prior(self, head_weight, id_to_bytes):
+        """Copy the teacher's output layer and its vocabulary (the entries that spell bytes, in byte order: the trie's
+        order) into the prior buffers; the model then needs no tokenizer."""
+        entries, ids = prior_vocabulary(id_to_bytes)
+        if (len(entries), sum(map(len, entries))) != (self.scfg.prior_vocab, self.scfg.prior_bytes):
+            raise ValueError("the vocabulary does not match StudentConfig.prior_vocab / prior_bytes")
+        self.prior_head.copy_(head_weight.detach()[torch.tensor(ids, device=head_weight.device)].float())
+        self.prior_vocab_bytes.copy_(torch.tensor(list(b"".join(entries)), dtype=torch.uint8))
+        self.prior_vocab_ends.copy_(torch.tensor(list(itertools.accumulate(map(len, entries)))))
+        self._trie = None
+        return self
+
+    @property
+    def trie(self):
+        """The prior's vocabulary as a ByteTrie (built from the buffers once, on the CPU)."""
+        if self._trie is None:
+            data, ends = bytes(self.prior_vocab_bytes.tolist()), [0] + self.prior_vocab_ends.tolist()
+            self._trie = ByteTrie([data[a:b] for a, b in zip(ends, ends[1:])])
+        return self._trie
 
     @torch.no_grad()
     def load_main_from(self, teacher):
@@ -168,10 +202,43 @@ class ByteLM(nn.Module):
         table = torch.cat([self.null_patch.to(y.dtype).expand(B, 1, D), y], dim=1)
         return table.gather(1, which[..., None].expand(-1, -1, D))
 
-    def decode(self, x, h, dechunked, cache=None, advance=None):
-        """-> logits (B, T, 512); index v + 256 * e: the next byte is v and it ends a patch (e = 1) or not."""
+    def decode(self, x, h, dechunked, cache=None, advance=None, prior=None):
+        """-> logits (B, T, 512); index v + 256 * e: the next byte is v and it ends a patch (e = 1) or not.
+        With the prior (log_prior's output), logits = the learned ones + prior_scale x the floored log-prior."""
         u = self.main_to_local(dechunked + self.residual(h)) + self.byte_embed_dec(x)
-        return self.head(self.decoder.run_blocks(u, cache=cache, advance=advance))
+        logits = self.head(self.decoder.run_blocks(u, cache=cache, advance=advance))
+        return logits if prior is None else logits + self.prior_scale * prior
+
+    @torch.no_grad()
+    def log_prior(self, y, cum_rows, nodes):
+        """The byte-head prior: at each patch the main network's output y through the teacher's output layer is a
+        next-token distribution, and the exact-target rule (targets.py) turns it into a 512-way distribution q for
+        every byte of the patch, from the bytes the patch holds so far (the trie node). -> max(log q, log floor),
+        (N, 512) fp32; a position with no patch yet or off the vocabulary (node -1) gets the floor everywhere, a
+        constant the softmax ignores: there the learned part alone speaks. y (P, D) patch outputs, cum_rows (N,) each
+        position's row of y. No gradient: the prior is a fixed function of the main network's output."""
+        log_floor = math.log(self.scfg.prior_floor)
+        out = torch.full((len(nodes), 512), log_floor, device=y.device)
+        has = nodes >= 0
+        if has.any():
+            q = exact_byte_targets(self.trie, y.detach(), self.prior_head, cum_rows[has], nodes[has])
+            out[has] = q.clamp(min=self.scfg.prior_floor).log()
+        return out
+
+    @torch.no_grad()
+    def prior_cumulative(self, y):
+        """Generation, once per patch: the patch outputs y (N, D) -> prefix sums of their next-token distributions
+        (N, prior_vocab + 1) float64 (targets.ByteTrie.cumulative), from which prior_at reads every byte's prior."""
+        return self.trie.cumulative(y.float() @ self.prior_head.T)
+
+    @torch.no_grad()
+    def prior_at(self, cum, rows, nodes):
+        """Generation, once per byte: log_prior from prefix sums, each position's row of cum and its node -> (N, 512)."""
+        out = torch.full((len(nodes), 512), math.log(self.scfg.prior_floor), device=cum.device)
+        has = nodes >= 0
+        if has.any():
+            out[has] = self.trie.targets(cum, rows[has], nodes[has]).float().clamp(min=self.scfg.prior_floor).log()
+        return out
 
     def forward(self, x, ends=None):
         """Stage-2 forward. bytes (B, T) -> (logits (B, T, 512), boundary probs (B, T), ends used (B, T)).
@@ -181,8 +248,19 @@ class ByteLM(nn.Module):
         p = self.boundary_probs(h)
         if ends is None:
             ends = p > self.scfg.boundary_threshold
-        y, _ = self.run_main(h, ends)
-        return self.decode(x, h, self.dechunk(y, ends)), p, ends
+        y, patch_mask = self.run_main(h, ends)
+        return self.decode(x, h, self.dechunk(y, ends), prior=self.sequence_prior(x, ends, y, patch_mask)), p, ends
+
+    def sequence_prior(self, x, ends, y, patch_mask):
+        """log_prior for every position of (B, T) bytes with patch ends and run_main's outputs -> (B, T, 512), or
+        None for the pure learned head."""
+        if not self.scfg.prior_vocab:
+            return None
+        counts = patch_mask.sum(1)
+        first = counts.cumsum(0) - counts  # each row's offset among the real patches
+        rows = (ends.long().cumsum(1) - 1 + first[:, None]).clamp(min=0)
+        nodes = patch_prefix_nodes(self.trie, x, ends)
+        return self.log_prior(y[patch_mask], rows.reshape(-1), nodes.reshape(-1)).view(*x.shape, 512)
 
 
 def patch_order(ends):
@@ -192,6 +270,12 @@ def patch_order(ends):
     P = max(int(counts.max()), 1)
     order = torch.argsort((~ends).to(torch.int8), dim=1, stable=True)[:, :P]  # end positions first, in order
     return order, torch.arange(P, device=ends.device)[None] < counts[:, None]
+
+
+def prior_vocabulary(id_to_bytes):
+    """A tokenizer's entries that spell bytes, in byte order, and their ids: the byte-head prior's vocabulary."""
+    entries = sorted((b, i) for i, b in enumerate(id_to_bytes) if b)
+    return [b for b, _ in entries], [i for _, i in entries]
 
 
 def byte_logprobs(logits):
@@ -261,10 +345,14 @@ class ByteGeneration:
         h = m.encode(x, cache=self.enc_cache, advance=lens)
         t = torch.arange(L, device=x.device)[None]
         ends = (m.boundary_probs(h) > m.scfg.boundary_threshold) & (t < lens[:, None] - 1)
-        y, _ = m.run_main(h, ends, cache=self.main_cache)
-        logits = m.decode(x, h, m.dechunk(y, ends), cache=self.dec_cache, advance=lens - 1)
+        y, patch_mask = m.run_main(h, ends, cache=self.main_cache)
+        logits = m.decode(x, h, m.dechunk(y, ends), cache=self.dec_cache, advance=lens - 1,
+                          prior=m.sequence_prior(x, ends, y, patch_mask))
         counts = ends.sum(1)
         self.y_cur = torch.where((counts > 0)[:, None], y[rows, (counts - 1).clamp(min=0)], m.null_patch.to(y.dtype))
+        if m.scfg.prior_vocab:  # the trie node before the newest byte, and each row's current patch distribution
+            self.node = torch.where(lens >= 2, patch_prefix_nodes(m.trie, x, ends)[rows, (lens - 2).clamp(min=0)], -1)
+            self.cum = m.prior_cumulative(self.y_cur)
         prev = logits[rows, (lens - 2).clamp(min=0)]
         last = x[rows, lens - 1]
         # The last prompt byte's flag: the head's more likely e for that byte; a lone BOS byte is its own patch.
@@ -286,7 +374,14 @@ class ByteGeneration:
         if len(closing):  # those rows' newest bytes end patches: the main network steps once, on those rows only
             cache = self.main_cache if len(closing) == len(rows) else self.main_cache.select(closing)
             self.y_cur[closing] = m.main.run_blocks(self.h_last[closing, None], cache=cache)[:, 0]
-        logits = m.decode(self.x[rows, t][:, None], self.h_last[:, None], self.y_cur[:, None], cache=self.dec_cache)[:, 0]
+        prior = None
+        if m.scfg.prior_vocab:  # the prior at the newest byte: a closed patch starts the trie walk afresh
+            if len(closing):
+                self.cum[closing] = m.prior_cumulative(self.y_cur[closing])
+            self.node = torch.where(closes, 0, m.trie.step(self.node, self.x[rows, t]))
+            prior = m.prior_at(self.cum, rows, self.node)[:, None]
+        logits = m.decode(self.x[rows, t][:, None], self.h_last[:, None], self.y_cur[:, None], cache=self.dec_cache,
+                          prior=prior)[:, 0]
         if force is not None or temperature == 0:  # greedy: the likeliest byte (both halves summed), then its flag
             new = byte_logprobs(logits).argmax(-1) if force is None else force.to(self.x.device)
             self.pending_end = logits[rows, new + 256] > logits[rows, new]
@@ -310,6 +405,7 @@ CONFIG_FIELDS = {"format": str, "save_id": str, "stage": int, "teacher": str, "s
                  "teacher_config": dict, "config": dict, "phase": str, "step": int, "phase_done": bool,
                  "results": dict}
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+INTEGER_BUFFERS = {"prior_vocab_bytes": ("U8",), "prior_vocab_ends": ("I64",)}  # the prior's vocabulary
 MAX_JSON_BYTES = 64 * 1024 * 1024  # ours are kilobytes; anything far larger is not one
 
 
@@ -429,7 +525,8 @@ def check_weights(path, entries, model):
     missing, unknown = sorted(expected.keys() - entries.keys()), sorted(entries.keys() - expected.keys())
     wrong = [f"{k} is {list(entries[k][1])}, config.json says {list(expected[k])}"
              for k in sorted(expected.keys() & entries.keys()) if entries[k][1] != expected[k]]
-    not_float = [f"{k} is {entries[k][0]}" for k in sorted(entries) if entries[k][0] not in FLOAT_DTYPES]
+    not_float = [f"{k} is {entries[k][0]}" for k in sorted(entries)
+                 if entries[k][0] not in INTEGER_BUFFERS.get(k, FLOAT_DTYPES)]
     if missing or unknown or wrong or not_float:
         parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unknown[:3]}" if unknown else "",
                  "; ".join(wrong[:3]), "; ".join(not_float[:3])]

@@ -48,6 +48,8 @@ class Config:
     n_dec: int = 2
     local_window: int = 256
     proj_hidden: int = -1             # SwiGLU hidden width of the projection to the teacher; 0 = linear, -1 = default
+    prior: bool = False               # the byte head adds a learned multiple of the teacher's own prior for each byte
+                                      # of a patch (README: Method); False = the reference recipe's pure learned head
     # phases: budgets in training bytes (all ranks together) and learning rates
     align_bytes: int = 1_000_000     # CPU demo budgets: about 4 + 3 + 1 minutes on 2 cores (see README for GPU)
     align_lr: float = 3e-3            # 3e-3 beat 1e-3 for the same CPU minutes (a prototype here)
@@ -155,7 +157,8 @@ def decoder_step(student, teacher, trie, batch, chunk_rows, soft_weight):
         soft = torch.zeros(*x.shape, 512, device=x.device)
         soft[has] = exact_byte_targets(trie, hidden[patch_mask], teacher.head_weight,
                                        (patch + first_patch[:, None])[has], nodes[has], chunk_rows)
-    logits = student.decode(x, h, student.dechunk(hidden, ends))
+    logits = student.decode(x, h, student.dechunk(hidden, ends),
+                            prior=student.sequence_prior(x, ends, hidden, patch_mask))
     labels = (x[:, 1:] + 256 * ends[:, 1:].long()).masked_fill(~has[:, :-1], -100)
     loss = byte_cross_entropy(logits[:, :-1].reshape(-1, 512), labels.reshape(-1),
                               soft_targets=soft[:, :-1].reshape(-1, 512), soft_weight=soft_weight)
@@ -242,8 +245,13 @@ def main(argv):
                                            local_window=cfg.local_window, **overrides)
     if "d_local" in overrides:
         scfg.n_local_heads = max(1, scfg.d_local // 64)
+    if cfg.prior:  # the teacher's output layer and vocabulary become part of the byte model
+        entries, _ = model.prior_vocabulary(tok.id_to_bytes)
+        scfg.prior_vocab, scfg.prior_bytes = len(entries), sum(map(len, entries))
     student = model.ByteLM(scfg, teacher.cfg).to(device)
     student.init_weights(teacher)
+    if cfg.prior:
+        student.attach_prior(teacher.head_weight, tok.id_to_bytes)
     train.broadcast_params(student)
     embed = teacher.embed_tokens.weight.detach()
     embed_var = (embed.float() - embed.float().mean(0)).pow(2).mean().item()  # align's loss scale

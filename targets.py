@@ -28,6 +28,7 @@ class ByteTrie:
     def __init__(self, id_to_bytes):
         entries = sorted((b, i) for i, b in enumerate(id_to_bytes) if b)
         self.sorted_ids = torch.tensor([i for _, i in entries], dtype=torch.long)
+        self.in_order = bool((self.sorted_ids == torch.arange(len(entries))).all())  # ids already in byte order
         lo, hi, exact_hi, parent, byte_of = [0], [len(entries)], [0], [-1], [-1]
         n_ids = len(id_to_bytes)
         token_node, prefix_offset = np.full(n_ids, -1, np.int64), np.zeros(n_ids + 1, np.int64)
@@ -67,6 +68,18 @@ class ByteTrie:
             self._child_table = {(p, byte_of[k]): k for p, k in zip(parents, kids)}
         return self._child_table
 
+    def step(self, nodes, v):
+        """child() for many at once: nodes (N,) (-1 stays -1), bytes v (N,) -> the nodes of s+v, -1 where no entry
+        starts with s+v. Children are stored grouped by parent in byte order, so parent * 256 + byte is a sorted key."""
+        dev = nodes.device
+        if getattr(self, "_keys", None) is None or self._keys[0].device != dev:
+            parents = torch.repeat_interleave(torch.arange(self.n_nodes), self.n_children)
+            self._keys = ((parents * 256 + self.byte_of[self.child_node]).to(dev), self.child_node.to(dev))
+        keys, kids = self._keys
+        query = nodes.clamp(min=0) * 256 + v
+        at = torch.searchsorted(keys, query).clamp(max=max(len(keys) - 1, 0))
+        return torch.where((keys[at] == query) & (nodes >= 0), kids[at], -1)
+
     def child(self, node, v):
         """The node of s+v for node s and byte v (ints), or -1 where no entry starts with s+v."""
         start, count = int(self.child_start[node]), int(self.n_children[node])
@@ -77,6 +90,8 @@ class ByteTrie:
     def sorted_head(self, head_weight):
         """The output layer's rows of the spelled ids in sorted order (kept for the last weight seen: the teacher's
         is frozen), so that hidden @ sorted_head.T comes out in trie order with no vocabulary-sized gather."""
+        if self.in_order and len(head_weight) == len(self.sorted_ids):
+            return head_weight.detach()  # already in trie order (the byte model's prior buffers)
         key = (head_weight.data_ptr(), tuple(head_weight.shape), head_weight.dtype, head_weight._version)
         if getattr(self, "_head_key", None) != key:
             self._head_key, self._head = key, head_weight.detach().index_select(0, self.sorted_ids.to(head_weight.device))
@@ -130,6 +145,19 @@ def next_token_nodes(trie, token_end, token_id):
     index = trie.prefix_offset.to(dev)[w] + (t - prev_end)
     index = torch.where(has_target, index, 0).clamp(max=len(trie.prefix_nodes) - 1)
     return patch, trie.prefix_nodes.to(dev)[index], has_target
+
+
+def patch_prefix_nodes(trie, x, ends):
+    """Where each position of a batch stands in the trie: for bytes x (B, T) and patch ends (B, T), the node of the
+    bytes since the latest patch end at or before t (node 0 where t itself ends a patch; -1 before the first end and
+    where no vocabulary entry starts with those bytes). The recurrence is the one cached generation steps through,
+    one byte at a time. -> (B, T) long."""
+    nodes = torch.empty(x.shape, dtype=torch.long, device=x.device)
+    node = torch.full(x.shape[:1], -1, dtype=torch.long, device=x.device)
+    for t in range(x.shape[1]):
+        node = torch.where(ends[:, t], 0, trie.step(node, x[:, t]))
+        nodes[:, t] = node
+    return nodes
 
 
 def exact_byte_targets(trie, hidden, head_weight, rows, nodes, chunk_rows=32):

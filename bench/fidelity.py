@@ -103,31 +103,46 @@ def parallel_figures(student, teacher, trie, tok, seg):
     return {k: float(v) for k, v in nats.items()}, patcher_ends[0, 1:]
 
 
-@torch.no_grad()
 def score(student, teacher, tok, trie, text, window):
-    aligned = align_document(text, tok)
-    if len(aligned.bytes) < 2:
-        raise ValueError("empty text: nothing to score")
-    segs = segments(aligned, window)
+    """One text's figures (see score_texts)."""
+    return score_texts(student, teacher, tok, trie, {"text": text}, window)["text"]
+
+
+@torch.no_grad()
+def score_texts(student, teacher, tok, trie, texts, window):
+    """texts {name: str} -> {name: figures}. The byte-by-byte passes (the teacher's and the student's greedy flags)
+    run over the segments of all texts in one batch: a step costs about the same for 10 rows as for 40 on a CPU."""
+    segs, parts = {}, {}
+    for name, text in texts.items():
+        aligned = align_document(text, tok)
+        if len(aligned.bytes) < 2:
+            raise ValueError(f"{name}: empty text, nothing to score")
+        segs[name] = (aligned, segments(aligned, window))
+    flat = [(name, bytes(seg[0].tolist())) for name, (_, ss) in segs.items() for seg in ss]
+    teacher_greedy = teacher_greedy_logprobs(teacher, trie, tok.doc_start_id, [t for _, t in flat])
+    student_greedy = greedy_flag_logprobs(student, [t for _, t in flat], batch_size=len(flat))
+    for (name, _), tg, sg in zip(flat, teacher_greedy, student_greedy):
+        parts.setdefault(name, []).append((tg, sg))
+    return {name: text_figures(student, teacher, tok, trie, aligned, ss, parts[name])
+            for name, (aligned, ss) in segs.items()}
+
+
+def text_figures(student, teacher, tok, trie, aligned, segs, greedy):
+    """One text's figures from its segments and their greedy passes [(teacher's, student's)]."""
     nats, patcher, patcher_truth, head, truth = {}, [], [], [], []
-    for seg in segs:
+    for seg, ((t_logp, _, dead), (logp, joint, flags)) in zip(segs, greedy):
         part, patcher_ends = parallel_figures(student, teacher, trie, tok, seg)
+        part.update(teacher_greedy=-t_logp.sum().item(), dead_ends=dead, student=-logp.double().sum().item(),
+                    student_joint=-joint.double().sum().item())
         for k, v in part.items():
             nats[k] = nats.get(k, 0.0) + v
         truth.append(torch.from_numpy(seg[1]))
         patcher.append(patcher_ends[:-1])  # the last byte of a segment is forced to end a patch: not a prediction
         patcher_truth.append(truth[-1][:-1])
-    seg_texts = [bytes(s[0].tolist()) for s in segs]
-    for logp, _, dead in teacher_greedy_logprobs(teacher, trie, tok.doc_start_id, seg_texts):
-        nats["teacher_greedy"] = nats.get("teacher_greedy", 0.0) - logp.sum().item()
-        nats["dead_ends"] = nats.get("dead_ends", 0) + dead
-    for logp, joint, flags in greedy_flag_logprobs(student, seg_texts):
-        nats["student"] = nats.get("student", 0.0) - logp.double().sum().item()
-        nats["student_joint"] = nats.get("student_joint", 0.0) - joint.double().sum().item()
         head.append(flags)
     n_bytes, n_tokens = len(aligned.bytes) - 1, int(aligned.token_end.sum()) - 1
     r = {FIGURES[k]: v / math.log(2) / n_bytes for k, v in nats.items() if k in FIGURES}
-    r.update(bytes=n_bytes, tokens=n_tokens, bytes_per_token=n_bytes / n_tokens, teacher_dead_ends=nats["dead_ends"])
+    r.update(bytes=n_bytes, tokens=n_tokens, bytes_per_token=n_bytes / n_tokens, teacher_dead_ends=int(nats["dead_ends"]))
     r["ratio"] = r["student_bpb"] / r["teacher_bpb"]
     head, truth = torch.cat(head), torch.cat(truth)
     r["patcher_precision"], r["patcher_recall"], r["patcher_f1"] = f1(torch.cat(patcher), torch.cat(patcher_truth))
@@ -182,11 +197,9 @@ def main(argv):
         raise ValueError("--window must be at least 2 tokens (the document-start token and one to score)")
     print(f"fidelity of {cfg.ckpt} (teacher {meta['teacher']}): first {max_bytes:,} bytes of each text, "
           f"segments of {window - 1} tokens, each scored from a fresh document start (see the docstring)")
-    trie, results = ByteTrie(tok.id_to_bytes), {}
-    for name, text in texts.items():
-        text = tok.normalize(text).encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
-        results[name] = score(student, teacher, tok, trie, text, window)
-        print(f"scored {name}", flush=True)
+    texts = {name: tok.normalize(text).encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+             for name, text in texts.items()}
+    results = score_texts(student, teacher, tok, ByteTrie(tok.id_to_bytes), texts, window)
     print_tables(results)
     if cfg.json:
         with open(cfg.json, "w") as f:
