@@ -42,6 +42,8 @@ class Config:
     batch_size: int = 8               # windows per micro-step per rank
     seq_len: int = 512                # bytes per window
     grad_accum: int = 1               # micro-steps per optimizer update (gradients sync on the last one only)
+    fsdp: bool = False                # shard the student's parameters, gradients and AdamW state (and the teacher's
+                                      # blocks) over the ranks with FSDP2 (README: FSDP)
     # student size (0 / -1 = the default for the teacher's width, StudentConfig.for_teacher)
     d_local: int = 0
     n_enc: int = 2
@@ -297,7 +299,7 @@ def main(argv):
                                       lambda: summarize("decoder", evaluate(decoder)), seed=cfg.seed + 3))
     phases = [p for p in all_phases if cfg.phase in ("all", p.name)]
     meta = {"student_config": asdict(scfg), "teacher_config": asdict(teacher.cfg), "teacher": cfg.teacher}
-    results, stopped = train.run_phases(1, phases, student, cfg, meta, make_loader, device)
+    results, stopped = train.run_phases(1, phases, student, cfg, meta, make_loader, device, frozen=teacher)
     if master and not stopped:
         train.print_results(1, results, time.time() - t_start)
     train.cleanup_distributed()

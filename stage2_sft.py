@@ -39,6 +39,7 @@ class Config:
     batch_size: int = 8
     seq_len: int = 512
     grad_accum: int = 1
+    fsdp: bool = False                # shard the student's parameters, gradients and AdamW state over the ranks (FSDP2)
     warmup_bytes: int = 400_000      # CPU demo budgets: about 5.5 + 2.5 minutes on 2 cores (see README for GPU)
     warmup_lr: float = 1e-3
     e2e_bytes: int = 49_152

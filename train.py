@@ -6,6 +6,10 @@ gradients of the parameters that the current phase trains are averaged with one 
 the last micro-step of gradient accumulation). We do this rather than wrap the student in DistributedDataParallel
 because each phase calls a different part of the student (encoder only, patcher only, ...), and DDP only syncs what
 goes through its forward(). The frozen teacher is never synchronised: every rank loads its own copy.
+
+With --fsdp (FSDP2, torch.distributed.fsdp.fully_shard) each rank keeps only its 1/N piece of the student's parameters,
+gradients and AdamW state, and of the frozen teacher's blocks (see "FSDP2 sharding" below); checkpoints are gathered
+into the same byte-model folder as without it.
 """
 import base64
 import binascii
@@ -19,13 +23,17 @@ import sys
 import textwrap
 import time
 import tokenize
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 import model
 from safetensors_io import read_safetensors, read_safetensors_header, write_safetensors
@@ -131,15 +139,17 @@ def cleanup_distributed():
 
 def sync_grads(params, total):
     """Gradients hold sums over this rank's loss elements; turn them into the mean over all ranks' elements:
-    one flat all-reduce (sum) of the gradients, then a division by the global element count `total`."""
+    one flat all-reduce (sum) of the gradients, then a division by the global element count `total`. FSDP shards
+    (DTensors) arrive already summed over the ranks by FSDP's reduce-scatter (shard_student): only divided here."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
+    whole = [g for g in grads if not isinstance(g, DTensor)]
+    if whole and dist.is_initialized() and dist.get_world_size() > 1:
+        flat = torch.cat([g.reshape(-1).float() for g in whole])
         dist.all_reduce(flat)
         offset = 0
-        for g in grads:
+        for g in whole:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
     for g in grads:
@@ -162,6 +172,144 @@ def broadcast_params(module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# FSDP2 sharding (--fsdp). fully_shard turns each parameter into a DTensor that holds this rank's 1/N slice (dim 0);
+# a unit's parameters are all-gathered just before its forward and freed after it, gradients are reduce-scattered
+# in backward, and AdamW, built over the DTensors, keeps its moments as slices too: ZeRO-3 (the paper's code uses
+# DeepSpeed ZeRO-2, which shards gradients and optimizer state but keeps whole weights on every GPU).
+#
+# The units: every block of the three stacks (encoder, main network, decoder), then each stack (its final norm; its
+# run_blocks is registered as a forward, since the student calls that, not forward()), then every other part of the
+# student on its own (byte_embed, enc_proj, patcher_q, ...). Not one unit for the whole student, as FSDP usually ends
+# with: the phases call parts (student.encode, boundary_probs, run_main, decode), never only ByteLM.forward, and FSDP
+# gathers a unit's parameters only around the forward methods it knows. The student's own parameters outside any part
+# (the dechunk null vector, d_model floats) stay whole on every rank and are averaged like DDP's (sync_grads). Of the
+# frozen teacher only the blocks are sharded: its embedding (also the tied head, which the chunked KL reads as a
+# plain matrix) and final norm stay whole.
+
+def sharded(module):
+    """Whether `module` holds FSDP shards (shard_student was applied)."""
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def local(t):
+    """The part of `t` this rank holds: an FSDP shard's slice, or all of a plain tensor."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _shard(module, mp_policy):
+    fully_shard(module, mp_policy=mp_policy, reshard_after_forward=True)  # True even for a root: free after forward
+    # Sum the ranks' gradients (FSDP averages by default): like DDP here, every loss is a sum over this rank's
+    # elements, divided by the global count afterwards (sync_grads). Plain sums: gloo has no pre-multiplied sum.
+    module.set_gradient_divide_factor(1.0)
+    module.set_force_sum_reduction_for_comms(True)
+
+
+def shard_student(student, device, bf16):
+    """FSDP2 over the student in place (units as above). On CUDA with bf16, units gather bf16 copies of their fp32
+    shards and reduce gradients in fp32 (the shards and AdamW stay fp32); elsewhere everything stays as it is."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" and bf16 else MixedPrecisionPolicy()
+    # FSDP warns when a unit returns a view (a Linear on 3-D input does), because an in-place op on it would skip the
+    # unit's backward hook. The student never writes into a part's output in place; the test against one process
+    # (tests/test_fsdp.py) would see the wrong gradients if it did.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for unit in fsdp_units(student):
+        _shard(unit, mp)
+        if hasattr(unit, "run_blocks"):  # a stack: the student calls run_blocks, not forward
+            register_fsdp_forward_method(unit, "run_blocks")
+
+
+def fsdp_units(student):
+    """The student's FSDP units, inner ones first: each block of a stack (teacher.Teacher: encoder, main, decoder),
+    then the stack itself (its final norm), and every other part that has parameters."""
+    for part in student.children():
+        if not any(True for _ in part.parameters()):
+            continue
+        if hasattr(part, "run_blocks"):
+            yield from part.layers
+        yield part
+
+
+def shard_frozen(teacher):
+    """FSDP2 over the frozen teacher's blocks: each gathered for its forward and freed right after."""
+    for block in teacher.layers:
+        fully_shard(block, reshard_after_forward=True)
+
+
+def shard_like(tensors, named_params):
+    """Whole AdamW state tensors ({"<name>.exp_avg": ...}, from a checkpoint) cut into this rank's slices, laid out as
+    the FSDP parameters they belong to; everything else (steps, state of whole parameters) as it is."""
+    params, out = dict(named_params), {}
+    for key, t in tensors.items():
+        name, _, field = key.rpartition(".")
+        p = params.get(name)
+        if isinstance(p, DTensor) and field != "step" and tuple(t.shape) == tuple(p.shape):
+            t = distribute_tensor(t.to(device=local(p).device, dtype=p.dtype), p.device_mesh, p.placements)
+        out[key] = t  # a shape that does not fit is left for load_optimizer_state to refuse
+    return out
+
+
+def gather_full(tensors, keep=True):
+    """{name: tensor} with every FSDP shard all-gathered into the whole tensor, on the CPU. Collective: every rank
+    calls it with the same names in the same order. keep=False drops the result on this rank (only rank 0 writes
+    checkpoints, and other ranks need not hold a whole model at once)."""
+    out = {}
+    for name, t in tensors.items():
+        whole = t.full_tensor() if isinstance(t, DTensor) else t
+        if keep:
+            out[name] = whole.detach().cpu()
+    return out
+
+
+def clip_grad_norm(params, max_norm):
+    """torch.nn.utils.clip_grad_norm_, also over FSDP shards: each rank sums the squares of its slices, one all-reduce
+    adds the ranks' sums, and the whole (replicated) gradients count once. -> the total norm before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    with torch.no_grad():
+        squares = [local(g).float().pow(2).sum() for g in grads if isinstance(g, DTensor)]
+        sliced = torch.stack(squares).sum()
+        dist.all_reduce(sliced)
+        whole = sum((g.float().pow(2).sum() for g in grads if not isinstance(g, DTensor)), torch.zeros(()))
+        total = (sliced + whole.to(sliced.device)).sqrt()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s rule
+        for g in grads:
+            local(g).mul_(coef.to(local(g).dtype))
+    return total
+
+
+ADAMW_STATE_BYTES = 4  # AdamW's step count: one fp32 scalar per parameter
+
+
+def memory_bytes(student, trainable, frozen=None):
+    """Bytes this rank holds: the student's parameters and buffers (its slices, or all of them), the gradients and
+    AdamW state (two moments of the parameter's dtype, and a step) that a phase training `trainable` fills, the frozen
+    teacher's parameters. Gathered units (one or two at a time, freed after use) and activations are not counted."""
+    def nbytes(ps):
+        return sum(local(p).numel() * local(p).element_size() for p in ps)
+    grads = nbytes(trainable)
+    return {"parameters": nbytes([*student.parameters(), *student.buffers()]), "gradients": grads,
+            "optimizer": 2 * grads + ADAMW_STATE_BYTES * len(trainable),
+            "teacher": nbytes(frozen.parameters()) if frozen is not None else 0}
+
+
+def print_memory(phase, figures, device):
+    """Every rank's memory_bytes, printed by rank 0: one line per rank."""
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    keys = list(figures)
+    table = torch.zeros(world, len(keys), dtype=torch.float64, device=device)
+    table[rank] = torch.tensor([float(figures[k]) for k in keys], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(table)
+    if rank == 0:
+        for r, row in enumerate(table.tolist()):
+            mib = dict(zip(keys, (v / 2 ** 20 for v in row)))
+            print(f"memory {phase} rank {r}: parameters {mib['parameters']:.4g} MiB, gradients {mib['gradients']:.4g} "
+                  f"MiB, optimizer state {mib['optimizer']:.4g} MiB | teacher {mib['teacher']:.4g} MiB", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Optimizer and schedule.
 
 def make_optimizer(named_params, lr, weight_decay, betas=(0.9, 0.95), lr_scale=None):
@@ -176,8 +324,12 @@ def make_optimizer(named_params, lr, weight_decay, betas=(0.9, 0.95), lr_scale=N
         groups.setdefault(key, []).append(p)
     param_groups = [{"params": ps, "weight_decay": 0.0 if nd else weight_decay, "lr": lr * s, "lr_scale": s}
                     for (nd, s), ps in sorted(groups.items())]
-    fused = all(p.is_cuda for g in param_groups for p in g["params"]) or None
-    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused)
+    everything = [p for g in param_groups for p in g["params"]]
+    # FSDP leaves a few parameters whole (plain tensors) beside its DTensor shards, and fused / foreach AdamW refuse
+    # lists that mix the two: those take the per-tensor loop
+    mixed = len({isinstance(p, DTensor) for p in everything}) > 1
+    fused = (all(p.is_cuda for p in everything) and not mixed) or None
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused, foreach=False if mixed else None)
 
 
 def lr_at(step, total_steps, base_lr, warmup_steps):
@@ -278,10 +430,22 @@ def load_optimizer_state(optimizer, names, tensors, groups):
 
 def save_checkpoint(folder, student, info, resume=None):
     """The byte-model folder `folder` (model.save_student: the weights, and info in config.json) and, given
-    resume = (optimizer, loader), folder/resume/ with what exact resume needs. One atomic save (see save_student)."""
-    def write_resume(staging, save_id):
+    resume = (optimizer, loader), folder/resume/ with what exact resume needs. One atomic save (see save_student).
+    A student sharded by FSDP: every rank calls it (the shards are gathered, a collective) and rank 0 writes the
+    same folder that one process would."""
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    if resume is not None:
         optimizer, loader = resume
         tensors, groups = optimizer_state(optimizer, {p: n for n, p in student.named_parameters()})
+    if sharded(student):
+        tensors = gather_full(tensors, keep=master) if resume is not None else None
+        state = gather_full(student.state_dict(), keep=master)
+        # what save_student reads of a student: its two configurations and its state dict, here the gathered one
+        student = SimpleNamespace(scfg=student.scfg, tcfg=student.tcfg, state_dict=lambda: state)
+        if not master:
+            return
+
+    def write_resume(staging, save_id):
         os.makedirs(os.path.join(staging, "resume"))
         write_safetensors(tensors, os.path.join(staging, "resume", "optimizer.safetensors"), {"save_id": save_id})
         with open(os.path.join(staging, "resume", "state.json"), "w") as f:
@@ -406,7 +570,7 @@ def print_results(stage, results, seconds):
 # Settings that a resumed run may change mid-phase: where it writes, how much it logs, when it stops. Every other one
 # shapes the data order, the batches, the schedule or the model, and the run would no longer continue the same one.
 RESUME_MAY_CHANGE = {"out_dir", "resume", "phase", "data_dir", "device", "log_interval", "ckpt_interval", "stop_after",
-                     "eval_batches", "init", "teacher"}
+                     "eval_batches", "init", "teacher", "fsdp"}
 
 
 def check_resume(path, resume, stage, cfg, meta, world):
@@ -466,10 +630,12 @@ def resume_from(folder, student, stage, cfg, meta, world, names):
     return resume, state
 
 
-def run_phases(stage, phases, student, cfg, meta, make_loader, device):
+def run_phases(stage, phases, student, cfg, meta, make_loader, device, frozen=None):
     """Train `phases` in order, each with its own optimizer over only its parameters, warm-up + cosine schedule,
     gradient accumulation (one gradient all-reduce per update), a log line per interval, a metrics.jsonl line per
     step, an evaluation and a checkpoint at the end, and a checkpoint every cfg.ckpt_interval steps.
+    With cfg.fsdp on more than one rank, the student and the blocks of `frozen` (stage 1's teacher) are sharded with
+    FSDP2 after any resume has loaded the whole weights, and every phase starts with a line of memory per rank.
     The checkpoints: out_dir itself, a byte-model folder of the latest weights with out_dir/resume/ beside them, and
     out_dir/<phase>/, the byte-model folder of each phase's end. With cfg.resume, continues from out_dir exactly:
     model, optimizer, loader position and RNG state.
@@ -495,6 +661,11 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device):
             print(f"resuming from {cfg.out_dir}: phase {resume['phase']} step {resume['step']}"
                   f"{' (finished)' if resume['phase_done'] else ''}")
     results, steps_run = dict(resume.get("results", {})) if resume else {}, 0
+    fsdp = getattr(cfg, "fsdp", False)
+    if fsdp and world > 1:
+        shard_student(student, device, bf16=cfg.dtype == "bfloat16")
+        if frozen is not None:
+            shard_frozen(frozen)
     for phase in phases:
         bytes_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
         total = max(1, phase.budget // bytes_per_step)
@@ -504,7 +675,7 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device):
         loader = make_loader(phase.seed)
         start = 0
         if resume is not None and resume["phase"] == phase.name and not resume["phase_done"]:
-            load_optimizer_state(optimizer, {p: n for n, p in params}, resume_state["optimizer"],
+            load_optimizer_state(optimizer, {p: n for n, p in params}, shard_like(resume_state["optimizer"], params),
                                  resume_state["optimizer_groups"])
             loader.load_state_dict(resume_state["loader"])
             set_rng_state(resume_state["rng"])
@@ -515,9 +686,11 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device):
         if master:
             print(f"== {phase.name}: {total} steps x {bytes_per_step:,} bytes, lr {phase.lr:g}, "
                   f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters", flush=True)
+        if fsdp:
+            print_memory(phase.name, memory_bytes(student, trainable, frozen), device)
 
         def checkpoint(step, done, folder=cfg.out_dir, full=True):
-            if master:
+            if master or sharded(student):  # FSDP: every rank takes part in gathering the shards
                 info = {"stage": stage, "config": asdict(cfg), **meta, "world_size": world, "phase": phase.name,
                         "step": step, "phase_done": done, "results": results}
                 save_checkpoint(folder, student, info, (optimizer, loader) if full else None)  # full: exact resume
@@ -539,7 +712,7 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device):
             keys = sorted(sums)
             sums = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], device)))
             sync_grads(trainable, sums["n"])
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip).item()
+            grad_norm = clip_grad_norm(trainable, cfg.grad_clip).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             figures = phase.summarize(sums)

@@ -298,7 +298,8 @@ def _torchrun_entry(argv):
         def run_and_save(stage, phases, student, *rest, _out_dir=out_dir, **kwargs):
             out = run_phases(stage, phases, student, *rest, **kwargs)
             rank = int(os.environ.get("RANK", 0))
-            safetensors_io.write_safetensors(student.state_dict(), rank_state_path(_out_dir, rank))
+            state = train.gather_full(student.state_dict())  # whole tensors, also of FSDP shards (a collective)
+            safetensors_io.write_safetensors(state, rank_state_path(_out_dir, rank))
             return out
         train.run_phases = run_and_save
         module.main(args)

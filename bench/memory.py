@@ -1,0 +1,132 @@
+"""Memory per GPU of each teacher preset with and without --fsdp: ARITHMETIC from the model configurations, not a
+measurement (nothing is allocated: the student and teacher are built on the meta device to count their parameters).
+
+    python bench/memory.py [--gpus=8] [--n_enc=4] [--n_dec=4] [--json=PATH]
+
+Per GPU, for the two phases that hold the most: stage 1 distill with the main network trained (--distill_main_lr > 0;
+the frozen teacher is there too) and stage 2 e2e (everything trained, no teacher).
+  without FSDP  every GPU holds the fp32 student, fp32 gradients and AdamW's two fp32 moments (+ a step) of the
+                parameters the phase trains, and the bf16 teacher: 16 bytes per trained parameter, 4 per frozen one
+  with FSDP     each GPU holds 1/gpus of the units train.shard_student / shard_frozen make, and whole what stays
+                whole (the student's dechunk null vector, the teacher's embedding and final norm), plus what is
+                gathered for a moment: two units' bf16 weights (the one running and the next, prefetched) and one
+                unit's fp32 gradient before its reduce-scatter
+Activations, the chunked KL's buffers and the CUDA context come on top of both. The configurations are those of the
+preset folders (teachers/NAME/config.json) when downloaded, else the published config.json values below.
+"""
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import model  # noqa: E402
+import teacher as teachers  # noqa: E402
+import train  # noqa: E402
+
+# The fields config_from_hf reads, from each Hub repo's config.json (teacher.PRESETS; smollm2 = the embedded teacher).
+PUBLISHED = {
+    "smollm2": {"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
+                "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "max_position_embeddings": 8192, "tie_word_embeddings": True},
+    "olmo": {"architectures": ["Olmo2ForCausalLM"], "vocab_size": 100352, "hidden_size": 2048,
+             "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 16,
+             "num_key_value_heads": 16, "max_position_embeddings": 4096, "tie_word_embeddings": False},
+    "llama": {"architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 3072,
+              "intermediate_size": 8192, "num_hidden_layers": 28, "num_attention_heads": 24,
+              "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 131072,
+              "tie_word_embeddings": True},
+    "qwen": {"architectures": ["Qwen3ForCausalLM"], "vocab_size": 151936, "hidden_size": 2560,
+             "intermediate_size": 9728, "num_hidden_layers": 36, "num_attention_heads": 32,
+             "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 32768,
+             "tie_word_embeddings": True},
+}
+GIB = 2 ** 30
+
+
+@dataclass
+class Config:
+    gpus: int = 8                     # ranks that FSDP shards over
+    n_enc: int = 4                    # byte blocks of the student (the README's GPU recipe)
+    n_dec: int = 4
+    json: str = ""                    # also write the rows here
+
+
+def teacher_config(name):
+    """(TeacherConfig, where it came from) for a preset name."""
+    path = os.path.join(teachers.TEACHERS_DIR, name, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return teachers.config_from_hf(json.load(f), path), "its config.json"
+    return teachers.config_from_hf(PUBLISHED[name]), "published config"
+
+
+def numel(params):
+    return sum(p.numel() for p in params)
+
+
+def own_numel(unit):
+    """Parameters of an FSDP unit that no inner unit holds (a stack's own: its final norm)."""
+    inner = numel(unit.layers.parameters()) if hasattr(unit, "run_blocks") else 0
+    return numel(unit.parameters()) - inner
+
+
+def per_gpu(student, teacher, trained, gpus):
+    """-> (GiB per GPU without FSDP, with FSDP over `gpus`) for a phase training the names starting with `trained`
+    (teacher None: stage 2, no teacher)."""
+    params = dict(student.named_parameters())
+    n_all = numel(params.values())
+    n_trained = numel(p for n, p in params.items() if n.startswith(trained))
+    tensors_trained = sum(1 for n in params if n.startswith(trained))
+    student_whole = numel(student.parameters(recurse=False))  # outside every unit: stays whole
+    teacher_all = numel(teacher.parameters()) if teacher is not None else 0
+    teacher_blocks = numel(teacher.layers.parameters()) if teacher is not None else 0
+    adam_steps = train.ADAMW_STATE_BYTES * tensors_trained
+    ddp = 4 * n_all + 12 * n_trained + adam_steps + 2 * teacher_all
+    # trained parameters are spread like the rest; the null vector (trained in e2e) is a rounding error here
+    sharded = (4 * (n_all - student_whole) + 12 * n_trained) / gpus + 4 * student_whole + adam_steps
+    frozen = 2 * (teacher_blocks / gpus + teacher_all - teacher_blocks)
+    largest = max(own_numel(u) for u in train.fsdp_units(student))
+    largest_teacher = max((numel(b.parameters()) for b in teacher.layers), default=0) if teacher is not None else 0
+    gathered = 2 * 2 * largest + 4 * largest + 2 * 2 * largest_teacher
+    return ddp / GIB, (sharded + frozen + gathered) / GIB
+
+
+def rows(cfg):
+    out = []
+    for name in ("smollm2", *teachers.PRESETS):
+        tcfg, source = teacher_config(name)
+        scfg = model.StudentConfig.for_teacher(tcfg, n_enc=cfg.n_enc, n_dec=cfg.n_dec)
+        with torch.device("meta"):
+            student, teacher = model.ByteLM(scfg, tcfg), teachers.Teacher(tcfg)
+        s1 = per_gpu(student, teacher, model.ByteLM.ENCODER_SIDE + model.ByteLM.MAIN, cfg.gpus)
+        s2 = per_gpu(student, None, ("",), cfg.gpus)
+        out.append({"preset": name, "config": source, "teacher_params": numel(teacher.parameters()),
+                    "student_params": numel(student.parameters()), "stage1_distill_gib": s1[0],
+                    "stage1_distill_fsdp_gib": s1[1], "stage2_e2e_gib": s2[0], "stage2_e2e_fsdp_gib": s2[1]})
+    return out
+
+
+def main(argv):
+    cfg = train.parse_args(Config, argv)
+    table = rows(cfg)
+    print(f"GiB per GPU, arithmetic from the configurations (not measured): weights, gradients and AdamW state; "
+          f"activations not included. Student byte blocks {cfg.n_enc}+{cfg.n_dec}; FSDP over {cfg.gpus} GPUs.")
+    print(f"| teacher | teacher params | student params | stage 1 distill (main trained) | same, --fsdp x{cfg.gpus} "
+          f"| stage 2 e2e | same, --fsdp x{cfg.gpus} |")
+    print("|---|---|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['preset']} ({r['config']}) | {r['teacher_params'] / 1e9:.2f}B | {r['student_params'] / 1e9:.2f}B "
+              f"| {r['stage1_distill_gib']:.1f} | {r['stage1_distill_fsdp_gib']:.1f} | {r['stage2_e2e_gib']:.1f} "
+              f"| {r['stage2_e2e_fsdp_gib']:.1f} |")
+    if cfg.json:
+        with open(cfg.json, "w") as f:
+            json.dump({"gpus": cfg.gpus, "n_enc": cfg.n_enc, "n_dec": cfg.n_dec, "rows": table}, f, indent=1)
+    return table
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
