@@ -147,11 +147,12 @@ class StudentLM(LM):
             for row, c in enumerate(conts):
                 forced[row, :len(c)] = torch.tensor(list(c), dtype=torch.long)
             logp, greedy = torch.zeros(len(chunk), n), torch.zeros(len(chunk), n, dtype=torch.bool)
-            for t in range(n):
-                new, logits = gen.step(force=forced[:, t])
+            lengths = torch.tensor([len(c) for c in conts], device=gen.x.device)
+            for rows, t, new, logits in gen.run(lengths, force=forced):  # rows out of step (ByteGeneration.run)
                 byte_logp = byte_model.byte_logprobs(logits)
-                logp[:, t] = byte_logp.gather(1, new[:, None])[:, 0].cpu()
-                greedy[:, t] = (byte_logp.argmax(-1) == new).cpu()
+                rows, t = rows.cpu(), t.cpu()
+                logp[rows, t] = byte_logp.gather(1, new[:, None])[:, 0].cpu()
+                greedy[rows, t] = (byte_logp.argmax(-1) == new).cpu()
             for row, (i, c) in enumerate(zip(chunk, conts)):
                 used = len(ctxs[row]) + 1 + len(c)  # 0xFE, the context, the continuation
                 out[i] = (logp[row, :len(c)], greedy[row, :len(c)], gen.x[row, :used].cpu(), gen.ends[row, :used].cpu())
@@ -193,22 +194,17 @@ class StudentLM(LM):
         """Cached generation for a batch of prompts (bytes) -> the texts, each cut before its first stop string."""
         prompts = [keep_last(p, self.max_bytes - max_new_bytes) for p in prompts]
         gen = byte_model.ByteGeneration(self.model, prompts, max_new_bytes)
-        outs, done = [bytearray() for _ in prompts], [False] * len(prompts)
-        for _ in range(max_new_bytes):
-            new, _ = gen.step(temperature)
-            for row, b in enumerate(new.tolist()):
-                if done[row]:
-                    continue
+        outs = [bytearray() for _ in prompts]
+        for rows, _, new, _ in gen.run(max_new_bytes, temperature):  # rows out of step; a finished row stops
+            for row, b in zip(rows.tolist(), new.tolist()):
                 if b == byte_model.BOS_BYTE:  # 0xFE would begin a new document: the text is finished
-                    done[row] = True
+                    gen.live[row] = False
                     continue
                 outs[row].append(b)
                 ended = [s for s in stops if outs[row].endswith(s)]  # checked every byte: the first occurrence
                 if ended:
                     del outs[row][-max(map(len, ended)):]
-                    done[row] = True
-            if all(done):
-                break
+                    gen.live[row] = False
         return [bytes(o).decode("utf-8", errors="replace") for o in outs]
 
 

@@ -298,17 +298,19 @@ def greedy_flag_logprobs(model, texts, batch_size=16):
     for first in range(0, len(order), batch_size):
         chunk = order[first:first + batch_size]
         L = len(texts[chunk[0]])
-        x = torch.full((len(chunk), L), ord(" "), dtype=torch.long)  # padding after a short text is never scored
+        x = torch.full((len(chunk), L), ord(" "), dtype=torch.long)  # after a short text: never used
         for row, i in enumerate(chunk):
             x[row, :len(texts[i])] = torch.tensor(list(texts[i]), dtype=torch.long)
         gen = ByteGeneration(model, [b""] * len(chunk), L)
         logp, joint, flags = torch.zeros(len(chunk), L), torch.zeros(len(chunk), L), torch.zeros(len(chunk), L, dtype=torch.bool)
-        for t in range(L):
-            new, logits = gen.step(force=x[:, t])
-            logp[:, t] = byte_logprobs(logits).gather(1, new[:, None].to(logits.device))[:, 0].cpu()
-            index = new.to(logits.device) + 256 * gen.pending_end.long()
-            joint[:, t] = torch.log_softmax(logits.float(), -1).gather(1, index[:, None])[:, 0].cpu()
-            flags[:, t] = gen.pending_end.cpu()
+        n = torch.tensor([len(texts[i]) for i in chunk], device=gen.x.device)
+        for rows, t, new, logits in gen.run(n, force=x):  # rows out of step: one main-network call for many rows
+            rows, t = rows.cpu(), t.cpu()
+            logp[rows, t] = byte_logprobs(logits).gather(1, new[:, None].to(logits.device))[:, 0].cpu()
+            ends = gen.pending_end[rows.to(logits.device)]
+            index = new.to(logits.device) + 256 * ends.long()
+            joint[rows, t] = torch.log_softmax(logits.float(), -1).gather(1, index[:, None])[:, 0].cpu()
+            flags[rows, t] = ends.cpu()
         for row, i in enumerate(chunk):
             n = len(texts[i])
             out[i] = (logp[row, :n], joint[row, :n], flags[row, :n])
@@ -321,7 +323,12 @@ class ByteGeneration:
     Prefill: the patcher decides the boundaries of all prompt bytes but the last (its one-byte lookahead sees the
     next prompt byte); the last prompt byte's flag is the head's more likely e for that known byte at the previous
     position. After that, every flag is the e half of the sampled index. `x[:, :length]` and `ends` record the bytes
-    and the boundaries used, so a full forward with those ends reproduces every logit."""
+    and the boundaries used, so a full forward with those ends reproduces every logit.
+
+    Two ways to drive it: step() gives every row one byte (rows in lockstep; the main network runs at a step for the
+    rows that close a patch there), run() lets rows get out of step so that the main network runs once for many rows
+    (in a batch nearly every byte closes some row's patch, and a CPU pays the main network's weight reads per call,
+    however few rows it takes). Each row's bytes and logits are the same either way; only the order of work differs."""
 
     def __init__(self, model, prompts, max_new_bytes):
         self.model = model
@@ -333,6 +340,7 @@ class ByteGeneration:
         for i, p in enumerate(prompts):
             self.x[i, :len(p)] = torch.tensor(list(p), device=dev)
         self.ends = torch.zeros(B, total, dtype=torch.bool, device=dev)
+        self.rows = torch.arange(B, device=dev)
         self.enc_cache = model.encoder.new_cache(B, total)
         self.dec_cache = model.decoder.new_cache(B, total)
         self.main_cache = model.main.new_cache(B, min(total, model.tcfg.max_seq_len))
@@ -340,8 +348,7 @@ class ByteGeneration:
 
     @torch.no_grad()
     def _prefill(self, L):
-        m, x, lens = self.model, self.x[:, :L], self.lens
-        rows = torch.arange(len(lens), device=x.device)
+        m, x, lens, rows = self.model, self.x[:, :L], self.lens, self.rows
         h = m.encode(x, cache=self.enc_cache, advance=lens)
         t = torch.arange(L, device=x.device)[None]
         ends = (m.boundary_probs(h) > m.scfg.boundary_threshold) & (t < lens[:, None] - 1)
@@ -357,6 +364,7 @@ class ByteGeneration:
         last = x[rows, lens - 1]
         # The last prompt byte's flag: the head's more likely e for that byte; a lone BOS byte is its own patch.
         self.pending_end = (prev[rows, last + 256] > prev[rows, last]) | (lens == 1)
+        self.waiting = self.pending_end.clone()  # rows whose newest patch the main network has not yet taken
         self.h_last = h[rows, lens - 1]
         self.ends[:, :L] = ends
         self.done = torch.zeros_like(lens, dtype=torch.bool)
@@ -367,31 +375,79 @@ class ByteGeneration:
         """Produce one byte per row -> (new bytes (B,), logits (B, 512) that they were sampled from).
         force (B,) appends those bytes instead of sampling, each with the flag greedy generation would give it (the
         likelier half of the head for that byte): teacher-forced scoring of text under greedy causal boundaries."""
-        m, rows, t = self.model, torch.arange(len(self.lens), device=self.x.device), self.lens - 1
-        closes = self.pending_end
-        self.ends[rows, t] = closes
-        closing = closes.nonzero()[:, 0]
+        closing = self.waiting.nonzero()[:, 0]
         if len(closing):  # those rows' newest bytes end patches: the main network steps once, on those rows only
-            cache = self.main_cache if len(closing) == len(rows) else self.main_cache.select(closing)
-            self.y_cur[closing] = m.main.run_blocks(self.h_last[closing, None], cache=cache)[:, 0]
+            self.close_patches(closing)
+        return self.step_rows(self.rows, temperature, top_k, top_p, generator, force)
+
+    @torch.no_grad()
+    def run(self, n, temperature=1.0, top_k=None, top_p=None, generator=None, force=None, wait=1.0):
+        """Generate n more bytes in every row (an int, or (B,) per row), rows out of step: a row whose newest byte closes a patch waits while
+        the others go on, and the main network runs once for all waiting rows when no other row can go on, or when
+        at least `wait` of the rows still generating are waiting (wait=1.0: only then). Clear `live[i]` between
+        steps to finish row i early (a stop string, 0xFE). force (B, n): teacher-forced bytes as in step().
+        Yields (rows (R,), offsets (R,): how many bytes each of those rows had made before this one, their new bytes
+        (R,), logits (R, 512)) for every byte step."""
+        start = self.lens.clone()
+        self.live = torch.ones_like(self.done)
+        while True:
+            live = self.live & (self.lens - start < n)
+            n_live = int(live.sum())
+            if n_live == 0:
+                return
+            waiting = live & self.waiting
+            n_wait = int(waiting.sum())
+            if n_wait and (n_wait == n_live or n_wait >= wait * n_live):
+                self.close_patches(waiting.nonzero()[:, 0])
+                continue
+            rows = (live & ~self.waiting).nonzero()[:, 0]
+            offsets = self.lens[rows] - start[rows]
+            forced = None if force is None else force.to(self.x.device)[rows, offsets]
+            new, logits = self.step_rows(rows, temperature, top_k, top_p, generator, forced)
+            yield rows, offsets, new, logits
+
+    @torch.no_grad()
+    def close_patches(self, rows):
+        """The main network takes the newest patch of these rows (R,) (each waiting: its newest byte closes a patch),
+        stepping only their cache entries; the other rows' entries and positions do not move."""
+        m = self.model
+        self.ends[rows, self.lens[rows] - 1] = True
+        cache = self.main_cache if len(rows) == len(self.rows) else self.main_cache.select(rows)
+        self.y_cur[rows] = m.main.run_blocks(self.h_last[rows, None], cache=cache)[:, 0]
+        if m.scfg.prior_vocab:
+            self.cum[rows] = m.prior_cumulative(self.y_cur[rows])
+        self.waiting[rows] = False
+
+    @torch.no_grad()
+    def step_rows(self, rows, temperature=1.0, top_k=None, top_p=None, generator=None, force=None):
+        """One byte for each of these rows (R,) (none waiting for the main network), through the encoder and decoder
+        caches of only those rows -> (new bytes (R,), logits (R, 512)). force (R,) as in step()."""
+        m, everyone = self.model, len(rows) == len(self.rows)
+        if bool(self.waiting[rows].any()):
+            raise RuntimeError("a row's newest patch has not gone through the main network (close_patches)")
+        t, closes = self.lens[rows] - 1, self.pending_end[rows]
+        self.ends[rows, t] = closes
+        last = self.x[rows, t]
         prior = None
         if m.scfg.prior_vocab:  # the prior at the newest byte: a closed patch starts the trie walk afresh
-            if len(closing):
-                self.cum[closing] = m.prior_cumulative(self.y_cur[closing])
-            self.node = torch.where(closes, 0, m.trie.step(self.node, self.x[rows, t]))
-            prior = m.prior_at(self.cum, rows, self.node)[:, None]
-        logits = m.decode(self.x[rows, t][:, None], self.h_last[:, None], self.y_cur[:, None], cache=self.dec_cache,
-                          prior=prior)[:, 0]
+            node = torch.where(closes, 0, m.trie.step(self.node[rows], last))
+            self.node[rows] = node
+            prior = m.prior_at(self.cum, rows, node)[:, None]
+        logits = m.decode(last[:, None], self.h_last[rows, None], self.y_cur[rows, None], prior=prior,
+                          cache=self.dec_cache if everyone else self.dec_cache.select(rows))[:, 0]
         if force is not None or temperature == 0:  # greedy: the likeliest byte (both halves summed), then its flag
             new = byte_logprobs(logits).argmax(-1) if force is None else force.to(self.x.device)
-            self.pending_end = logits[rows, new + 256] > logits[rows, new]
+            r = torch.arange(len(rows), device=logits.device)
+            pending = logits[r, new + 256] > logits[r, new]
         else:
             index = sample_from_logits(logits, temperature, top_k, top_p, generator)[:, 0]
-            new, self.pending_end = index % 256, index >= 256
-        self.done |= new == BOS_BYTE  # 0xFE would start a new document: the row is finished
-        self.x[rows, self.lens] = new
-        self.lens = self.lens + 1
-        self.h_last = m.encode(new[:, None], cache=self.enc_cache)[:, 0]
+            new, pending = index % 256, index >= 256
+        self.pending_end[rows], self.waiting[rows] = pending, pending
+        self.done[rows] |= new == BOS_BYTE  # 0xFE would start a new document: the row is finished
+        self.x[rows, t + 1] = new
+        self.lens[rows] = t + 2
+        enc = self.enc_cache if everyone else self.enc_cache.select(rows)
+        self.h_last[rows] = m.encode(new[:, None], cache=enc)[:, 0]
         return new, logits
 
 

@@ -88,20 +88,20 @@ def sample_student(cfg, prompts):
     if len(texts) == 1:
         emit(streams[0], texts[0], cfg)
     t0, n = time.perf_counter(), 0
-    for _ in range(cfg.max_bytes):
-        new, _ = run.step(cfg.temperature, cfg.top_k or None, cfg.top_p, gen)
-        for i, b in enumerate(new.tolist()):
-            if not outputs[i] or outputs[i][-1] != model.BOS_BYTE:
-                outputs[i].append(b)
-                n += 1
-                if len(texts) == 1 and b != model.BOS_BYTE:
-                    emit(streams[0], bytes([b]), cfg)
-        if bool(run.done.all()):
-            break
+    # rows out of step (ByteGeneration.run): one main-network call serves many rows; a row stops at its first 0xFE
+    for rows, _, new, _ in run.run(cfg.max_bytes, cfg.temperature, cfg.top_k or None, cfg.top_p, gen):
+        for i, b in zip(rows.tolist(), new.tolist()):
+            if b == model.BOS_BYTE:  # 0xFE would begin a new document: not printed
+                run.live[i] = False
+                continue
+            outputs[i].append(b)
+            n += 1
+            if len(texts) == 1:
+                emit(streams[0], bytes([b]), cfg)
     if len(texts) == 1:
         emit(streams[0], b"", cfg, final=True)  # a sequence cut off at the end shows as U+FFFD
     seconds = time.perf_counter() - t0
-    return texts, [bytes(o).rstrip(bytes([model.BOS_BYTE])) for o in outputs], n, seconds
+    return texts, [bytes(o) for o in outputs], n, seconds
 
 
 def sample_teacher(cfg, prompts):

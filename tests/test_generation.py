@@ -122,3 +122,97 @@ def test_cache_stepped_through_row_subsets_equals_full_forward(teacher):
                 want = teacher(torch.tensor([seqs[b]]))[0, -1]
                 assert max_diff(logits[r], want) < 1e-5, (rows, b)
         assert cache.pos.tolist() == [len(s) for s in seqs]
+
+
+# -- rows out of step (ByteGeneration.run) ---------------------------------------------------------------------
+
+def run_out_of_step(student, prompts, forced=None, wait=1.0):
+    """ByteGeneration.run over N_NEW bytes -> (generator, logits (B, N_NEW, 512) by each row's own byte index)."""
+    gen = ByteGeneration(student, prompts, N_NEW)
+    logits = torch.zeros(len(prompts), N_NEW, 512, dtype=gen.y_cur.dtype)
+    seen = torch.zeros(len(prompts), N_NEW, dtype=torch.long)
+    for rows, offsets, _, step_logits in gen.run(N_NEW, temperature=0.0, force=forced, wait=wait):
+        logits[rows, offsets] = step_logits
+        seen[rows, offsets] += 1
+    assert bool((seen == 1).all())  # every row made each of its bytes exactly once
+    return gen, logits
+
+
+@pytest.mark.parametrize("wait", [1.0, 0.5])
+@pytest.mark.parametrize("forced", [False, True])
+def test_rows_out_of_step_equal_lockstep(student64, forced, wait):
+    """run() lets rows wait for the main network while others go on: each row's bytes, boundaries, prefill and step
+    logits and main-network positions equal lockstep step() (which equals each row alone, above), fp64."""
+    x = forced_bytes(8) if forced else None
+    lock, lock_logits, _ = run(student64, PROMPTS, x)
+    gen, logits = run_out_of_step(student64, PROMPTS, x, wait)
+    assert gen.lens.tolist() == lock.lens.tolist()
+    for i in range(len(PROMPTS)):
+        n = int(gen.lens[i])
+        assert torch.equal(gen.x[i, :n], lock.x[i, :n]) and torch.equal(gen.ends[i, :n], lock.ends[i, :n])
+        assert max_diff(logits[i], lock_logits[i]) < 1e-10
+    assert torch.equal(gen.pending_end, lock.pending_end)
+    assert gen.main_cache.pos.tolist() == lock.main_cache.pos.tolist()
+
+
+def count_main_calls(student, monkeypatch, drive):
+    """-> the row counts handed to the main network while drive() runs (prefill excluded by the caller)."""
+    sizes = []
+    run_blocks = student.main.run_blocks
+    monkeypatch.setattr(student.main, "run_blocks", lambda x, **k: sizes.append(len(x)) or run_blocks(x, **k))
+    drive()
+    monkeypatch.setattr(student.main, "run_blocks", run_blocks)
+    return sizes
+
+
+def test_run_hands_the_main_network_exactly_the_waiting_rows(student, monkeypatch):
+    """With wait=1.0 the main network runs only when no live row can make a byte, on exactly the rows waiting (their
+    newest byte states); the other rows' main-network entries do not move. It runs fewer times than in lockstep."""
+    x = forced_bytes(9)
+    gen = ByteGeneration(student, PROMPTS, N_NEW)
+    checked = []
+    close = gen.close_patches
+
+    def checked_close(rows):
+        live = gen.live & (gen.lens - start < N_NEW)
+        assert torch.equal(rows, (live & gen.waiting).nonzero()[:, 0])
+        assert not bool((live & ~gen.waiting).any())  # nobody could go on
+        want, pos = gen.h_last[rows].clone(), gen.main_cache.pos.clone()
+        keys = [k.clone() for k in gen.main_cache.k]
+        sizes = count_main_calls(student, monkeypatch, lambda: close(rows))
+        assert sizes == [len(rows)] and torch.equal(want, gen.h_last[rows])
+        others = torch.ones(len(PROMPTS), dtype=torch.bool)
+        others[rows] = False
+        assert gen.main_cache.pos.tolist() == (pos + (~others).long()).tolist()
+        for before, after in zip(keys, gen.main_cache.k):
+            assert torch.equal(before[others], after[others])
+        checked.append(len(rows))
+
+    start = gen.lens.clone()
+    gen.close_patches = checked_close
+    for _ in gen.run(N_NEW, force=x):
+        pass
+    lock = ByteGeneration(student, PROMPTS, N_NEW)
+    lock_sizes = count_main_calls(student, monkeypatch, lambda: [lock.step(force=x[:, t]) for t in range(N_NEW)])
+    assert sum(checked) == sum(lock_sizes) and gen.main_cache.pos.tolist() == lock.main_cache.pos.tolist()
+    assert len(checked) < len(lock_sizes) and max(checked) > 1  # fewer calls, with several rows each
+
+
+def test_run_with_sampling_equals_the_full_forward(student64):
+    """Sampled bytes (temperature 1, seeded), rows out of step: every logit equals a full forward of that row's bytes
+    with the boundaries the generator used; clearing live stops a row where it is; n per row."""
+    n = torch.tensor([N_NEW, 5, N_NEW, 12])
+    gen = ByteGeneration(student64, PROMPTS, N_NEW)
+    logits = torch.zeros(len(PROMPTS), N_NEW, 512, dtype=torch.float64)
+    for rows, offsets, new, step_logits in gen.run(n, 1.0, None, None, torch.Generator().manual_seed(2)):
+        logits[rows, offsets] = step_logits
+        if 2 in rows.tolist() and int(offsets[rows.tolist().index(2)]) == 7:
+            gen.live[2] = False  # row 2 stops after its 8th byte
+    made = (gen.lens - torch.tensor([len(p) + 1 for p in PROMPTS])).tolist()
+    assert made == [N_NEW, 5, 8, 12]
+    for i, prompt in enumerate(PROMPTS):
+        L, total = len(prompt) + 1, int(gen.lens[i])
+        with torch.no_grad():
+            full, _, _ = student64(gen.x[i:i + 1, :total], ends=gen.ends[i:i + 1, :total])
+        assert max_diff(gen.prefill_logits[i], full[0, :L - 1]) < 1e-10
+        assert max_diff(logits[i, :made[i]], full[0, L - 1:total - 1]) < 1e-10

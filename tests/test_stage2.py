@@ -358,6 +358,8 @@ def test_generate_json_has_speeds_by_batch_size(full, tmp_path):
         s, t = got["student_bytes_per_s"][b], got["teacher_bytes_per_s"][b]
         assert math.isfinite(s) and s > 0 and math.isfinite(t) and t > 0
         assert got["ratio"][b] == pytest.approx(s / t, rel=1e-12)
+        assert 1.0 <= got["rows_per_main_call"][b] <= int(b)
+        assert got["lockstep_ratio"][b] == pytest.approx(got["lockstep_bytes_per_s"][b] / t, rel=1e-12)
     assert 1.0 < got["teacher_bytes_per_token"] < 10.0
 
 
