@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded default, on a fresh machine: install, prepare the Shakespeare shards for the
-# SmolLM2-135M teacher, stage 1 (align -> distill -> boundary; the byte head gets the teacher's prior, --prior=True),
+# SmolLM2-135M teacher, stage 1 (align -> distill -> boundary; the byte head gets the teacher's prior, the default),
 # stage 2 (decoder warm-up -> end to end), the fidelity benchmark on held-out Hamlet and the Python reference
 # topics (first 10,000 bytes of each), generation speed, samples from the byte model next to the teacher's, a closing
 # table and PNG plots. This pipeline (with the prior, without the decoder phase) has not been timed end to end on a
@@ -13,7 +13,7 @@ PY=.venv/bin/python
 OUT=${OUT:-out}
 PROMPT="HAMLET. To be, or not to be, that is the question:"
 $PY data.py --teacher=smollm2
-$PY stage1_kd.py --out_dir=$OUT/stage1 --prior=True "$@"
+$PY stage1_kd.py --out_dir=$OUT/stage1 "$@"
 $PY stage2_sft.py --init=$OUT/stage1 --out_dir=$OUT/stage2 --warmup_bytes=300000
 $PY bench/fidelity.py --ckpt=$OUT/stage2 --max_bytes=10000 --json=$OUT/fidelity.json
 $PY bench/generate.py --ckpt=$OUT/stage2 --batch_sizes=1 --new_bytes=128 --json=$OUT/generate.json

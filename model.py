@@ -316,6 +316,55 @@ def greedy_flag_logprobs(model, texts, batch_size=16):
             out[i] = (logp[row, :n], joint[row, :n], flags[row, :n])
     return out
 
+@torch.no_grad()
+def late_flag_logprobs(model, texts):
+    """The student's likelihood of byte strings when each boundary flag is decided one byte later: byte t+1's
+    probability sums over both flags of byte t, p(b_t+1) = sum_e p(e_t = e | bytes <= t) p(b_t+1 | e_t = e), and e_t is
+    then the likelier flag given b_t+1 as well. Every flag is a function of the bytes already seen, so the product is the
+    exact likelihood of a well-defined byte model; a flag the next byte contradicts costs little here, where greedy flags
+    (greedy_flag_logprobs) pay a dead end. That model is not what ByteGeneration samples: a generator following it
+    runs the main network at every byte (for the "ends" hypothesis), not once per patch. Texts in one lockstep batch,
+    each from a fresh document start. -> per text (log p(byte) (n,), flags (n,) bool), fp32, natural log."""
+    m, B, L = model, len(texts), max(map(len, texts))
+    x = torch.full((B, L), ord(" "), dtype=torch.long)  # after a short text: never used
+    for i, t in enumerate(texts):
+        x[i, :len(t)] = torch.tensor(list(t), dtype=torch.long)
+    gen = ByteGeneration(m, [b""] * B, L)
+    x, rows, stay = x.to(gen.x.device), gen.rows, torch.zeros(B, dtype=torch.long, device=gen.x.device)
+    prev = gen.step(force=x[:, 0])[1]  # byte 0 follows the document start, its own patch
+    logp = torch.zeros(B, L, device=x.device)
+    logp[:, 0] = byte_logprobs(prev).gather(1, x[:, :1])[:, 0]
+    for t in range(1, L):
+        last, nxt = x[:, t - 1], x[:, t]  # last: the newest byte, whose flag is open; nxt: the byte to score
+        log_e = torch.log_softmax(torch.stack([prev[rows, last], prev[rows, last + 256]], 1).float(), 1)
+        y_end = m.main.run_blocks(gen.h_last[:, None], cache=gen.main_cache, advance=stay)[:, 0]  # not kept yet
+        hyp = []
+        for ends in (False, True):  # the decoder at byte t under each flag; the cache keeps neither yet
+            y, prior = (y_end if ends else gen.y_cur), None
+            if m.scfg.prior_vocab:
+                cum = m.prior_cumulative(y_end) if ends else gen.cum
+                node = torch.zeros_like(gen.node) if ends else m.trie.step(gen.node, last)
+                prior = m.prior_at(cum, rows, node)[:, None]
+            logits = m.decode(last[:, None], gen.h_last[:, None], y[:, None], cache=gen.dec_cache, advance=stay,
+                              prior=prior)[:, 0]
+            hyp.append((logits, prior, cum, node) if m.scfg.prior_vocab else (logits, prior))
+        joint = log_e + torch.stack([byte_logprobs(h[0]).gather(1, nxt[:, None])[:, 0] for h in hyp], 1)
+        logp[:, t] = torch.logsumexp(joint, 1)
+        e = joint[:, 1] > joint[:, 0]  # the flag of byte t, now that byte t+1 is known
+        gen.main_cache.advance(e.long())  # keep the main network's step for the rows whose patch ended
+        gen.y_cur = torch.where(e[:, None], y_end, gen.y_cur)
+        prior = None
+        if m.scfg.prior_vocab:
+            gen.cum, gen.node = torch.where(e[:, None], hyp[1][2], gen.cum), torch.where(e, hyp[1][3], hyp[0][3])
+            prior = torch.where(e[:, None, None], hyp[1][1], hyp[0][1])
+        prev = m.decode(last[:, None], gen.h_last[:, None], gen.y_cur[:, None], cache=gen.dec_cache, prior=prior)[:, 0]
+        gen.ends[rows, t] = e  # position t of gen.x is byte t - 1 of the text (0xFE first)
+        gen.x[:, t + 1], gen.lens = nxt, gen.lens + 1
+        gen.h_last = m.encode(nxt[:, None], cache=gen.enc_cache)[:, 0]
+    late_flag_logprobs.last = gen  # the bytes and flags used, for tests
+    return [(logp[i, :len(t)].cpu(), gen.ends[i, 1:len(t) + 1].cpu()) for i, t in enumerate(texts)]
+
+
 class ByteGeneration:
     """Cached byte generation for a batch of prompts (each a bytes object; 0xFE is prepended).
 

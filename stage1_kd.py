@@ -50,8 +50,8 @@ class Config:
     n_dec: int = 2
     local_window: int = 256
     proj_hidden: int = -1             # SwiGLU hidden width of the projection to the teacher; 0 = linear, -1 = default
-    prior: bool = False               # the byte head adds a learned multiple of the teacher's own prior for each byte
-                                      # of a patch (README: Method); False = the reference recipe's pure learned head
+    prior: bool = True                # the byte head adds a learned multiple of the teacher's own prior for each byte
+                                      # of a patch (README: Method, Results); False = the paper's pure learned head
     # phases: budgets in training bytes (all ranks together) and learning rates
     align_bytes: int = 1_000_000     # CPU demo budgets: about 4 + 3 + 1 minutes on 2 cores (see README for GPU)
     align_lr: float = 3e-3            # 3e-3 beat 1e-3 for the same CPU minutes (a prototype here)

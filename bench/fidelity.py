@@ -25,6 +25,10 @@ The figures, per text:
   student_bpb_joint        -log2 p(byte, flag used) along the same flags: an upper bound (flags as a latent variable)
   student_bpb_lookahead    NOT a likelihood, printed to compare with older figures: summed halves with the patcher's
                            flags, which look at the next byte (one bit of it leaks into the input)
+  student_bpb_late_flags   with --late_flags=True: every flag decided one byte late (model.late_flag_logprobs): the
+                           next byte's probability summed over both flags of the byte before, then that flag fixed.
+                           A proper likelihood too, of a byte model that generation does not follow yet (it would run
+                           the main network at every byte); slow, the main network runs at every byte here too
   F1 of the patcher's ends and of the head's greedy flags against the teacher's token ends (the patcher's forced last
   byte of each segment excluded); bytes per patch under the greedy flags against the teacher's bytes per token.
 Default texts: held-out Hamlet (a validation play, never trained on) and the Python reference topics
@@ -42,7 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import data  # noqa: E402
 import model  # noqa: E402
-from model import greedy_flag_logprobs  # noqa: E402
+from model import greedy_flag_logprobs, late_flag_logprobs  # noqa: E402
 import train  # noqa: E402
 from teacher import load_teacher  # noqa: E402
 from targets import ByteTrie, exact_byte_targets, next_token_nodes, teacher_greedy_logprobs  # noqa: E402
@@ -69,7 +73,8 @@ def segments(aligned, window):
 
 FIGURES = {"teacher": "teacher_bpb", "teacher_byte": "teacher_byte_bpb", "teacher_greedy": "teacher_byte_bpb_greedy",
            "student_token": "student_token_bpb", "student_true_patches": "student_bpb_true_patches",
-           "student": "student_bpb", "student_joint": "student_bpb_joint", "student_lookahead": "student_bpb_lookahead"}
+           "student": "student_bpb", "student_joint": "student_bpb_joint", "student_lookahead": "student_bpb_lookahead",
+           "student_late": "student_bpb_late_flags"}
 
 
 def f1(pred, truth):
@@ -103,13 +108,13 @@ def parallel_figures(student, teacher, trie, tok, seg):
     return {k: float(v) for k, v in nats.items()}, patcher_ends[0, 1:]
 
 
-def score(student, teacher, tok, trie, text, window):
+def score(student, teacher, tok, trie, text, window, late=False):
     """One text's figures (see score_texts)."""
-    return score_texts(student, teacher, tok, trie, {"text": text}, window)["text"]
+    return score_texts(student, teacher, tok, trie, {"text": text}, window, late)["text"]
 
 
 @torch.no_grad()
-def score_texts(student, teacher, tok, trie, texts, window):
+def score_texts(student, teacher, tok, trie, texts, window, late=False):
     """texts {name: str} -> {name: figures}. The byte-by-byte passes (the teacher's and the student's greedy flags)
     run over the segments of all texts in one batch: a step costs about the same for 10 rows as for 40 on a CPU."""
     segs, parts = {}, {}
@@ -121,19 +126,23 @@ def score_texts(student, teacher, tok, trie, texts, window):
     flat = [(name, bytes(seg[0].tolist())) for name, (_, ss) in segs.items() for seg in ss]
     teacher_greedy = teacher_greedy_logprobs(teacher, trie, tok.doc_start_id, [t for _, t in flat])
     student_greedy = greedy_flag_logprobs(student, [t for _, t in flat], batch_size=len(flat))
-    for (name, _), tg, sg in zip(flat, teacher_greedy, student_greedy):
-        parts.setdefault(name, []).append((tg, sg))
+    student_late = late_flag_logprobs(student, [t for _, t in flat]) if late else [None] * len(flat)
+    for (name, _), tg, sg, sl in zip(flat, teacher_greedy, student_greedy, student_late):
+        parts.setdefault(name, []).append((tg, sg, sl))
     return {name: text_figures(student, teacher, tok, trie, aligned, ss, parts[name])
             for name, (aligned, ss) in segs.items()}
 
 
 def text_figures(student, teacher, tok, trie, aligned, segs, greedy):
-    """One text's figures from its segments and their greedy passes [(teacher's, student's)]."""
+    """One text's figures from its segments and their byte-by-byte passes [(teacher's greedy, student's greedy,
+    student's late flags or None)]."""
     nats, patcher, patcher_truth, head, truth = {}, [], [], [], []
-    for seg, ((t_logp, _, dead), (logp, joint, flags)) in zip(segs, greedy):
+    for seg, ((t_logp, _, dead), (logp, joint, flags), late) in zip(segs, greedy):
         part, patcher_ends = parallel_figures(student, teacher, trie, tok, seg)
         part.update(teacher_greedy=-t_logp.sum().item(), dead_ends=dead, student=-logp.double().sum().item(),
                     student_joint=-joint.double().sum().item())
+        if late is not None:
+            part["student_late"] = -late[0].double().sum().item()
         for k, v in part.items():
             nats[k] = nats.get(k, 0.0) + v
         truth.append(torch.from_numpy(seg[1]))
@@ -144,6 +153,8 @@ def text_figures(student, teacher, tok, trie, aligned, segs, greedy):
     r = {FIGURES[k]: v / math.log(2) / n_bytes for k, v in nats.items() if k in FIGURES}
     r.update(bytes=n_bytes, tokens=n_tokens, bytes_per_token=n_bytes / n_tokens, teacher_dead_ends=int(nats["dead_ends"]))
     r["ratio"] = r["student_bpb"] / r["teacher_bpb"]
+    if "student_bpb_late_flags" in r:
+        r["ratio_late_flags"] = r["student_bpb_late_flags"] / r["teacher_bpb"]
     head, truth = torch.cat(head), torch.cat(truth)
     r["patcher_precision"], r["patcher_recall"], r["patcher_f1"] = f1(torch.cat(patcher), torch.cat(patcher_truth))
     r["head_precision"], r["head_recall"], r["head_f1"] = f1(head, truth)
@@ -168,6 +179,14 @@ def print_tables(results):
               f"({r['teacher_dead_ends']}) | {r['student_token_bpb']:.3f} | {r['student_bpb_true_patches']:.3f} | "
               f"{r['student_bpb']:.3f} | {r['student_bpb_lookahead']:.3f} | {r['patcher_f1']:.3f} / "
               f"{r['head_f1']:.3f} |", flush=True)
+    late = {name: r for name, r in results.items() if "student_bpb_late_flags" in r}
+    if late:
+        print("\nflags decided one byte late (a proper likelihood of a model that generation does not follow yet):")
+        print("| text | teacher bpb | student bpb, greedy flags | ratio | student bpb, late flags | ratio |")
+        print("|---|---|---|---|---|---|")
+        for name, r in late.items():
+            print(f"| {name} | {r['teacher_bpb']:.3f} | {r['student_bpb']:.3f} | {r['ratio']:.2f} | "
+                  f"{r['student_bpb_late_flags']:.3f} | {r['ratio_late_flags']:.2f} |", flush=True)
 
 
 @dataclass
@@ -176,6 +195,7 @@ class Config:
     text: list = field(default_factory=list)  # repeatable; default: held-out Hamlet and the pydoc topics
     max_bytes: int = 20000      # score the first max_bytes of each text
     window: int = 512           # tokens per segment, the document-start token included (capped at the teacher's)
+    late_flags: bool = False    # also score with every flag decided one byte late (slow: see student_bpb_late_flags)
     json: str = ""
 
 
@@ -199,7 +219,7 @@ def main(argv):
           f"segments of {window - 1} tokens, each scored from a fresh document start (see the docstring)")
     texts = {name: tok.normalize(text).encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
              for name, text in texts.items()}
-    results = score_texts(student, teacher, tok, ByteTrie(tok.id_to_bytes), texts, window)
+    results = score_texts(student, teacher, tok, ByteTrie(tok.id_to_bytes), texts, window, cfg.late_flags)
     print_tables(results)
     if cfg.json:
         with open(cfg.json, "w") as f:

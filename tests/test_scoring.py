@@ -3,8 +3,8 @@ them. Oracles: a full forward per prefix with the flags decided so far, and gene
 import pytest
 import torch
 
-from model import ByteGeneration, byte_logprobs, greedy_flag_logprobs
-from test_student import build_student, build_teacher
+from model import ByteGeneration, byte_logprobs, greedy_flag_logprobs, late_flag_logprobs
+from test_student import build_student, build_teacher, max_diff
 from tokenizer import DOC_START_BYTE
 
 TEXTS = [b"To be, or not to be", b"ab", "caf\u00e9 \u20ac!".encode(), b"x" * 30]
@@ -60,3 +60,48 @@ def test_equals_what_greedy_generation_assigns(student):
     logp, _, got_flags = greedy_flag_logprobs(student, [text])[0]
     assert torch.allclose(logp, torch.tensor(logps), atol=1e-5)
     assert got_flags.tolist() == flags
+
+
+def late_reference(student, text):
+    """O(n^2) oracle for late_flag_logprobs: byte t+1's probability from two full forwards over [0xFE] + text[:t+1],
+    with byte t's flag open (continue, end) and the earlier flags as decided, mixed by that flag's probability from the
+    forward one byte before; byte t's flag is then the hypothesis under which byte t+1 is likelier."""
+    x, ends = [DOC_START_BYTE], [True]
+    logits, _, _ = student(torch.tensor([x]), ends=torch.tensor([ends]))
+    prev = logits[0, -1]
+    logp, flags = [byte_logprobs(prev)[text[0]].item()], []
+    x.append(text[0])
+    for v in text[1:]:
+        last = x[-1]
+        log_e = torch.log_softmax(torch.stack([prev[last], prev[last + 256]]).double(), 0)
+        hyp = [student(torch.tensor([x]), ends=torch.tensor([ends + [e]]))[0][0, -1] for e in (False, True)]
+        joint = log_e + torch.stack([byte_logprobs(h)[v] for h in hyp]).double()
+        logp.append(torch.logsumexp(joint, 0).item())
+        flags.append(bool(joint[1] > joint[0]))
+        ends.append(flags[-1])
+        prev = hyp[int(flags[-1])]
+        x.append(v)
+    return torch.tensor(logp, dtype=torch.float64), torch.tensor(flags)
+
+
+def check_late(student, texts, tol):
+    got = late_flag_logprobs(student, texts)
+    flipped = 0
+    for text, (logp, flags), (_, _, greedy) in zip(texts, got, greedy_flag_logprobs(student, texts)):
+        want_logp, want_flags = late_reference(student, text)
+        assert torch.equal(flags[:len(text) - 1], want_flags)
+        assert max_diff(logp.double(), want_logp) < tol
+        flipped += int((flags[:-1] != greedy[:-1]).sum())
+    assert flipped > 0  # the next byte overturned some greedy flags: the two rules were told apart
+
+
+def test_late_flags_equal_full_forward_oracle(student):
+    """Late flags (model.late_flag_logprobs) in one batch equal the oracle (an fp64 model)."""
+    check_late(build_student(build_teacher()).double(), TEXTS, 1e-6)  # flags exact; log-probs come back fp32
+
+
+def test_late_flags_with_the_prior_equal_full_forward_oracle():
+    """The same with the byte-head prior (its trie walk and patch distributions follow the decided flags); fp32, as
+    the prior computes its patch distributions in fp32."""
+    from test_prior import prior_student
+    check_late(prior_student(build_teacher()), TEXTS[:3], 1e-4)
