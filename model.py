@@ -303,8 +303,8 @@ def greedy_flag_logprobs(model, texts, batch_size=16):
             x[row, :len(texts[i])] = torch.tensor(list(texts[i]), dtype=torch.long)
         gen = ByteGeneration(model, [b""] * len(chunk), L)
         logp, joint, flags = torch.zeros(len(chunk), L), torch.zeros(len(chunk), L), torch.zeros(len(chunk), L, dtype=torch.bool)
-        n = torch.tensor([len(texts[i]) for i in chunk], device=gen.x.device)
-        for rows, t, new, logits in gen.run(n, force=x):  # rows out of step: one main-network call for many rows
+        lengths = torch.tensor([len(texts[i]) for i in chunk], device=gen.x.device)
+        for rows, t, new, logits in gen.run(lengths, force=x):  # rows out of step: one main-network call for many rows
             rows, t = rows.cpu(), t.cpu()
             logp[rows, t] = byte_logprobs(logits).gather(1, new[:, None].to(logits.device))[:, 0].cpu()
             ends = gen.pending_end[rows.to(logits.device)]
@@ -316,15 +316,17 @@ def greedy_flag_logprobs(model, texts, batch_size=16):
             out[i] = (logp[row, :n], joint[row, :n], flags[row, :n])
     return out
 
+
 @torch.no_grad()
 def late_flag_logprobs(model, texts):
     """The student's likelihood of byte strings when each boundary flag is decided one byte later: byte t+1's
-    probability sums over both flags of byte t, p(b_t+1) = sum_e p(e_t = e | bytes <= t) p(b_t+1 | e_t = e), and e_t is
-    then the likelier flag given b_t+1 as well. Every flag is a function of the bytes already seen, so the product is the
-    exact likelihood of a well-defined byte model; a flag the next byte contradicts costs little here, where greedy flags
-    (greedy_flag_logprobs) pay a dead end. That model is not what ByteGeneration samples: a generator following it
-    runs the main network at every byte (for the "ends" hypothesis), not once per patch. Texts in one lockstep batch,
-    each from a fresh document start. -> per text (log p(byte) (n,), flags (n,) bool), fp32, natural log."""
+    probability sums over both flags of byte t, p(b_t+1) = sum_e p(e_t = e | bytes <= t) p(b_t+1 | e_t = e), and
+    e_t is then the likelier flag given b_t+1 as well. Every flag is a function of the bytes already seen, so the
+    product is the exact likelihood of a well-defined byte model; a flag the next byte contradicts costs little here,
+    where greedy flags (greedy_flag_logprobs) pay a dead end. That model is not what ByteGeneration samples: a
+    generator following it runs the main network at every byte (for the "ends" hypothesis), not once per patch.
+    Texts in one lockstep batch, each from a fresh document start. -> per text (log p(byte) (n,), flags (n,) bool),
+    fp32, natural log."""
     m, B, L = model, len(texts), max(map(len, texts))
     x = torch.full((B, L), ord(" "), dtype=torch.long)  # after a short text: never used
     for i, t in enumerate(texts):
@@ -340,14 +342,14 @@ def late_flag_logprobs(model, texts):
         y_end = m.main.run_blocks(gen.h_last[:, None], cache=gen.main_cache, advance=stay)[:, 0]  # not kept yet
         hyp = []
         for ends in (False, True):  # the decoder at byte t under each flag; the cache keeps neither yet
-            y, prior = (y_end if ends else gen.y_cur), None
+            y, prior, cum, node = (y_end if ends else gen.y_cur), None, None, None
             if m.scfg.prior_vocab:
                 cum = m.prior_cumulative(y_end) if ends else gen.cum
                 node = torch.zeros_like(gen.node) if ends else m.trie.step(gen.node, last)
                 prior = m.prior_at(cum, rows, node)[:, None]
             logits = m.decode(last[:, None], gen.h_last[:, None], y[:, None], cache=gen.dec_cache, advance=stay,
                               prior=prior)[:, 0]
-            hyp.append((logits, prior, cum, node) if m.scfg.prior_vocab else (logits, prior))
+            hyp.append((logits, prior, cum, node))
         joint = log_e + torch.stack([byte_logprobs(h[0]).gather(1, nxt[:, None])[:, 0] for h in hyp], 1)
         logp[:, t] = torch.logsumexp(joint, 1)
         e = joint[:, 1] > joint[:, 0]  # the flag of byte t, now that byte t+1 is known
@@ -361,7 +363,6 @@ def late_flag_logprobs(model, texts):
         gen.ends[rows, t] = e  # position t of gen.x is byte t - 1 of the text (0xFE first)
         gen.x[:, t + 1], gen.lens = nxt, gen.lens + 1
         gen.h_last = m.encode(nxt[:, None], cache=gen.enc_cache)[:, 0]
-    late_flag_logprobs.last = gen  # the bytes and flags used, for tests
     return [(logp[i, :len(t)].cpu(), gen.ends[i, 1:len(t) + 1].cpu()) for i, t in enumerate(texts)]
 
 
@@ -431,12 +432,12 @@ class ByteGeneration:
 
     @torch.no_grad()
     def run(self, n, temperature=1.0, top_k=None, top_p=None, generator=None, force=None, wait=1.0):
-        """Generate n more bytes in every row (an int, or (B,) per row), rows out of step: a row whose newest byte closes a patch waits while
-        the others go on, and the main network runs once for all waiting rows when no other row can go on, or when
-        at least `wait` of the rows still generating are waiting (wait=1.0: only then). Clear `live[i]` between
-        steps to finish row i early (a stop string, 0xFE). force (B, n): teacher-forced bytes as in step().
-        Yields (rows (R,), offsets (R,): how many bytes each of those rows had made before this one, their new bytes
-        (R,), logits (R, 512)) for every byte step."""
+        """Generate n more bytes in every row (an int, or (B,) per row), rows out of step: a row whose newest byte
+        closes a patch waits while the others go on, and the main network runs once for all waiting rows when no other
+        row can go on, or when at least `wait` of the rows still generating are waiting (wait=1.0: only then). Clear
+        `live[i]` between steps to finish row i early (a stop string, 0xFE). force (B, n): teacher-forced bytes as in
+        step(). Yields (rows (R,), offsets (R,): how many bytes each of those rows had made before this one, their new
+        bytes (R,), logits (R, 512)) for every byte step."""
         start = self.lens.clone()
         self.live = torch.ones_like(self.done)
         while True:
