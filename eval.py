@@ -10,14 +10,16 @@ cute_spell, cute_count, cute_reverse, cute_contains; the tags blm_local (all six
 Needs lm-eval (bash setup.sh installs it); nothing else in the repo imports it.
 
 How each request is scored (text is normalised by the teacher's tokenizer first, as the training text was):
-  byte student  loglikelihood: the continuation's proper likelihood given the context bytes: generation's prefill on
-                [0xFE] + context (the patcher decides the context's boundaries except its last byte, whose flag is the
-                likelier half of the head), then each continuation byte teacher-forced with the flag greedy generation
-                gives it (model.ByteGeneration.step(force=...)); log p(byte) sums both halves of the head. is_greedy:
-                every continuation byte was the likeliest byte.
+  byte student  the late-flag byte model (model.LateFlagGeneration: each flag decided once the next byte is known),
+                or with --flags=greedy the greedy-flag one (model.ByteGeneration: each flag decided with its byte).
+                loglikelihood: the continuation's proper likelihood given the context bytes: generation's prefill on
+                [0xFE] + context (the patcher decides the context's boundaries except its last byte's, which the
+                model decides: late, or greedy as the likelier half of the head), then each continuation byte
+                teacher-forced. is_greedy: every continuation byte was the likeliest byte.
                 loglikelihood_rolling: bench/fidelity.py's windows: the text tokenised once by the teacher, cut into
-                runs of --window - 1 tokens, each run's bytes scored from a fresh document start with every flag
-                decided causally (model.greedy_flag_logprobs): the figure bench/fidelity.py prints as student_bpb.
+                runs of --window - 1 tokens, each run's bytes scored from a fresh document start
+                (model.late_flag_logprobs, or greedy_flag_logprobs): bench/fidelity.py's student_bpb (greedy:
+                student_bpb_greedy).
                 generate_until: cached greedy generation, stopped at the first stop string (cut before it), at 0xFE
                 (a new document) or after 4 bytes per max_gen_toks (a token of English is 3 to 4 bytes).
   teacher       our own forward and tokenizer (no transformers at run time); every sequence starts with the
@@ -114,17 +116,19 @@ def parse_gen_kwargs(kwargs, default_max):
 class StudentLM(LM):
     """lm-eval's model for a byte-model checkpoint (see the module docstring for the scoring)."""
 
-    def __init__(self, model, tok, batch_size=16, window=512):
+    def __init__(self, model, tok, batch_size=16, window=512, flags="late"):
         super().__init__()
-        self.model, self.tok, self.batch_size = model, tok, batch_size
+        if flags not in ("late", "greedy"):
+            raise ValueError(f"flags={flags!r}: late or greedy")
+        self.model, self.tok, self.batch_size, self.flags = model, tok, batch_size, flags
         self.window = min(window, model.tcfg.max_seq_len)  # as bench/fidelity.py caps it
         self.max_bytes = min(model.tcfg.max_seq_len, model.scfg.max_bytes) - 1  # a patch is at least one byte
         self._device = model.head.weight.device
 
     @classmethod
-    def load(cls, ckpt, device="cpu", dtype="float32", batch_size=16, window=512):
+    def load(cls, ckpt, device="cpu", dtype="float32", batch_size=16, window=512, flags="late"):
         student, meta = byte_model.load_student(ckpt, check_device(device), getattr(torch, dtype))
-        return cls(student, load_tokenizer(resolve_teacher_dir(meta["teacher"])), int(batch_size), int(window))
+        return cls(student, load_tokenizer(resolve_teacher_dir(meta["teacher"])), int(batch_size), int(window), flags)
 
     @classmethod
     def create_from_arg_string(cls, arg_string, additional_config=None):  # simple_evaluate(model="byte-student")
@@ -141,15 +145,20 @@ class StudentLM(LM):
         for chunk in batches(order, self.batch_size, "byte student: loglikelihood"):
             conts = [pairs[i][1] for i in chunk]
             n = max(len(c) for c in conts)
-            ctxs = [keep_last(pairs[i][0], self.max_bytes - n) for i in chunk]
-            gen = byte_model.ByteGeneration(self.model, ctxs, n)
+            ctxs = [keep_last(pairs[i][0], self.max_bytes - len(pairs[i][1])) for i in chunk]  # its own, not the batch's
             forced = torch.full((len(chunk), n), ord(" "), dtype=torch.long)  # after a short continuation: unscored
             for row, c in enumerate(conts):
                 forced[row, :len(c)] = torch.tensor(list(c), dtype=torch.long)
             logp, greedy = torch.zeros(len(chunk), n), torch.zeros(len(chunk), n, dtype=torch.bool)
-            lengths = torch.tensor([len(c) for c in conts], device=gen.x.device)
-            for rows, t, new, logits in gen.run(lengths, force=forced):  # rows out of step (ByteGeneration.run)
-                byte_logp = byte_model.byte_logprobs(logits)
+            if self.flags == "late":  # rows in lockstep
+                gen = byte_model.LateFlagGeneration(self.model, ctxs, n)
+                steps = ((gen.rows, torch.full_like(gen.rows, t), *gen.step(force=forced[:, t])) for t in range(n))
+            else:  # rows out of step (ByteGeneration.run)
+                gen = byte_model.ByteGeneration(self.model, ctxs, n)
+                lengths = torch.tensor([len(c) for c in conts], device=gen.x.device)
+                steps = ((rows, t, new, byte_model.byte_logprobs(logits))
+                         for rows, t, new, logits in gen.run(lengths, force=forced))
+            for rows, t, new, byte_logp in steps:
                 rows, t = rows.cpu(), t.cpu()
                 logp[rows, t] = byte_logp.gather(1, new[:, None])[:, 0].cpu()
                 greedy[rows, t] = (byte_logp.argmax(-1) == new).cpu()
@@ -168,11 +177,13 @@ class StudentLM(LM):
         totals = [0.0] * len(requests)
         for chunk in batches(segs, self.batch_size, "byte student: rolling"):
             try:
-                scored = byte_model.greedy_flag_logprobs(self.model, [s for _, s in chunk], self.batch_size)
+                texts = [s for _, s in chunk]
+                scored = (byte_model.late_flag_logprobs(self.model, texts) if self.flags == "late"
+                          else byte_model.greedy_flag_logprobs(self.model, texts, self.batch_size))
             except ValueError as e:  # more patches in one window than the main network's context holds
                 raise ValueError(f"{e}: the student closed more patches in a window of {self.window} tokens than the "
                                  f"teacher's context ({self.model.tcfg.max_seq_len}) holds; use a smaller --window") from None
-            for (i, _), (logp, _, _) in zip(chunk, scored):
+            for (i, _), (logp, *_) in zip(chunk, scored):
                 totals[i] += float(logp.double().sum())
         return totals
 
@@ -193,18 +204,28 @@ class StudentLM(LM):
     def generate(self, prompts, stops, max_new_bytes, temperature=0.0):
         """Cached generation for a batch of prompts (bytes) -> the texts, each cut before its first stop string."""
         prompts = [keep_last(p, self.max_bytes - max_new_bytes) for p in prompts]
-        gen = byte_model.ByteGeneration(self.model, prompts, max_new_bytes)
-        outs = [bytearray() for _ in prompts]
-        for rows, _, new, _ in gen.run(max_new_bytes, temperature):  # rows out of step; a finished row stops
+        outs, live = [bytearray() for _ in prompts], [True] * len(prompts)
+        if self.flags == "late":  # rows in lockstep until every row is finished
+            gen = byte_model.LateFlagGeneration(self.model, prompts, max_new_bytes)
+            steps = ((gen.rows, gen.step(temperature)[0]) for _ in range(max_new_bytes))
+        else:  # rows out of step; a finished row stops (gen.live)
+            gen = byte_model.ByteGeneration(self.model, prompts, max_new_bytes)
+            steps = ((rows, new) for rows, _, new, _ in gen.run(max_new_bytes, temperature))
+        for rows, new in steps:
             for row, b in zip(rows.tolist(), new.tolist()):
-                if b == byte_model.BOS_BYTE:  # 0xFE would begin a new document: the text is finished
-                    gen.live[row] = False
+                if not live[row]:
+                    continue
+                ended = [s for s in stops if (outs[row] + bytes([b])).endswith(s)]  # every byte: the first occurrence
+                if b == byte_model.BOS_BYTE or ended:  # 0xFE would begin a new document: the text is finished
+                    live[row] = False
+                    if self.flags == "greedy":
+                        gen.live[row] = False
+                    if ended:
+                        del outs[row][len(outs[row]) + 1 - max(map(len, ended)):]
                     continue
                 outs[row].append(b)
-                ended = [s for s in stops if outs[row].endswith(s)]  # checked every byte: the first occurrence
-                if ended:
-                    del outs[row][-max(map(len, ended)):]
-                    gen.live[row] = False
+            if not any(live):
+                break
         return [bytes(o).decode("utf-8", errors="replace") for o in outs]
 
 
@@ -311,6 +332,7 @@ class Config:
     device: str = "cpu"        # cpu | cuda
     dtype: str = "float32"     # float32 | bfloat16 (weights and compute)
     window: int = 512          # tokens per rolling window, the document-start token included (bench/fidelity.py)
+    flags: str = "late"        # the byte student's boundary flags: late (the headline model) | greedy
     bootstrap_iters: int = 1000  # resamples for the standard errors (lm-eval's default is 100,000)
     seed: int = 1234
     json: str = ""             # write the results here
@@ -362,7 +384,7 @@ def main(argv):
     if cfg.ckpt:
         teacher_name = cfg.teacher or byte_model.read_student_config(cfg.ckpt)[0]["teacher"]
         print(f"== byte student {cfg.ckpt}", flush=True)
-        runs["student"] = evaluate(StudentLM.load(cfg.ckpt, **kwargs), cfg, manager)
+        runs["student"] = evaluate(StudentLM.load(cfg.ckpt, **kwargs, flags=cfg.flags), cfg, manager)
         print(make_table(runs["student"]), flush=True)
     if cfg.teacher or cfg.compare:
         teacher_name = cfg.teacher or teacher_name

@@ -318,51 +318,23 @@ def greedy_flag_logprobs(model, texts, batch_size=16):
 
 
 @torch.no_grad()
-def late_flag_logprobs(model, texts):
-    """The student's likelihood of byte strings when each boundary flag is decided one byte later: byte t+1's
-    probability sums over both flags of byte t, p(b_t+1) = sum_e p(e_t = e | bytes <= t) p(b_t+1 | e_t = e), and
-    e_t is then the likelier flag given b_t+1 as well. Every flag is a function of the bytes already seen, so the
-    product is the exact likelihood of a well-defined byte model; a flag the next byte contradicts costs little here,
-    where greedy flags (greedy_flag_logprobs) pay a dead end. That model is not what ByteGeneration samples: a
-    generator following it runs the main network at every byte (for the "ends" hypothesis), not once per patch.
-    Texts in one lockstep batch, each from a fresh document start. -> per text (log p(byte) (n,), flags (n,) bool),
-    fp32, natural log."""
-    m, B, L = model, len(texts), max(map(len, texts))
+def late_flag_logprobs(model, texts, eps=None):
+    """The student's likelihood of byte strings under the late-flag byte model (LateFlagGeneration, teacher-forced):
+    each boundary flag decided one byte late, byte t+1's probability summed over both flags of byte t. Every flag is
+    a function of the bytes already seen, so the product is the exact likelihood of that model, the one sample.py
+    draws from by default; a flag the next byte contradicts costs little here, where greedy flags
+    (greedy_flag_logprobs) pay a dead end. eps as in LateFlagGeneration (None: LATE_EPS; 0: every flag waits).
+    Texts in one lockstep batch, each from a fresh document start. -> per text (log p(byte) (n,), flags (n,) bool;
+    the last byte's flag is never decided), fp32, natural log."""
+    B, L = len(texts), max(map(len, texts))
     x = torch.full((B, L), ord(" "), dtype=torch.long)  # after a short text: never used
     for i, t in enumerate(texts):
         x[i, :len(t)] = torch.tensor(list(t), dtype=torch.long)
-    gen = ByteGeneration(m, [b""] * B, L)
-    x, rows, stay = x.to(gen.x.device), gen.rows, torch.zeros(B, dtype=torch.long, device=gen.x.device)
-    prev = gen.step(force=x[:, 0])[1]  # byte 0 follows the document start, its own patch
-    logp = torch.zeros(B, L, device=x.device)
-    logp[:, 0] = byte_logprobs(prev).gather(1, x[:, :1])[:, 0]
-    for t in range(1, L):
-        last, nxt = x[:, t - 1], x[:, t]  # last: the newest byte, whose flag is open; nxt: the byte to score
-        log_e = torch.log_softmax(torch.stack([prev[rows, last], prev[rows, last + 256]], 1).float(), 1)
-        y_end = m.main.run_blocks(gen.h_last[:, None], cache=gen.main_cache, advance=stay)[:, 0]  # not kept yet
-        hyp = []
-        for ends in (False, True):  # the decoder at byte t under each flag; the cache keeps neither yet
-            y, prior, cum, node = (y_end if ends else gen.y_cur), None, None, None
-            if m.scfg.prior_vocab:
-                cum = m.prior_cumulative(y_end) if ends else gen.cum
-                node = torch.zeros_like(gen.node) if ends else m.trie.step(gen.node, last)
-                prior = m.prior_at(cum, rows, node)[:, None]
-            logits = m.decode(last[:, None], gen.h_last[:, None], y[:, None], cache=gen.dec_cache, advance=stay,
-                              prior=prior)[:, 0]
-            hyp.append((logits, prior, cum, node))
-        joint = log_e + torch.stack([byte_logprobs(h[0]).gather(1, nxt[:, None])[:, 0] for h in hyp], 1)
-        logp[:, t] = torch.logsumexp(joint, 1)
-        e = joint[:, 1] > joint[:, 0]  # the flag of byte t, now that byte t+1 is known
-        gen.main_cache.advance(e.long())  # keep the main network's step for the rows whose patch ended
-        gen.y_cur = torch.where(e[:, None], y_end, gen.y_cur)
-        prior = None
-        if m.scfg.prior_vocab:
-            gen.cum, gen.node = torch.where(e[:, None], hyp[1][2], gen.cum), torch.where(e, hyp[1][3], hyp[0][3])
-            prior = torch.where(e[:, None, None], hyp[1][1], hyp[0][1])
-        prev = m.decode(last[:, None], gen.h_last[:, None], gen.y_cur[:, None], cache=gen.dec_cache, prior=prior)[:, 0]
-        gen.ends[rows, t] = e  # position t of gen.x is byte t - 1 of the text (0xFE first)
-        gen.x[:, t + 1], gen.lens = nxt, gen.lens + 1
-        gen.h_last = m.encode(nxt[:, None], cache=gen.enc_cache)[:, 0]
+    gen = LateFlagGeneration(model, [b""] * B, L, eps)
+    x, logp = x.to(gen.x.device), torch.zeros(B, L, device=gen.x.device)
+    for t in range(L):
+        new, mixed = gen.step(force=x[:, t])
+        logp[:, t] = mixed.gather(1, new[:, None])[:, 0]
     return [(logp[i, :len(t)].cpu(), gen.ends[i, 1:len(t) + 1].cpu()) for i, t in enumerate(texts)]
 
 
@@ -499,6 +471,100 @@ class ByteGeneration:
         enc = self.enc_cache if everyone else self.enc_cache.select(rows)
         self.h_last[rows] = m.encode(new[:, None], cache=enc)[:, 0]
         return new, logits
+
+
+LATE_EPS = 0.01  # the late-flag model decides a flag at once when its other value is less likely than this
+
+
+class LateFlagGeneration(ByteGeneration):
+    """Cached generation from the late-flag byte model: the newest byte's boundary flag stays open until the next byte
+    is known. Byte t+1 is drawn from the mixture over byte t's flag, p(b) = sum_e p(e_t = e) p(b | e_t = e), where
+    p(e_t) is the head's two halves for the known byte t, and e_t is then the likelier flag given b_t+1 as well. A
+    flag whose other value has probability below eps is decided at once, as greedy generation decides it (the rule
+    is part of the model: late_flag_logprobs scores with the same eps). The others pay for the "ends" hypothesis:
+    the main network steps on the byte, and the step is kept only if the patch does end. eps=0: every flag waits,
+    and the main network steps at every byte. The prompt's flags come from the patcher (ByteGeneration's prefill),
+    its last byte's flag open. Rows in lockstep: step() -> (new bytes (B,), log p(next byte) (B, 256) fp32: the
+    mixture they were drawn from). x, lens and ends record the bytes and the flags decided, as in ByteGeneration."""
+
+    def __init__(self, model, prompts, max_new_bytes, eps=None):
+        super().__init__(model, prompts, max_new_bytes)
+        self.eps = LATE_EPS if eps is None else eps
+        rows, lens = self.rows, self.lens
+        last = self.x[rows, lens - 1]
+        prev = torch.stack([p[-1] if len(p) else torch.zeros(512, device=last.device, dtype=p.dtype)
+                            for p in self.prefill_logits])
+        log_e = torch.log_softmax(torch.stack([prev[rows, last], prev[rows, last + 256]], 1).float(), 1)
+        ends = torch.tensor([-math.inf, 0.0], device=last.device)
+        self.log_e = torch.where((lens == 1)[:, None], ends, log_e)  # a lone 0xFE is its own patch
+
+    def _decoder_at(self, r, y, cum, cum_rows, node):
+        """The decoder at the newest byte of rows r given that byte's patch state: its cache slot is written, not
+        kept (the position does not advance) -> logits (R, 512)."""
+        m, stay = self.model, torch.zeros_like(r)
+        prior = None if cum is None else m.prior_at(cum, cum_rows, node)[:, None]
+        cache = self.dec_cache if len(r) == len(self.rows) else self.dec_cache.select(r)
+        last = self.x[r, self.lens[r] - 1]
+        return m.decode(last[:, None], self.h_last[r, None], y[:, None], cache=cache, advance=stay, prior=prior)[:, 0]
+
+    @torch.no_grad()
+    def step(self, temperature=1.0, top_k=None, top_p=None, generator=None, force=None):
+        """One byte per row; force (B,) appends those bytes instead of sampling (teacher-forced scoring)."""
+        m, rows, B = self.model, self.rows, len(self.rows)
+        log_e, prior = self.log_e, bool(m.scfg.prior_vocab)
+        at_once = log_e[:, 1] > log_e[:, 0]
+        sure = torch.isinf(log_e).any(1) | (log_e.min(1).values < math.log(self.eps) if self.eps > 0 else False)
+        weight = torch.where(sure[:, None], torch.stack([~at_once, at_once], 1).float().log(), log_e)
+        logits = torch.zeros(B, 2, 512, device=log_e.device)
+        logp = torch.full((B, 2, 256), -math.inf, device=log_e.device)  # -inf where a hypothesis is not needed
+        # "ends" first, so that the decoder slot of a row that needs both is left holding "continues"
+        r1 = (~sure | at_once).nonzero()[:, 0]
+        cum1, node1 = None, None
+        if len(r1):
+            cache = self.main_cache if len(r1) == B else self.main_cache.select(r1)
+            y1 = m.main.run_blocks(self.h_last[r1, None], cache=cache, advance=torch.zeros_like(r1))[:, 0]
+            if prior:
+                cum1, node1 = m.prior_cumulative(y1), torch.zeros_like(r1)
+            logits[r1, 1] = self._decoder_at(r1, y1, cum1, torch.arange(len(r1), device=r1.device), node1).float()
+            logp[r1, 1] = byte_logprobs(logits[r1, 1])
+        r0 = (~sure | ~at_once).nonzero()[:, 0]
+        if len(r0):
+            node0 = m.trie.step(self.node[r0], self.x[r0, self.lens[r0] - 1]) if prior else None
+            logits[r0, 0] = self._decoder_at(r0, self.y_cur[r0], self.cum if prior else None, r0, node0).float()
+            logp[r0, 0] = byte_logprobs(logits[r0, 0])
+        mixed = torch.logsumexp(weight[:, :, None] + logp, 1)
+        if force is not None:
+            new = force.to(mixed.device)
+        elif temperature == 0:
+            new = mixed.argmax(-1)
+        else:
+            new = sample_from_logits(mixed, temperature, top_k, top_p, generator)[:, 0]
+        joint = weight + logp.gather(2, new[:, None, None].expand(-1, 2, 1))[..., 0]
+        e = torch.where(sure, at_once, joint[:, 1] > joint[:, 0])  # byte t's flag, now that byte t+1 is known
+        # keep the decided hypothesis: the main network's step for the rows whose patch ended
+        self.main_cache.advance(e.long())
+        kept = e[r1]
+        self.y_cur[r1[kept]] = y1[kept] if len(r1) else self.y_cur[r1[kept]]
+        if prior:
+            if len(r0):
+                self.node[r0] = node0
+            self.node[e] = 0
+            if len(r1):
+                self.cum[r1[kept]] = cum1[kept]
+        redo = r1[kept & ~sure[r1]]  # rows that needed both and ended: their decoder slot holds "continues"
+        if len(redo):
+            self._decoder_at(redo, self.y_cur[redo], self.cum if prior else None, redo,
+                             torch.zeros_like(redo) if prior else None)
+        self.dec_cache.advance(torch.ones_like(rows))
+        t = self.lens - 1
+        self.ends[rows, t] = e
+        chosen = logits[rows, e.long()]
+        self.log_e = torch.log_softmax(torch.stack([chosen[rows, new], chosen[rows, new + 256]], 1), 1)
+        self.done |= new == BOS_BYTE
+        self.x[rows, t + 1] = new
+        self.lens = t + 2
+        self.h_last = m.encode(new[:, None], cache=self.enc_cache)[:, 0]
+        return new, mixed
 
 
 # ----------------------------------------------------------------------------------------------------------------

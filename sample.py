@@ -6,6 +6,9 @@
 
 Output streams as it is generated (batch of one), decoded incrementally as UTF-8 with invalid sequences shown as
 U+FFFD; --raw writes the raw bytes instead. A batch of several prompts/samples prints each sample when done.
+The student samples from its late-flag model by default (model.LateFlagGeneration: each boundary flag decided once
+the next byte is known; the model bench/fidelity.py's headline scores); --flags=greedy samples the greedy-flag model
+(model.ByteGeneration: each flag decided with its byte, fewer main-network steps, rows out of step in a batch).
 """
 import codecs
 import sys
@@ -33,6 +36,7 @@ class Config:
     num_samples: int = 1
     raw: bool = False
     device: str = "cpu"
+    flags: str = "late"          # the student's boundary flags: late | greedy (see above)
 
 
 def read_prompts(cfg):
@@ -82,22 +86,33 @@ def sample_student(cfg, prompts):
     tok = tokenizer_for(meta.get("teacher", ""))
     texts = [(tok.normalize(p) if tok else p).encode("utf-8") for p in prompts]
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
-    run = model.ByteGeneration(student, texts, cfg.max_bytes)
+    settings = (cfg.temperature, cfg.top_k or None, cfg.top_p, gen)
+    if cfg.flags == "late":  # rows in lockstep, every row one byte per step
+        run = model.LateFlagGeneration(student, texts, cfg.max_bytes)
+        steps = ((run.rows, run.step(*settings)[0]) for _ in range(cfg.max_bytes))
+    else:  # rows out of step (ByteGeneration.run): one main-network call serves many rows
+        run = model.ByteGeneration(student, texts, cfg.max_bytes)
+        steps = ((rows, new) for rows, _, new, _ in run.run(cfg.max_bytes, *settings))
     streams = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in texts]
-    outputs = [bytearray() for _ in texts]
+    outputs, live = [bytearray() for _ in texts], [True] * len(texts)
     if len(texts) == 1:
         emit(streams[0], texts[0], cfg)
     t0, n = time.perf_counter(), 0
-    # rows out of step (ByteGeneration.run): one main-network call serves many rows; a row stops at its first 0xFE
-    for rows, _, new, _ in run.run(cfg.max_bytes, cfg.temperature, cfg.top_k or None, cfg.top_p, gen):
+    for rows, new in steps:  # a row stops at its first 0xFE
         for i, b in zip(rows.tolist(), new.tolist()):
+            if not live[i]:
+                continue
             if b == model.BOS_BYTE:  # 0xFE would begin a new document: not printed
-                run.live[i] = False
+                live[i] = False
+                if cfg.flags == "greedy":
+                    run.live[i] = False
                 continue
             outputs[i].append(b)
             n += 1
             if len(texts) == 1:
                 emit(streams[0], bytes([b]), cfg)
+        if not any(live):
+            break
     if len(texts) == 1:
         emit(streams[0], b"", cfg, final=True)  # a sequence cut off at the end shows as U+FFFD
     seconds = time.perf_counter() - t0
@@ -151,6 +166,8 @@ def main(argv):
         raise ValueError("--max_bytes and --num_samples must be >= 1 and --temperature >= 0")
     if not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
         raise ValueError("--top_p must be in (0, 1] and --top_k >= 0 (0 = off)")
+    if cfg.flags not in ("late", "greedy"):
+        raise ValueError(f"--flags={cfg.flags!r}: late or greedy")
     torch.manual_seed(cfg.seed)
     prompts = read_prompts(cfg)
     texts, outputs, n, seconds = (sample_student if cfg.ckpt else sample_teacher)(cfg, prompts)

@@ -19,18 +19,21 @@ The figures, per text:
                            token-level: what stage 1 achieved
   student_bpb_true_patches the student's head at the true patches: -log2 p(byte, true flag) (joint, so it cannot
                            profit from the true flags' lookahead)
-  student_bpb              THE HEADLINE: the proper likelihood. Every flag decided causally as greedy generation does
-                           (model.greedy_flag_logprobs), the byte's probability summed over both halves; ratio =
-                           student_bpb / teacher_bpb
-  student_bpb_joint        -log2 p(byte, flag used) along the same flags: an upper bound (flags as a latent variable)
+  student_bpb              THE HEADLINE: the proper likelihood of the late-flag byte model, the one sample.py draws
+                           from (model.late_flag_logprobs, LateFlagGeneration): each flag decided once the next byte
+                           is known, that byte's probability summed over both flags of the byte before (a flag the
+                           head is sure of, its other value below --eps, decided at once); ratio = student_bpb /
+                           teacher_bpb
+  student_bpb_greedy       with --greedy=True (the default): the proper likelihood of the greedy-flag model
+                           (model.greedy_flag_logprobs; sample.py --flags=greedy), every flag decided as soon as its
+                           byte is drawn, the byte's probability summed over both halves; ratio_greedy beside it. A
+                           flag the next byte contradicts is a dead end here
+  student_bpb_greedy_joint -log2 p(byte, flag used) along the greedy flags: an upper bound (flags as a latent variable)
   student_bpb_lookahead    NOT a likelihood, printed to compare with older figures: summed halves with the patcher's
                            flags, which look at the next byte (one bit of it leaks into the input)
-  student_bpb_late_flags   with --late_flags=True: every flag decided one byte late (model.late_flag_logprobs): the
-                           next byte's probability summed over both flags of the byte before, then that flag fixed.
-                           A proper likelihood too, of a byte model that generation does not follow yet (it would run
-                           the main network at every byte); slow, the main network runs at every byte here too
-  F1 of the patcher's ends and of the head's greedy flags against the teacher's token ends (the patcher's forced last
-  byte of each segment excluded); bytes per patch under the greedy flags against the teacher's bytes per token.
+  F1 of the patcher's ends and of the headline model's flags against the teacher's token ends (each segment's last
+  byte excluded: the patcher is forced to end it, the late model never decides it); bytes per patch under those
+  flags against the teacher's bytes per token.
 Default texts: held-out Hamlet (a validation play, never trained on) and the Python reference topics
 (pydoc_data.topics, English and code).
 """
@@ -73,8 +76,8 @@ def segments(aligned, window):
 
 FIGURES = {"teacher": "teacher_bpb", "teacher_byte": "teacher_byte_bpb", "teacher_greedy": "teacher_byte_bpb_greedy",
            "student_token": "student_token_bpb", "student_true_patches": "student_bpb_true_patches",
-           "student": "student_bpb", "student_joint": "student_bpb_joint", "student_lookahead": "student_bpb_lookahead",
-           "student_late": "student_bpb_late_flags"}
+           "student": "student_bpb", "student_greedy": "student_bpb_greedy",
+           "student_greedy_joint": "student_bpb_greedy_joint", "student_lookahead": "student_bpb_lookahead"}
 
 
 def f1(pred, truth):
@@ -108,15 +111,16 @@ def parallel_figures(student, teacher, trie, tok, seg):
     return {k: float(v) for k, v in nats.items()}, patcher_ends[0, 1:]
 
 
-def score(student, teacher, tok, trie, text, window, late=False):
+def score(student, teacher, tok, trie, text, window, greedy=True, eps=model.LATE_EPS):
     """One text's figures (see score_texts)."""
-    return score_texts(student, teacher, tok, trie, {"text": text}, window, late)["text"]
+    return score_texts(student, teacher, tok, trie, {"text": text}, window, greedy, eps)["text"]
 
 
 @torch.no_grad()
-def score_texts(student, teacher, tok, trie, texts, window, late=False):
-    """texts {name: str} -> {name: figures}. The byte-by-byte passes (the teacher's and the student's greedy flags)
-    run over the segments of all texts in one batch: a step costs about the same for 10 rows as for 40 on a CPU."""
+def score_texts(student, teacher, tok, trie, texts, window, greedy=True, eps=model.LATE_EPS):
+    """texts {name: str} -> {name: figures}. The byte-by-byte passes (the teacher's greedy flags, the student's late
+    and greedy flags) run over the segments of all texts in one batch: a step costs about the same for 10 rows as for
+    40 on a CPU."""
     segs, parts = {}, {}
     for name, text in texts.items():
         aligned = align_document(text, tok)
@@ -125,68 +129,65 @@ def score_texts(student, teacher, tok, trie, texts, window, late=False):
         segs[name] = (aligned, segments(aligned, window))
     flat = [(name, bytes(seg[0].tolist())) for name, (_, ss) in segs.items() for seg in ss]
     teacher_greedy = teacher_greedy_logprobs(teacher, trie, tok.doc_start_id, [t for _, t in flat])
-    student_greedy = greedy_flag_logprobs(student, [t for _, t in flat], batch_size=len(flat))
-    student_late = late_flag_logprobs(student, [t for _, t in flat]) if late else [None] * len(flat)
-    for (name, _), tg, sg, sl in zip(flat, teacher_greedy, student_greedy, student_late):
-        parts.setdefault(name, []).append((tg, sg, sl))
+    student_late = late_flag_logprobs(student, [t for _, t in flat], eps)
+    student_greedy = (greedy_flag_logprobs(student, [t for _, t in flat], batch_size=len(flat)) if greedy
+                      else [None] * len(flat))
+    for (name, _), tg, sl, sg in zip(flat, teacher_greedy, student_late, student_greedy):
+        parts.setdefault(name, []).append((tg, sl, sg))
     return {name: text_figures(student, teacher, tok, trie, aligned, ss, parts[name])
             for name, (aligned, ss) in segs.items()}
 
 
-def text_figures(student, teacher, tok, trie, aligned, segs, greedy):
-    """One text's figures from its segments and their byte-by-byte passes [(teacher's greedy, student's greedy,
-    student's late flags or None)]."""
-    nats, patcher, patcher_truth, head, truth = {}, [], [], [], []
-    for seg, ((t_logp, _, dead), (logp, joint, flags), late) in zip(segs, greedy):
+def text_figures(student, teacher, tok, trie, aligned, segs, passes):
+    """One text's figures from its segments and their byte-by-byte passes [(teacher's greedy flags, student's late
+    flags, student's greedy flags or None)]."""
+    nats, patcher, head, truth = {}, [], [], []
+    for seg, ((t_logp, _, dead), (logp, flags), greedy) in zip(segs, passes):
         part, patcher_ends = parallel_figures(student, teacher, trie, tok, seg)
-        part.update(teacher_greedy=-t_logp.sum().item(), dead_ends=dead, student=-logp.double().sum().item(),
-                    student_joint=-joint.double().sum().item())
-        if late is not None:
-            part["student_late"] = -late[0].double().sum().item()
+        part.update(teacher_greedy=-t_logp.sum().item(), dead_ends=dead, student=-logp.double().sum().item())
+        if greedy is not None:
+            part.update(student_greedy=-greedy[0].double().sum().item(),
+                        student_greedy_joint=-greedy[1].double().sum().item())
         for k, v in part.items():
             nats[k] = nats.get(k, 0.0) + v
-        truth.append(torch.from_numpy(seg[1]))
-        patcher.append(patcher_ends[:-1])  # the last byte of a segment is forced to end a patch: not a prediction
-        patcher_truth.append(truth[-1][:-1])
-        head.append(flags)
+        # the last byte of a segment: the patcher is forced to end it, the late model never decides it
+        truth.append(torch.from_numpy(seg[1])[:-1])
+        patcher.append(patcher_ends[:-1])
+        head.append(flags[:-1])
     n_bytes, n_tokens = len(aligned.bytes) - 1, int(aligned.token_end.sum()) - 1
     r = {FIGURES[k]: v / math.log(2) / n_bytes for k, v in nats.items() if k in FIGURES}
     r.update(bytes=n_bytes, tokens=n_tokens, bytes_per_token=n_bytes / n_tokens, teacher_dead_ends=int(nats["dead_ends"]))
     r["ratio"] = r["student_bpb"] / r["teacher_bpb"]
-    if "student_bpb_late_flags" in r:
-        r["ratio_late_flags"] = r["student_bpb_late_flags"] / r["teacher_bpb"]
+    if "student_bpb_greedy" in r:
+        r["ratio_greedy"] = r["student_bpb_greedy"] / r["teacher_bpb"]
     head, truth = torch.cat(head), torch.cat(truth)
-    r["patcher_precision"], r["patcher_recall"], r["patcher_f1"] = f1(torch.cat(patcher), torch.cat(patcher_truth))
+    r["patcher_precision"], r["patcher_recall"], r["patcher_f1"] = f1(torch.cat(patcher), truth)
     r["head_precision"], r["head_recall"], r["head_f1"] = f1(head, truth)
-    r["mean_patch_bytes"] = n_bytes / max(int(head.sum()), 1)
+    r["mean_patch_bytes"] = n_bytes / max(int(head.sum()) + len(segs), 1)  # each segment's last byte ends its patch
     return r
 
 
-def print_tables(results):
-    print("\n| text | bytes | teacher bpb | student bpb | ratio | student bpb joint (upper bound) | bytes/patch "
-          "| bytes/token |")
-    print("|---|---|---|---|---|---|---|---|")
+def print_tables(results, eps):
+    greedy = all("student_bpb_greedy" in r for r in results.values())
+    print(f"\n| text | bytes | teacher bpb | student bpb (late flags, eps {eps:g}) | ratio | "
+          + ("student bpb, greedy flags | ratio | " if greedy else "") + "bytes/patch | bytes/token |")
+    print("|---|---|---|---|---|" + ("---|---|" if greedy else "") + "---|---|")
     for name, r in results.items():
+        extra = f"{r['student_bpb_greedy']:.3f} | {r['ratio_greedy']:.2f} | " if greedy else ""
         print(f"| {name} | {r['bytes']:,} | {r['teacher_bpb']:.3f} | {r['student_bpb']:.3f} | {r['ratio']:.2f} | "
-              f"{r['student_bpb_joint']:.3f} | {r['mean_patch_bytes']:.2f} | {r['bytes_per_token']:.2f} |")
+              f"{extra}{r['mean_patch_bytes']:.2f} | {r['bytes_per_token']:.2f} |")
     print("\nwhere the bits go (bits per byte on the same bytes; see the docstring):")
     print("| text | teacher | teacher byte targets, true flags | teacher byte targets, greedy flags (dead ends) "
-          "| student token-level | student, true patches (joint) | student (greedy flags) | student lookahead "
-          "(not a likelihood) | F1 patcher / head flags |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| student token-level | student, true patches (joint) | student, late flags | "
+          + ("student, greedy flags (joint) | " if greedy else "") + "student lookahead (not a likelihood) "
+          "| F1 patcher / late flags |")
+    print("|---|---|---|---|---|---|---|" + ("---|" if greedy else "") + "---|---|")
     for name, r in results.items():
+        extra = f"{r['student_bpb_greedy']:.3f} ({r['student_bpb_greedy_joint']:.3f}) | " if greedy else ""
         print(f"| {name} | {r['teacher_bpb']:.3f} | {r['teacher_byte_bpb']:.3f} | {r['teacher_byte_bpb_greedy']:.3f} "
               f"({r['teacher_dead_ends']}) | {r['student_token_bpb']:.3f} | {r['student_bpb_true_patches']:.3f} | "
-              f"{r['student_bpb']:.3f} | {r['student_bpb_lookahead']:.3f} | {r['patcher_f1']:.3f} / "
+              f"{r['student_bpb']:.3f} | {extra}{r['student_bpb_lookahead']:.3f} | {r['patcher_f1']:.3f} / "
               f"{r['head_f1']:.3f} |", flush=True)
-    late = {name: r for name, r in results.items() if "student_bpb_late_flags" in r}
-    if late:
-        print("\nflags decided one byte late (a proper likelihood of a model that generation does not follow yet):")
-        print("| text | teacher bpb | student bpb, greedy flags | ratio | student bpb, late flags | ratio |")
-        print("|---|---|---|---|---|---|")
-        for name, r in late.items():
-            print(f"| {name} | {r['teacher_bpb']:.3f} | {r['student_bpb']:.3f} | {r['ratio']:.2f} | "
-                  f"{r['student_bpb_late_flags']:.3f} | {r['ratio_late_flags']:.2f} |", flush=True)
 
 
 @dataclass
@@ -195,7 +196,8 @@ class Config:
     text: list = field(default_factory=list)  # repeatable; default: held-out Hamlet and the pydoc topics
     max_bytes: int = 20000      # score the first max_bytes of each text
     window: int = 512           # tokens per segment, the document-start token included (capped at the teacher's)
-    late_flags: bool = False    # also score with every flag decided one byte late (slow: see student_bpb_late_flags)
+    greedy: bool = True         # also score the greedy-flag model (student_bpb_greedy: where the dead ends cost)
+    eps: float = model.LATE_EPS  # the late-flag model decides a flag at once when its other value is less likely
     json: str = ""
 
 
@@ -219,12 +221,14 @@ def main(argv):
           f"segments of {window - 1} tokens, each scored from a fresh document start (see the docstring)")
     texts = {name: tok.normalize(text).encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
              for name, text in texts.items()}
-    results = score_texts(student, teacher, tok, ByteTrie(tok.id_to_bytes), texts, window, cfg.late_flags)
-    print_tables(results)
+    if not 0 <= cfg.eps < 0.5:
+        raise ValueError("--eps must be in [0, 0.5): below it, a flag's other value counts as impossible")
+    results = score_texts(student, teacher, tok, ByteTrie(tok.id_to_bytes), texts, window, cfg.greedy, cfg.eps)
+    print_tables(results, cfg.eps)
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump({"ckpt": cfg.ckpt, "teacher": meta["teacher"], "max_bytes": max_bytes, "window": window,
-                       "texts": results}, f, indent=2)
+                       "eps": cfg.eps, "texts": results}, f, indent=2)
     return results
 
 

@@ -22,7 +22,7 @@ import train  # noqa: E402
 
 # bench/fidelity.py's figures, in the order its docstring explains them (teacher side, then student side)
 FIDELITY_BARS = ("teacher_bpb", "teacher_byte_bpb", "teacher_byte_bpb_greedy", "student_token_bpb",
-                 "student_bpb_true_patches", "student_bpb", "student_bpb_joint", "student_bpb_lookahead")
+                 "student_bpb_true_patches", "student_bpb", "student_bpb_greedy", "student_bpb_lookahead")
 NOT_PLOTTED = ("phase", "step", "grad_norm")
 
 
@@ -85,7 +85,7 @@ def fidelity_figure(fidelity):
     width = 0.8 / max(len(texts), 1)
     for i, (name, r) in enumerate(texts.items()):
         xs = [j + (i - (len(texts) - 1) / 2) * width for j in range(len(FIDELITY_BARS))]
-        bars = ax.bar(xs, [r[k] for k in FIDELITY_BARS], width, label=f"{name} ({r.get('bytes', 0):,} bytes)")
+        bars = ax.bar(xs, [r.get(k, math.nan) for k in FIDELITY_BARS], width, label=f"{name} ({r.get('bytes', 0):,} bytes)")
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks(range(len(FIDELITY_BARS)), [k.replace("_bpb", "").replace("_", " ") or k for k in FIDELITY_BARS],
                   rotation=20, fontsize=8)

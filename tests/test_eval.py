@@ -64,18 +64,27 @@ def student(teacher_and_tok):
 
 @pytest.fixture(scope="module")
 def student_lm(student, teacher_and_tok):
-    return ev.StudentLM(student, teacher_and_tok[1], batch_size=3)
+    return ev.StudentLM(student, teacher_and_tok[1], batch_size=3)  # late flags, the default
 
 
 @pytest.fixture(scope="module")
-def student_lm64(student, teacher_and_tok):
+def student_lm_greedy(student, teacher_and_tok):
+    return ev.StudentLM(student, teacher_and_tok[1], batch_size=3, flags="greedy")
+
+
+@pytest.fixture(scope="module")
+def student64(student):
     import copy
-    return ev.StudentLM(copy.deepcopy(student).double(), teacher_and_tok[1], batch_size=3)
+    return copy.deepcopy(student).double()
 
 
 @pytest.fixture(scope="module")
 def teacher_lm(teacher_and_tok):
     return ev.TeacherLM(*teacher_and_tok, batch_size=2)
+
+
+def max_abs(a, b):
+    return (a - b).abs().max().item()
 
 
 def requests(*args):
@@ -85,20 +94,55 @@ def requests(*args):
 # ---------------------------------------------------------------------------------------------------------------
 # The byte student
 
-def test_loglikelihood_empty_context_is_the_proper_likelihood(student_lm, student):
-    """With no context the continuation is scored from a fresh document start: greedy_flag_logprobs of its bytes
-    (batches of 3 with continuations of different lengths)."""
+@pytest.mark.parametrize("flags", ["late", "greedy"])
+def test_loglikelihood_empty_context_is_the_proper_likelihood(flags, student, teacher_and_tok):
+    """With no context the continuation is scored from a fresh document start: late_flag_logprobs (or
+    greedy_flag_logprobs) of its bytes (batches of 3 with continuations of different lengths)."""
     conts = ["If it were done", " when", "'tis done, then 'twere well", "\u00e9t\u00e9", "x"]
-    got = student_lm.loglikelihood(requests(*[("", c) for c in conts]))
-    want = model.greedy_flag_logprobs(student, [c.encode() for c in conts])
-    for (ll, _), (logp, _, _) in zip(got, want):
+    got = ev.StudentLM(student, teacher_and_tok[1], batch_size=3, flags=flags).loglikelihood(
+        requests(*[("", c) for c in conts]))
+    scorer = model.late_flag_logprobs if flags == "late" else model.greedy_flag_logprobs
+    want = scorer(student, [c.encode() for c in conts])
+    for (ll, _), (logp, *_) in zip(got, want):
         assert ll == pytest.approx(float(logp.double().sum()), abs=1e-4)
 
 
-def test_loglikelihood_equals_full_forward_with_the_boundaries_used(student_lm64):
-    """Contexts of several lengths (empty, one byte, past the byte blocks' window): the adapter's per-byte
-    log-probabilities and is_greedy equal a full forward with the flags it used, and those flags follow the rules:
-    the patcher's (on the context alone) for every context byte but the last, then the likelier half of the head."""
+@pytest.mark.parametrize("flags", ["late", "greedy"])
+def test_loglikelihood_does_not_depend_on_the_batch(flags, student, teacher_and_tok):
+    """Contexts longer than the student's reach are cut to fit each request's own continuation, never the longest in
+    its batch: a request scores the same alone as in a batch of three."""
+    ctx = (TEXT * 3)[:400]
+    reqs = requests(*[(ctx, c) for c in (" If", " it were done when 'tis done, then 'twere well", " x")])
+    alone = [ev.StudentLM(student, teacher_and_tok[1], batch_size=1, flags=flags).loglikelihood(reqs)]
+    batched = [ev.StudentLM(student, teacher_and_tok[1], batch_size=3, flags=flags).loglikelihood(reqs)]
+    assert len(ctx.encode()) > ev.StudentLM(student, teacher_and_tok[1]).max_bytes
+    for (a, _), (b, _) in zip(alone[0], batched[0]):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_late_loglikelihood_equals_the_late_oracle(student64, teacher_and_tok):
+    """Late flags with a context (empty, one byte, past the byte blocks' window): the adapter's per-byte
+    log-probabilities equal the full-forward oracle of the late-flag model started from the context with the flags
+    the patcher gave it, and the flags it decided equal the oracle's."""
+    from test_scoring import late_reference
+    lm = ev.StudentLM(student64, teacher_and_tok[1], batch_size=3)
+    pairs = [(b"", b" done"), (b"I", b"f it"), (TEXT[:90].encode(), TEXT[90:110].encode()),
+             (TEXT[:40].encode(), b" quickly")]
+    for (ctx, cont), (logp, greedy, x, ends) in zip(pairs, lm.score(pairs)):
+        L = len(ctx) + 1
+        assert bytes(x[1:].tolist()) == ctx + cont
+        want, flags, _ = late_reference(student64, cont, model.LATE_EPS, ctx, ends[:L - 1].tolist())
+        assert max_abs(logp.double(), want) < 1e-6
+        first = L - 1 if ctx else L
+        assert ends[first:L + len(cont) - 1].tolist() == flags.tolist()
+
+
+def test_loglikelihood_equals_full_forward_with_the_boundaries_used(student64, teacher_and_tok):
+    """Greedy flags, contexts of several lengths (empty, one byte, past the byte blocks' window): the adapter's
+    per-byte log-probabilities and is_greedy equal a full forward with the flags it used, and those flags follow the
+    rules: the patcher's (on the context alone) for every context byte but the last, then the likelier half of the
+    head."""
+    student_lm64 = ev.StudentLM(student64, teacher_and_tok[1], batch_size=3, flags="greedy")
     m = student_lm64.model
     pairs = [(b"", b" done"), (b"I", b"f it"), (TEXT[:90].encode(), TEXT[90:110].encode()),
              (TEXT[:40].encode(), b" quickly")]
@@ -136,13 +180,15 @@ def test_rolling_equals_bench_fidelity(student_lm, teacher_lm, student, teacher_
     assert -t_ll / n_bits == pytest.approx(r["teacher_bpb"], abs=1e-5)
 
 
-def test_generate_until_cuts_before_the_first_stop_string(student_lm):
+@pytest.mark.parametrize("flags", ["late", "greedy"])
+def test_generate_until_cuts_before_the_first_stop_string(flags, student, teacher_and_tok):
     """Two prompts in one batch: each output is the greedy generation of that prompt alone, cut before the first
     occurrence of a stop string; without a stop string it runs to 4 bytes per max_gen_toks."""
+    student_lm = ev.StudentLM(student, teacher_and_tok[1], batch_size=3, flags=flags)
     prompts = [b"**MACBETH**  \n", b"If it"]
     full = []
     for p in prompts:
-        gen = model.ByteGeneration(student_lm.model, [p], 40)
+        gen = (model.LateFlagGeneration if flags == "late" else model.ByteGeneration)(student_lm.model, [p], 40)
         out = bytes(gen.step(0.0)[0].tolist()[0] for _ in range(40))
         full.append(out.split(bytes([model.BOS_BYTE]))[0])  # 0xFE would start a new document: the text ends
     stops = []

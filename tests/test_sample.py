@@ -14,13 +14,13 @@ import torch
 
 import teacher as teachers
 import sample
-from model import BOS_BYTE, ByteGeneration, load_student, save_student
+from model import BOS_BYTE, ByteGeneration, LateFlagGeneration, load_student, save_student
 from test_student import build_student, build_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "To be, or not"
 MAX_BYTES = 20
-SEED = 3  # with this checkpoint: 20 bytes for PROMPT, the text ending inside a UTF-8 sequence
+SEED = 13  # with this checkpoint (late flags): 20 bytes for PROMPT, the text ending inside a UTF-8 sequence
 BATCH_SEED = 1  # in the batch one row samples 0xFE at once (the oracle below adapts if the model changes; the tests
                 # say where they rely on it)
 BATCH = dict(prompts=["Hi", "Ünïcode"], num_samples=2, max_bytes=12)
@@ -76,6 +76,7 @@ def runs(ckpt, bad_prompt_file):
         "batch": batch,
         "batch_raw": [*batch, "--raw"],
         "error": [*common, f"--prompt_file={bad_prompt_file}"],
+        "greedy": [*batch, "--flags=greedy"],
     }
     started = {name: Run(args) for name, args in commands.items()}
     yield started
@@ -85,17 +86,27 @@ def runs(ckpt, bad_prompt_file):
             run.proc.communicate()
 
 
-def expected(ckpt, prompts, max_bytes, seed):
-    """What sample.py must generate: ByteGeneration.run at temperature 1 with a generator seeded by --seed; each row
-    stops at its first 0xFE (a new document), which is not printed. With one prompt, run() is step() byte by byte."""
+def expected(ckpt, prompts, max_bytes, seed, flags="late"):
+    """What sample.py must generate at temperature 1 with a generator seeded by --seed: LateFlagGeneration.step in
+    lockstep (the default), or with --flags=greedy ByteGeneration.run (rows out of step); each row stops at its first
+    0xFE (a new document), which is not printed."""
     student, _ = load_student(ckpt)
-    gen = ByteGeneration(student, [p.encode("utf-8") for p in prompts], max_bytes)
     g = torch.Generator().manual_seed(seed)
-    outs = [bytearray() for _ in prompts]
-    for rows, _, new, _ in gen.run(max_bytes, 1.0, None, 1.0, g):
+    outs, live = [bytearray() for _ in prompts], [True] * len(prompts)
+    if flags == "late":
+        gen = LateFlagGeneration(student, [p.encode("utf-8") for p in prompts], max_bytes)
+        steps = [(gen.rows, gen.step(1.0, None, 1.0, g)[0]) for _ in range(max_bytes)]
+    else:
+        gen = ByteGeneration(student, [p.encode("utf-8") for p in prompts], max_bytes)
+        steps = ((rows, new) for rows, _, new, _ in gen.run(max_bytes, 1.0, None, 1.0, g))
+    for rows, new in steps:
         for i, b in zip(rows.tolist(), new.tolist()):
+            if not live[i]:
+                continue
             if b == BOS_BYTE:
-                gen.live[i] = False
+                live[i] = False
+                if flags == "greedy":
+                    gen.live[i] = False
             else:
                 outs[i].append(b)
     return [bytes(o) for o in outs]
@@ -143,6 +154,16 @@ def test_batch_of_prompts_and_samples(runs, ckpt):
     want = "".join(f"--- sample {i}\n" + (p.encode() + g).decode("utf-8", errors="replace") + "\n"
                    for i, (p, g) in enumerate(zip(prompts, gens)))
     assert out == want
+
+
+def test_greedy_flags_batch(runs, ckpt):
+    """--flags=greedy: the same batch from the greedy-flag model, rows out of step."""
+    out = ok(runs["greedy"]).stdout.decode("utf-8")
+    prompts = [p for p in BATCH["prompts"] for _ in range(BATCH["num_samples"])]
+    gens = expected(ckpt, prompts, BATCH["max_bytes"], seed=BATCH_SEED, flags="greedy")
+    assert gens != expected(ckpt, prompts, BATCH["max_bytes"], seed=BATCH_SEED)  # the two models told apart
+    assert out == "".join(f"--- sample {i}\n" + (p.encode() + g).decode("utf-8", errors="replace") + "\n"
+                          for i, (p, g) in enumerate(zip(prompts, gens)))
 
 
 def test_batch_raw(runs, ckpt):

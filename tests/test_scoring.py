@@ -1,9 +1,11 @@
 """The student's proper likelihood (model.greedy_flag_logprobs): flags decided causally as greedy generation decides
 them. Oracles: a full forward per prefix with the flags decided so far, and generation at temperature 0."""
+import math
+
 import pytest
 import torch
 
-from model import ByteGeneration, byte_logprobs, greedy_flag_logprobs, late_flag_logprobs
+from model import ByteGeneration, LateFlagGeneration, byte_logprobs, greedy_flag_logprobs, late_flag_logprobs
 from test_student import build_student, build_teacher, max_diff
 from tokenizer import DOC_START_BYTE
 
@@ -62,37 +64,47 @@ def test_equals_what_greedy_generation_assigns(student):
     assert got_flags.tolist() == flags
 
 
-def late_reference(student, text):
-    """O(n^2) oracle for late_flag_logprobs: byte t+1's probability from two full forwards over [0xFE] + text[:t+1],
-    with byte t's flag open (continue, end) and the earlier flags as decided, mixed by that flag's probability from the
-    forward one byte before; byte t's flag is then the hypothesis under which byte t+1 is likelier."""
-    x, ends = [DOC_START_BYTE], [True]
-    logits, _, _ = student(torch.tensor([x]), ends=torch.tensor([ends]))
-    prev = logits[0, -1]
-    logp, flags = [byte_logprobs(prev)[text[0]].item()], []
-    x.append(text[0])
-    for v in text[1:]:
-        last = x[-1]
-        log_e = torch.log_softmax(torch.stack([prev[last], prev[last + 256]]).double(), 0)
+def late_reference(student, text, eps=0.0, prompt=b"", prompt_ends=()):
+    """O(n^2) oracle for the late-flag model: byte t+1's probability from two full forwards over [0xFE] + prompt +
+    text[:t+1], with byte t's flag open (continue, end) and the earlier flags as decided, mixed by that flag's
+    probability from the forward one byte before; byte t's flag is then the hypothesis under which byte t+1 is
+    likelier. A flag whose other value is less likely than eps is decided at once (the likelier half), and byte t+1
+    scored under it alone. prompt_ends: the flags of [0xFE] + prompt but its last byte. -> (log p of each text byte,
+    the flags decided after the document start, how many of them were decided at once)."""
+    x, ends = [DOC_START_BYTE] + list(prompt), list(prompt_ends)
+    prev = student(torch.tensor([x[:-1]]), ends=torch.tensor([ends]))[0][0, -1] if prompt else None
+    logp, flags, sure = [], [], 0
+    for v in text:
         hyp = [student(torch.tensor([x]), ends=torch.tensor([ends + [e]]))[0][0, -1] for e in (False, True)]
-        joint = log_e + torch.stack([byte_logprobs(h)[v] for h in hyp]).double()
-        logp.append(torch.logsumexp(joint, 0).item())
-        flags.append(bool(joint[1] > joint[0]))
-        ends.append(flags[-1])
-        prev = hyp[int(flags[-1])]
+        if prev is None:  # a lone 0xFE is its own patch
+            e, lp = True, byte_logprobs(hyp[1])[v].item()
+        else:
+            log_e = torch.log_softmax(torch.stack([prev[x[-1]], prev[x[-1] + 256]]).double(), 0)
+            joint = log_e + torch.stack([byte_logprobs(h)[v] for h in hyp]).double()
+            if eps > 0 and log_e.min() < math.log(eps):
+                e, sure = bool(log_e[1] > log_e[0]), sure + 1
+                lp = byte_logprobs(hyp[int(e)])[v].item()
+            else:
+                e, lp = bool(joint[1] > joint[0]), torch.logsumexp(joint, 0).item()
+            flags.append(e)
+        logp.append(lp)
+        ends.append(e)
+        prev = hyp[int(e)]
         x.append(v)
-    return torch.tensor(logp, dtype=torch.float64), torch.tensor(flags)
+    return torch.tensor(logp, dtype=torch.float64), torch.tensor(flags, dtype=torch.bool), sure
 
 
-def check_late(student, texts, tol):
-    got = late_flag_logprobs(student, texts)
-    flipped = 0
+def check_late(student, texts, tol, eps=0.0):
+    got = late_flag_logprobs(student, texts, eps)
+    flipped = sure = 0
     for text, (logp, flags), (_, _, greedy) in zip(texts, got, greedy_flag_logprobs(student, texts)):
-        want_logp, want_flags = late_reference(student, text)
+        want_logp, want_flags, n_sure = late_reference(student, text, eps)
         assert torch.equal(flags[:len(text) - 1], want_flags)
         assert max_diff(logp.double(), want_logp) < tol
         flipped += int((flags[:-1] != greedy[:-1]).sum())
+        sure += n_sure
     assert flipped > 0  # the next byte overturned some greedy flags: the two rules were told apart
+    return sure, sum(len(t) - 1 for t in texts)
 
 
 def test_late_flags_equal_full_forward_oracle(student):
@@ -105,3 +117,33 @@ def test_late_flags_with_the_prior_equal_full_forward_oracle():
     the prior computes its patch distributions in fp32."""
     from test_prior import prior_student
     check_late(prior_student(build_teacher()), TEXTS[:3], 1e-4)
+
+
+def test_late_flags_decided_at_once_when_sure():
+    """With eps, a flag whose other value is less likely than eps is decided before the next byte: some flags are
+    and some are not, and the scores still equal the oracle that follows the same rule."""
+    sure, total = check_late(build_student(build_teacher()).double(), TEXTS, 1e-6, eps=0.3)
+    assert 0 < sure < total
+
+
+@pytest.mark.parametrize("with_prior", [False, True])
+def test_late_flag_generation_follows_the_late_model(with_prior):
+    """Sampling from LateFlagGeneration (prompts of different lengths, one batch): every byte's log-probability under
+    the mixture it was drawn from, and every flag decided, equal the oracle on the generated text; the mixture is a
+    distribution."""
+    from test_prior import prior_student
+    student = prior_student(build_teacher()) if with_prior else build_student(build_teacher()).double()
+    prompts, n, eps = [b"", b"To be", "caf\u00e9".encode()], 12, 0.3
+    gen = LateFlagGeneration(student, prompts, n, eps)
+    g = torch.Generator().manual_seed(0)
+    steps = [gen.step(1.0, None, None, g) for _ in range(n)]
+    for new, mixed in steps:
+        assert torch.allclose(mixed.double().exp().sum(1), torch.ones(len(prompts), dtype=torch.float64), atol=1e-5)
+    for i, p in enumerate(prompts):
+        L = len(p) + 1  # with the 0xFE
+        text = bytes(gen.x[i, L:L + n].tolist())
+        want_logp, want_flags, _ = late_reference(student, text, eps, p, gen.ends[i, :L - 1].tolist())
+        got = torch.stack([mixed[i, new[i]] for new, mixed in steps])
+        assert max_diff(got.double(), want_logp) < (1e-4 if with_prior else 1e-6)
+        first = L - 1 if p else L  # the prompt's last flag is decided after the first new byte
+        assert gen.ends[i, first:L + n - 1].tolist() == want_flags.tolist()

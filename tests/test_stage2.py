@@ -278,10 +278,12 @@ def test_fidelity_json_against_teacher_and_student_oracles(full, tmp_path):
     got_w16 = json.loads((tmp_path / "fidelity.json.w16").read_text())["texts"]["long.txt"]
     for r in (got, got_w16):
         for key in ("teacher_bpb", "teacher_byte_bpb", "teacher_byte_bpb_greedy", "student_token_bpb",
-                    "student_bpb_true_patches", "student_bpb", "student_bpb_joint", "student_bpb_lookahead", "ratio",
+                    "student_bpb_true_patches", "student_bpb", "student_bpb_greedy", "student_bpb_greedy_joint",
+                    "student_bpb_lookahead", "ratio", "ratio_greedy",
                     "patcher_f1", "head_f1", "mean_patch_bytes", "bytes_per_token"):
             assert math.isfinite(r[key]), (key, r)
         assert r["ratio"] == pytest.approx(r["student_bpb"] / r["teacher_bpb"], rel=1e-12)
+        assert r["ratio_greedy"] == pytest.approx(r["student_bpb_greedy"] / r["teacher_bpb"], rel=1e-12)
 
     # teacher side: one window of [doc_start] + ids, every token scored; and the same in segments of 15 tokens
     teacher_bpb, encoding = teacher_oracle(SHORT_TEXT, window=512)
@@ -303,13 +305,17 @@ def test_fidelity_json_against_teacher_and_student_oracles(full, tmp_path):
     renormalised = logp.gather(1, torch.tensor(ids)[:, None])[:, 0] - torch.logsumexp(logp[:, spelled], -1)
     assert got["teacher_byte_bpb"] == pytest.approx(-renormalised.sum().item() / math.log(2) / len(SHORT_TEXT.encode()),
                                                     rel=1e-4)
-    # the headline: the proper likelihood, greedy causal flags (model.greedy_flag_logprobs, tested in test_scoring.py)
+    # the headline: the late-flag model's proper likelihood, and the greedy-flag model's beside it (both tested
+    # against full-forward oracles in test_scoring.py)
     student, _ = model.load_student(ckpt)
-    greedy_logp, greedy_joint, flags = model.greedy_flag_logprobs(student, [SHORT_TEXT.encode()])[0]
+    late_logp, late_flags = model.late_flag_logprobs(student, [SHORT_TEXT.encode()], model.LATE_EPS)[0]
+    greedy_logp, greedy_joint, _ = model.greedy_flag_logprobs(student, [SHORT_TEXT.encode()])[0]
     n_bytes = len(SHORT_TEXT.encode())
-    assert got["student_bpb"] == pytest.approx(-greedy_logp.double().sum().item() / math.log(2) / n_bytes, rel=1e-5)
-    assert got["student_bpb_joint"] >= got["student_bpb"]
-    assert got["mean_patch_bytes"] == pytest.approx(n_bytes / flags.sum().item(), rel=1e-12)
+    assert got["student_bpb"] == pytest.approx(-late_logp.double().sum().item() / math.log(2) / n_bytes, rel=1e-5)
+    assert got["student_bpb_greedy"] == pytest.approx(-greedy_logp.double().sum().item() / math.log(2) / n_bytes,
+                                                      rel=1e-5)
+    assert got["student_bpb_greedy_joint"] >= got["student_bpb_greedy"]
+    assert got["mean_patch_bytes"] == pytest.approx(n_bytes / (late_flags[:-1].sum().item() + 1), rel=1e-12)
     # the old figure, now labelled as lookahead: p(byte) = p(byte, not end) + p(byte, end), patches from the patcher
     x = torch.tensor([[model.BOS_BYTE, *SHORT_TEXT.encode()]])
     with torch.no_grad():
@@ -328,8 +334,9 @@ def test_fidelity_json_against_teacher_and_student_oracles(full, tmp_path):
     precision, recall = tp / max(pred[:-1].sum().item(), 1), tp / truth[:-1].sum().item()
     assert 0 < pred.sum().item() < n_bytes  # the patcher cuts real patches
     assert got["patcher_f1"] == pytest.approx(2 * precision * recall / max(precision + recall, 1e-12), rel=1e-9)
-    tp = (flags & truth).sum().item()
-    precision, recall = tp / max(flags.sum().item(), 1), tp / truth.sum().item()
+    flags = late_flags[:-1]  # the late model's flags, its last byte's never decided
+    tp = (flags & truth[:-1]).sum().item()
+    precision, recall = tp / max(flags.sum().item(), 1), tp / truth[:-1].sum().item()
     assert got["head_f1"] == pytest.approx(2 * precision * recall / max(precision + recall, 1e-12), rel=1e-9)
 
 
