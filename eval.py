@@ -145,7 +145,8 @@ class StudentLM(LM):
         for chunk in batches(order, self.batch_size, "byte student: loglikelihood"):
             conts = [pairs[i][1] for i in chunk]
             n = max(len(c) for c in conts)
-            ctxs = [keep_last(pairs[i][0], self.max_bytes - len(pairs[i][1])) for i in chunk]  # its own, not the batch's
+            # each context cut to fit its own continuation, never the batch's longest: a score is the same in any batch
+            ctxs = [keep_last(pairs[i][0], self.max_bytes - len(pairs[i][1])) for i in chunk]
             forced = torch.full((len(chunk), n), ord(" "), dtype=torch.long)  # after a short continuation: unscored
             for row, c in enumerate(conts):
                 forced[row, :len(c)] = torch.tensor(list(c), dtype=torch.long)

@@ -39,7 +39,7 @@ class Config:
 
 
 def time_prepare(folder):
-    files = data.list_input_files([data.default_corpus_dir()])
+    files = data.default_corpus_files()
     text_bytes = sum(os.path.getsize(f) for f in files)
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):  # keep the table clean
         started = time.perf_counter()

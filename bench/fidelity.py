@@ -12,9 +12,9 @@ The figures, per text:
   teacher_bpb              the teacher on its canonical tokens
   teacher_byte_bpb         the teacher's exact byte targets (targets.py) along the true token ends: equal to
                            teacher_bpb up to float error and the probability of ids that spell no bytes (a check)
-  teacher_byte_bpb_greedy  the teacher as a byte model: its exact targets with every flag decided causally, greedily
-                           (targets.teacher_greedy_logprobs; mixed with 1e-6 uniform, for dead ends): the ceiling a
-                           student with a greedy-flag head can approach
+  teacher_byte_bpb_greedy  with --greedy=True (the default): the teacher as a byte model, its exact targets with
+                           every flag decided causally, greedily (targets.teacher_greedy_logprobs; mixed with 1e-6
+                           uniform, for dead ends): the ceiling a student with a greedy-flag head can approach
   student_token_bpb        the student's main network at the true token ends through the teacher's output layer,
                            token-level: what stage 1 achieved
   student_bpb_true_patches the student's head at the true patches: -log2 p(byte, true flag) (joint, so it cannot
@@ -34,13 +34,15 @@ The figures, per text:
   F1 of the patcher's ends and of the headline model's flags against the teacher's token ends (each segment's last
   byte excluded: the patcher is forced to end it, the late model never decides it); bytes per patch under those
   flags against the teacher's bytes per token.
-Default texts: held-out Hamlet (a validation play, never trained on) and the Python reference topics
-(pydoc_data.topics, English and code).
+Default texts: held-out Hamlet (a validation play, never trained on), the held-out argparse.py of the standard
+library (code; the default corpus trains on the other modules) and the Python reference topics (pydoc_data.topics,
+English and code, of a kind the corpus does not hold).
 """
 import json
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,7 +62,10 @@ def default_texts():
     import pydoc_data.topics
     with open(data.play_path("hamlet"), encoding="utf-8") as f:
         hamlet = f.read()
-    return {"hamlet (held out)": hamlet, "pydoc topics": "\n\n".join(pydoc_data.topics.topics.values())}
+    with open(data.module_path("argparse.py"), encoding="utf-8") as f:
+        argparse_source = f.read()
+    return {"hamlet (held out)": hamlet, "argparse.py (held out)": argparse_source,
+            "pydoc topics": "\n\n".join(pydoc_data.topics.topics.values())}
 
 
 def segments(aligned, window):
@@ -128,10 +133,21 @@ def score_texts(student, teacher, tok, trie, texts, window, greedy=True, eps=mod
             raise ValueError(f"{name}: empty text, nothing to score")
         segs[name] = (aligned, segments(aligned, window))
     flat = [(name, bytes(seg[0].tolist())) for name, (_, ss) in segs.items() for seg in ss]
-    teacher_greedy = teacher_greedy_logprobs(teacher, trie, tok.doc_start_id, [t for _, t in flat])
-    student_late = late_flag_logprobs(student, [t for _, t in flat], eps)
-    student_greedy = (greedy_flag_logprobs(student, [t for _, t in flat], batch_size=len(flat)) if greedy
-                      else [None] * len(flat))
+    rows = [t for _, t in flat]
+    started = time.perf_counter()
+
+    def progress(what):
+        print(f"  {what}: {len(rows)} segments, {max(map(len, rows)):,} byte steps "
+              f"({time.perf_counter() - started:.0f} s so far)", flush=True)
+    progress("student, late flags")
+    student_late = late_flag_logprobs(student, rows, eps)
+    teacher_greedy, student_greedy = [None] * len(flat), [None] * len(flat)
+    if greedy:
+        progress("teacher as a greedy byte model")
+        teacher_greedy = teacher_greedy_logprobs(teacher, trie, tok.doc_start_id, rows)
+        progress("student, greedy flags")
+        student_greedy = greedy_flag_logprobs(student, rows, batch_size=len(flat))
+    progress("done")
     for (name, _), tg, sl, sg in zip(flat, teacher_greedy, student_late, student_greedy):
         parts.setdefault(name, []).append((tg, sl, sg))
     return {name: text_figures(student, teacher, tok, trie, aligned, ss, parts[name])
@@ -139,14 +155,15 @@ def score_texts(student, teacher, tok, trie, texts, window, greedy=True, eps=mod
 
 
 def text_figures(student, teacher, tok, trie, aligned, segs, passes):
-    """One text's figures from its segments and their byte-by-byte passes [(teacher's greedy flags, student's late
-    flags, student's greedy flags or None)]."""
+    """One text's figures from its segments and their byte-by-byte passes [(teacher's greedy flags or None, student's
+    late flags, student's greedy flags or None)]."""
     nats, patcher, head, truth = {}, [], [], []
-    for seg, ((t_logp, _, dead), (logp, flags), greedy) in zip(segs, passes):
+    for seg, (teacher_greedy, (logp, flags), greedy) in zip(segs, passes):
         part, patcher_ends = parallel_figures(student, teacher, trie, tok, seg)
-        part.update(teacher_greedy=-t_logp.sum().item(), dead_ends=dead, student=-logp.double().sum().item())
+        part["student"] = -logp.double().sum().item()
         if greedy is not None:
-            part.update(student_greedy=-greedy[0].double().sum().item(),
+            part.update(teacher_greedy=-teacher_greedy[0].sum().item(), dead_ends=teacher_greedy[2],
+                        student_greedy=-greedy[0].double().sum().item(),
                         student_greedy_joint=-greedy[1].double().sum().item())
         for k, v in part.items():
             nats[k] = nats.get(k, 0.0) + v
@@ -156,7 +173,9 @@ def text_figures(student, teacher, tok, trie, aligned, segs, passes):
         head.append(flags[:-1])
     n_bytes, n_tokens = len(aligned.bytes) - 1, int(aligned.token_end.sum()) - 1
     r = {FIGURES[k]: v / math.log(2) / n_bytes for k, v in nats.items() if k in FIGURES}
-    r.update(bytes=n_bytes, tokens=n_tokens, bytes_per_token=n_bytes / n_tokens, teacher_dead_ends=int(nats["dead_ends"]))
+    r.update(bytes=n_bytes, tokens=n_tokens, bytes_per_token=n_bytes / n_tokens)
+    if "dead_ends" in nats:
+        r["teacher_dead_ends"] = int(nats["dead_ends"])
     r["ratio"] = r["student_bpb"] / r["teacher_bpb"]
     if "student_bpb_greedy" in r:
         r["ratio_greedy"] = r["student_bpb_greedy"] / r["teacher_bpb"]
@@ -177,26 +196,29 @@ def print_tables(results, eps):
         print(f"| {name} | {r['bytes']:,} | {r['teacher_bpb']:.3f} | {r['student_bpb']:.3f} | {r['ratio']:.2f} | "
               f"{extra}{r['mean_patch_bytes']:.2f} | {r['bytes_per_token']:.2f} |")
     print("\nwhere the bits go (bits per byte on the same bytes; see the docstring):")
-    print("| text | teacher | teacher byte targets, true flags | teacher byte targets, greedy flags (dead ends) "
-          "| student token-level | student, true patches (joint) | student, late flags | "
+    print("| text | teacher | teacher byte targets, true flags | "
+          + ("teacher byte targets, greedy flags (dead ends) | " if greedy else "")
+          + "student token-level | student, true patches (joint) | student, late flags | "
           + ("student, greedy flags (joint) | " if greedy else "") + "student lookahead (not a likelihood) "
           "| F1 patcher / late flags |")
-    print("|---|---|---|---|---|---|---|" + ("---|" if greedy else "") + "---|---|")
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if greedy else ""))
     for name, r in results.items():
-        extra = f"{r['student_bpb_greedy']:.3f} ({r['student_bpb_greedy_joint']:.3f}) | " if greedy else ""
-        print(f"| {name} | {r['teacher_bpb']:.3f} | {r['teacher_byte_bpb']:.3f} | {r['teacher_byte_bpb_greedy']:.3f} "
-              f"({r['teacher_dead_ends']}) | {r['student_token_bpb']:.3f} | {r['student_bpb_true_patches']:.3f} | "
-              f"{r['student_bpb']:.3f} | {extra}{r['student_bpb_lookahead']:.3f} | {r['patcher_f1']:.3f} / "
+        t_greedy = f"{r['teacher_byte_bpb_greedy']:.3f} ({r['teacher_dead_ends']}) | " if greedy else ""
+        s_greedy = f"{r['student_bpb_greedy']:.3f} ({r['student_bpb_greedy_joint']:.3f}) | " if greedy else ""
+        print(f"| {name} | {r['teacher_bpb']:.3f} | {r['teacher_byte_bpb']:.3f} | {t_greedy}"
+              f"{r['student_token_bpb']:.3f} | {r['student_bpb_true_patches']:.3f} | "
+              f"{r['student_bpb']:.3f} | {s_greedy}{r['student_bpb_lookahead']:.3f} | {r['patcher_f1']:.3f} / "
               f"{r['head_f1']:.3f} |", flush=True)
 
 
 @dataclass
 class Config:
     ckpt: str = "out/stage2"    # a byte-model folder
-    text: list = field(default_factory=list)  # repeatable; default: held-out Hamlet and the pydoc topics
+    text: list = field(default_factory=list)  # repeatable; default: held-out Hamlet, argparse.py, pydoc topics
     max_bytes: int = 20000      # score the first max_bytes of each text
     window: int = 512           # tokens per segment, the document-start token included (capped at the teacher's)
-    greedy: bool = True         # also score the greedy-flag model (student_bpb_greedy: where the dead ends cost)
+    greedy: bool = True         # also the greedy-flag passes: the student's (student_bpb_greedy) and the teacher's
+                                # (teacher_byte_bpb_greedy): where dead ends cost; two more byte-by-byte passes
     eps: float = model.LATE_EPS  # the late-flag model decides a flag at once when its other value is less likely
     json: str = ""
 

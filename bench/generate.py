@@ -95,7 +95,8 @@ def student_speed(student, prompt, batch_size, new_bytes, seed=0, lockstep=False
     profile = {part: parts[part] / n * 1e3 for part in PARTS}
     profile["other"] = seconds / n * 1e3 - sum(profile.values())
     per_call = sum(rows) / max(len(rows), 1)
-    return n / seconds, batch_size * len(prompt.encode()) / prefill, n / max(patches, 1), profile, per_call, sum(rows) / n
+    prefill_rate = batch_size * len(prompt.encode()) / prefill
+    return n / seconds, prefill_rate, n / max(patches, 1), profile, per_call, sum(rows) / n
 
 
 @torch.no_grad()

@@ -130,12 +130,21 @@ def test_few_documents_still_get_a_validation_split(teacher_dir, tmp_path):
     assert (splits["train"]["n_docs"], splits["val"]["n_docs"]) == (2, 1)
 
 
-def test_default_corpus_holds_out_hamlet():
-    files = data.list_input_files([data.default_corpus_dir()])
-    assert len(files) == 38
-    val = [f for f in files if data.is_validation(f, b"", default_corpus=True)]
+def test_default_corpus_holds_out_hamlet_and_some_modules():
+    """The default corpus: 38 plays, three held out; the standard library's top-level modules, argparse and textwrap
+    held out and about VAL_PERCENT% more by content; never the pydoc topics (an evaluation text) or the tests."""
+    files = data.default_corpus_files()
+    plays, modules = [f for f in files if f.endswith(".md")], [f for f in files if f.endswith(".py")]
+    assert len(plays) == 38 and len(plays) + len(modules) == len(files)
+    assert len(modules) > 100 and all(os.path.dirname(f) == os.path.dirname(modules[0]) for f in modules)
+    assert data.module_path("argparse.py") in modules
+    val = [f for f in plays if data.is_validation(f, b"", default_corpus=True)]
     assert sorted(os.path.basename(f) for f in val) == ["hamlet.md", "the-tempest.md", "twelfth-night.md"]
     assert data.play_path("hamlet") in val
+    val_modules = [f for f in modules if data.is_validation(f, open(f, "rb").read(), default_corpus=True)]
+    assert {data.module_path(m) for m in data.HELD_OUT_MODULES} <= set(val_modules)
+    assert len(data.HELD_OUT_MODULES) < len(val_modules) < 0.15 * len(modules)
+    assert not any("pydoc_data" in f or os.path.basename(f).startswith("test") for f in files)
 
 
 def test_many_shard_files(teacher_dir, corpus, tmp_path, monkeypatch, tok):

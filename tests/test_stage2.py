@@ -274,7 +274,12 @@ def test_fidelity_json_against_teacher_and_student_oracles(full, tmp_path):
         fidelity.main([f"--ckpt={ckpt}", f"--text={short}", "--max_bytes=4000", f"--json={js}"])
     with sf.quiet():  # a small window: the long text is scored in many segments
         fidelity.main([f"--ckpt={ckpt}", f"--text={long}", "--max_bytes=4000", "--window=16", f"--json={js}.w16"])
+    with sf.quiet():  # without the greedy-flag passes: the same headline, no greedy figures
+        fidelity.main([f"--ckpt={ckpt}", f"--text={short}", "--max_bytes=4000", "--greedy=False", f"--json={js}.late"])
     got = json.loads(js.read_text())["texts"]["short.txt"]
+    late_only = json.loads((tmp_path / "fidelity.json.late").read_text())["texts"]["short.txt"]
+    assert late_only["student_bpb"] == got["student_bpb"] and late_only["teacher_bpb"] == got["teacher_bpb"]
+    assert not any("greedy" in k or "dead_ends" in k for k in late_only)
     got_w16 = json.loads((tmp_path / "fidelity.json.w16").read_text())["texts"]["long.txt"]
     for r in (got, got_w16):
         for key in ("teacher_bpb", "teacher_byte_bpb", "teacher_byte_bpb_greedy", "student_token_bpb",
