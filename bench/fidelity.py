@@ -201,7 +201,7 @@ def print_tables(results, eps):
           + "student token-level | student, true patches (joint) | student, late flags | "
           + ("student, greedy flags (joint) | " if greedy else "") + "student lookahead (not a likelihood) "
           "| F1 patcher / late flags |")
-    print("|---|---|---|---|---|---|---|" + ("---|---|" if greedy else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if greedy else ""))
     for name, r in results.items():
         t_greedy = f"{r['teacher_byte_bpb_greedy']:.3f} ({r['teacher_dead_ends']}) | " if greedy else ""
         s_greedy = f"{r['student_bpb_greedy']:.3f} ({r['student_bpb_greedy_joint']:.3f}) | " if greedy else ""
