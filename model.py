@@ -544,13 +544,14 @@ class LateFlagGeneration(ByteGeneration):
         # keep the decided hypothesis: the main network's step for the rows whose patch ended
         self.main_cache.advance(e.long())
         kept = e[r1]
-        self.y_cur[r1[kept]] = y1[kept] if len(r1) else self.y_cur[r1[kept]]
+        if len(r1):
+            self.y_cur[r1[kept]] = y1[kept]
+            if prior:
+                self.cum[r1[kept]] = cum1[kept]
         if prior:
             if len(r0):
                 self.node[r0] = node0
             self.node[e] = 0
-            if len(r1):
-                self.cum[r1[kept]] = cum1[kept]
         redo = r1[kept & ~sure[r1]]  # rows that needed both and ended: their decoder slot holds "continues"
         if len(redo):
             self._decoder_at(redo, self.y_cur[redo], self.cum if prior else None, redo,

@@ -372,6 +372,8 @@ def test_generate_json_has_speeds_by_batch_size(full, tmp_path):
         assert got["ratio"][b] == pytest.approx(s / t, rel=1e-12)
         assert 1.0 <= got["rows_per_main_call"][b] <= int(b)
         assert got["lockstep_ratio"][b] == pytest.approx(got["lockstep_bytes_per_s"][b] / t, rel=1e-12)
+        assert got["late_ratio"][b] == pytest.approx(got["late_bytes_per_s"][b] / t, rel=1e-12)
+        assert 0.0 < got["late_main_rows_per_byte"][b] <= 1.0  # at most one main-network step per row and byte
     assert 1.0 < got["teacher_bytes_per_token"] < 10.0
 
 
