@@ -1,15 +1,21 @@
-"""Budget study: the whole pipeline at several byte budgets, so the trend of student/teacher bits per byte against
-training bytes is visible rather than one point.
+"""Budget study and ablation: the whole pipeline at several byte budgets and with several byte heads, so the trend of
+student/teacher bits per byte against training bytes is visible rather than one point, and the heads are compared on
+the same bytes by the same measure.
 
-    python bench/budget.py [--scales=0.25,0.5,1] [--out=out/budget] [--max_bytes=20000] [--json=OUT] [--reuse=1]
-                           [--known=1:out]
+    python bench/budget.py [--scales=0.25,0.5,1] [--variants=prior] [--out=out/budget] [--max_bytes=2000]
+                           [--window=256] [--json=OUT] [--reuse=1] [--known=prior:1:out]
 
-Scale s multiplies every phase budget of the stage-1 and stage-2 defaults (the demo's run is scale 1). Each scale
-runs stage1_kd.py, stage2_sft.py and bench/fidelity.py as separate processes, one after the other (two CPU-heavy
-processes at once on 2 cores slow each other down several times). --reuse=1 skips a scale whose fidelity JSON
-already exists, so an interrupted study continues. --known=SCALE:FOLDER adds a run made earlier with the same
-defaults scaled by SCALE (demo.sh's out/ is scale 1, with fidelity.json at the same --max_bytes); its wall time is
-not known and shows as "-".
+Scale s multiplies every phase budget of demo.sh's run (the Config fields below; demo.sh is scale 1 of "prior").
+The variants (the byte head and how its decoder learns):
+  prior       the default: learned logits plus a learned multiple of the teacher's own prior for each byte of a patch
+  pure        --prior=False: the paper's pure learned head, hard labels only (its decoder learns in stage 2's warm-up)
+  pure_exact  --prior=False plus stage 1's decoder phase (--decoder_bytes, scaled too): the output side learns to
+              spell from the teacher's hidden states at the true token ends, 10 x KL to the exact byte targets plus CE
+Each (variant, scale) runs stage1_kd.py, stage2_sft.py and bench/fidelity.py (the headline: the late-flag model's
+proper likelihood, --greedy=False) as separate processes, one after the other (two CPU-heavy processes at once on
+2 cores slow each other down several times). --reuse=1 skips a run whose fidelity JSON already exists, so an
+interrupted study continues. --known=VARIANT:SCALE:FOLDER adds a run made earlier (demo.sh's out/ is prior:1, its
+fidelity.json at the same --max_bytes and --window); its wall time is not known here and shows as "-".
 """
 import json
 import os
@@ -20,12 +26,36 @@ from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import stage1_kd  # noqa: E402
-import stage2_sft  # noqa: E402
 import train  # noqa: E402
 
-STAGE1_BUDGETS = ("align_bytes", "distill_bytes", "boundary_bytes")
-STAGE2_BUDGETS = ("warmup_bytes", "e2e_bytes")
+VARIANTS = {"prior": [], "pure": ["--prior=False"], "pure_exact": ["--prior=False"]}
+
+
+@dataclass
+class Config:
+    scales: str = "0.25,0.5,1"     # multiples of the budgets below
+    variants: str = "prior"         # comma-separated names from VARIANTS
+    out: str = "out/budget"
+    max_bytes: int = 2000           # bench/fidelity.py --max_bytes (demo.sh's)
+    window: int = 256               # bench/fidelity.py --window (demo.sh's)
+    json: str = ""
+    reuse: bool = True              # skip a run whose fidelity JSON already exists
+    known: str = ""                 # VARIANT:SCALE:FOLDER[,...] runs made earlier with these budgets scaled by SCALE
+    # scale 1 = demo.sh's budgets, in training bytes
+    align_bytes: int = 800_000
+    distill_bytes: int = 49_152
+    boundary_bytes: int = 250_000
+    decoder_bytes: int = 200_000    # pure_exact only
+    warmup_bytes: int = 150_000
+    e2e_bytes: int = 49_152
+
+
+def budgets(cfg, variant, scale):
+    """-> ({stage-1 flag: bytes}, {stage-2 flag: bytes}) for one run."""
+    names1 = ["align_bytes", "distill_bytes", "boundary_bytes"] + (["decoder_bytes"] if variant == "pure_exact" else [])
+    s1 = {k: int(getattr(cfg, k) * scale) for k in names1}
+    s2 = {k: int(getattr(cfg, k) * scale) for k in ("warmup_bytes", "e2e_bytes")}
+    return s1, s2
 
 
 def run(cmd):
@@ -33,55 +63,59 @@ def run(cmd):
     subprocess.run([sys.executable, *cmd], cwd=REPO, check=True)
 
 
-def one_scale(scale, out, max_bytes, reuse, folder=None):
+def one_run(cfg, variant, scale, folder=None):
     known = folder is not None
-    folder = folder or os.path.join(out, f"scale{scale:g}")
+    folder = folder or os.path.join(cfg.out, f"{variant}-scale{scale:g}")
     fid = os.path.join(folder, "fidelity.json")
-    if not known and not (reuse and os.path.exists(fid)):
+    s1, s2 = budgets(cfg, variant, scale)
+    if not known and not (cfg.reuse and os.path.exists(fid)):
         t = time.time()
-        s1 = [f"--{k}={int(getattr(stage1_kd.Config, k) * scale)}" for k in STAGE1_BUDGETS]
-        s2 = [f"--{k}={int(getattr(stage2_sft.Config, k) * scale)}" for k in STAGE2_BUDGETS]
-        run(["stage1_kd.py", f"--out_dir={folder}/stage1", *s1])
-        run(["stage2_sft.py", f"--init={folder}/stage1", f"--out_dir={folder}/stage2", *s2])
-        run(["bench/fidelity.py", f"--ckpt={folder}/stage2", f"--max_bytes={max_bytes}", f"--json={fid}"])
+        run(["stage1_kd.py", f"--out_dir={folder}/stage1", *VARIANTS[variant], *(f"--{k}={v}" for k, v in s1.items())])
+        run(["stage2_sft.py", f"--init={folder}/stage1", f"--out_dir={folder}/stage2",
+             *(f"--{k}={v}" for k, v in s2.items())])
+        run(["bench/fidelity.py", f"--ckpt={folder}/stage2", f"--max_bytes={cfg.max_bytes}", f"--window={cfg.window}",
+             "--greedy=False", f"--json={fid}"])
         with open(os.path.join(folder, "wall_s.json"), "w") as f:
             json.dump({"wall_s": time.time() - t}, f)
+    if not os.path.exists(fid):
+        raise FileNotFoundError(f"{fid}: no fidelity JSON for {variant}:{scale:g} (run bench/fidelity.py --json=...)")
     with open(fid) as f:
         texts = json.load(f)["texts"]
-    training_bytes = sum(int(getattr(stage1_kd.Config, k) * scale) for k in STAGE1_BUDGETS) + \
-        sum(int(getattr(stage2_sft.Config, k) * scale) for k in STAGE2_BUDGETS)
     wall = None
     if os.path.exists(os.path.join(folder, "wall_s.json")):
         with open(os.path.join(folder, "wall_s.json")) as f:
             wall = json.load(f)["wall_s"]
-    return {"scale": scale, "training_bytes_budget": training_bytes, "wall_s": wall, "texts": texts}
-
-
-@dataclass
-class Config:
-    scales: str = "0.25,0.5,1"  # multiples of the stage-1 and stage-2 default budgets
-    out: str = "out/budget"
-    max_bytes: int = 20000      # bench/fidelity.py --max_bytes
-    json: str = ""
-    reuse: bool = True          # skip a scale whose fidelity JSON already exists
-    known: str = ""             # SCALE:FOLDER[,...] runs made earlier with the defaults scaled by SCALE
+    return {"variant": variant, "scale": scale, "training_bytes_budget": sum(s1.values()) + sum(s2.values()),
+            "wall_s": wall, "texts": texts}
 
 
 def main(argv):
     cfg = train.parse_args(Config, argv)
-    rows = [one_scale(float(s), cfg.out, cfg.max_bytes, cfg.reuse) for s in cfg.scales.split(",") if s]
+    variants = [v for v in cfg.variants.split(",") if v]
+    for v in variants + [k.split(":")[0] for k in cfg.known.split(",") if k]:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    rows = []
     for item in filter(None, cfg.known.split(",")):
-        scale, _, folder = item.partition(":")
-        rows.append(one_scale(float(scale), cfg.out, cfg.max_bytes, True, folder))
-    rows.sort(key=lambda r: r["scale"])
-    print("\n| scale | training bytes (budget, both stages) | wall s | text | teacher bpb | student bpb | ratio | "
-          "head-flag F1 |")
-    print("|---|---|---|---|---|---|---|---|")
+        variant, scale, folder = (item.split(":", 2) + ["", ""])[:3]
+        if not folder:
+            raise ValueError(f"--known={item!r}: expected VARIANT:SCALE:FOLDER")
+        rows.append(one_run(cfg, variant, float(scale), folder))
+    done = {(r["variant"], r["scale"]) for r in rows}
+    for variant in variants:
+        for s in filter(None, cfg.scales.split(",")):
+            if (variant, float(s)) not in done:
+                rows.append(one_run(cfg, variant, float(s)))
+    rows.sort(key=lambda r: (r["variant"], r["scale"]))
+    print("\n| head | scale | training bytes (budget, both stages) | wall s | text | teacher bpb | student bpb | ratio | "
+          "token-level ratio | flag F1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         for name, t in r["texts"].items():
             wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "-"
-            print(f"| {r['scale']:g} | {r['training_bytes_budget']:,} | {wall} | {name} | "
-                  f"{t['teacher_bpb']:.3f} | {t['student_bpb']:.3f} | {t['ratio']:.2f} | {t['head_f1']:.3f} |")
+            print(f"| {r['variant']} | {r['scale']:g} | {r['training_bytes_budget']:,} | {wall} | {name} | "
+                  f"{t['teacher_bpb']:.3f} | {t['student_bpb']:.3f} | {t['ratio']:.2f} | "
+                  f"{t['student_token_bpb'] / t['teacher_bpb']:.2f} | {t['head_f1']:.3f} |")
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -99,15 +99,20 @@ def fidelity_figure(fidelity):
 
 
 def budget_figure(rows):
-    """Ratio and bits per byte against training bytes (log scale), one line per text."""
+    """Ratio and bits per byte against training bytes (log scale), one line per text and byte head (variant)."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    rows = sorted(rows, key=lambda r: r["training_bytes_budget"])
-    xs = [r["training_bytes_budget"] for r in rows]
+    variants = sorted({r.get("variant", "prior") for r in rows})
+    for mark, variant in zip("os^dv", variants):
+        runs = sorted((r for r in rows if r.get("variant", "prior") == variant), key=lambda r: r["training_bytes_budget"])
+        xs = [r["training_bytes_budget"] for r in runs]
+        for i, name in enumerate(runs[0]["texts"]):
+            label = f"{name} ({variant})"
+            left.plot(xs, [r["texts"][name]["ratio"] for r in runs], f"{mark}-", color=f"C{i}", label=label)
+            right.plot(xs, [r["texts"][name]["student_bpb"] for r in runs], f"{mark}-", color=f"C{i}",
+                       label=f"student, {label}")
     for i, name in enumerate(rows[0]["texts"] if rows else []):
-        left.plot(xs, [r["texts"][name]["ratio"] for r in rows], "o-", color=f"C{i}", label=name)
-        right.plot(xs, [r["texts"][name]["student_bpb"] for r in rows], "o-", color=f"C{i}", label=f"student, {name}")
-        right.plot(xs, [r["texts"][name]["teacher_bpb"] for r in rows], "--", color=f"C{i}", label=f"teacher, {name}")
+        right.axhline(rows[0]["texts"][name]["teacher_bpb"], ls="--", color=f"C{i}", lw=0.8, label=f"teacher, {name}")
     left.axhline(1.0, color="gray", lw=0.8, ls=":")  # the teacher itself
     left.set_ylabel("student bpb / teacher bpb")
     right.set_ylabel("bits per byte")
