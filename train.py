@@ -552,6 +552,35 @@ def cpu_matmul_seconds(bf16, repeats=3, give_up=float("inf")):
     return best
 
 
+def inference_dtype(dtype, device):
+    """--dtype of generation (sample.py, bench/generate.py) -> (the weights' torch dtype, a line saying why). auto: bf16
+    on CUDA; on CPU bf16 weights where a short timing of decoding-sized products (1 and 8 rows times a 4096 x 1024
+    matrix: memory-bound, as a cached step is) shows bf16 clearly faster at both, else fp32 (AVX2-only CPUs)."""
+    if dtype not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"--dtype must be auto, bfloat16 or float32, not {dtype!r}")
+    if dtype != "auto":
+        return getattr(torch, dtype), f"weights in {dtype} (--dtype)"
+    if device.type == "cuda":
+        return torch.bfloat16, "weights in bfloat16 (--dtype=auto on CUDA)"
+    ms = {}
+    for kind in (torch.float32, torch.bfloat16):
+        w = torch.randn(4096, 1024).to(kind)
+        for rows in (1, 8):
+            x, best = torch.randn(rows, 1024).to(kind), float("inf")
+            for i in range(6):  # the first run warms up
+                start = time.perf_counter()
+                for _ in range(4):
+                    torch.nn.functional.linear(x, w)
+                if i:
+                    best = min(best, (time.perf_counter() - start) / 4)
+            ms[kind, rows] = best * 1e3
+    bf16 = all(ms[torch.bfloat16, r] < 0.8 * ms[torch.float32, r] for r in (1, 8))
+    return (torch.bfloat16 if bf16 else torch.float32), (
+        f"weights in {'bfloat16' if bf16 else 'float32'} (--dtype=auto: 1 and 8 rows x a 4096 x 1024 matrix took "
+        f"{ms[torch.float32, 1]:.2f} / {ms[torch.float32, 8]:.2f} ms in fp32, {ms[torch.bfloat16, 1]:.2f} / "
+        f"{ms[torch.bfloat16, 8]:.2f} ms in bf16 here)")
+
+
 def autocast(cfg, device):
     """bf16 autocast unless the run is fp32 (cfg.dtype is resolved from "auto" by then)."""
     return nullcontext() if cfg.dtype == "float32" else torch.autocast(device.type, dtype=torch.bfloat16)

@@ -126,17 +126,17 @@ def held_out_bytes_per_token(tok, max_bytes=20000):
     return len(text.encode("utf-8")) / len(tok.encode(text))
 
 
-def random_student(teacher_name):
+def random_student(teacher_name, dtype=torch.float32):
     """A smoke-run student: init_weights on the teacher (main network = its blocks), nothing trained."""
     teacher, tok = load_teacher(teacher_name)
     torch.manual_seed(0)
     student = model.ByteLM(model.StudentConfig.for_teacher(teacher.cfg), teacher.cfg).init_weights(teacher).eval()
-    return student, teacher, tok
+    return student.to(dtype), teacher.to(dtype), tok
 
 
-def measure(ckpt, new_bytes=256, batch_sizes=(1, 8, 32), prompt_bytes=0, wait=1.0):
-    student, meta = model.load_student(ckpt)
-    teacher, tok = load_teacher(meta["teacher"])
+def measure(ckpt, new_bytes=256, batch_sizes=(1, 8, 32), prompt_bytes=0, wait=1.0, dtype=torch.float32):
+    student, meta = model.load_student(ckpt, dtype=dtype)
+    teacher, tok = load_teacher(meta["teacher"], dtype=dtype)
     return measure_models(student, teacher, tok, new_bytes, batch_sizes, prompt_bytes, wait)
 
 
@@ -176,6 +176,8 @@ class Config:
     prompt_bytes: int = 0       # 0: the one-line prompt; N: the first N bytes of held-out Hamlet (prefill at length)
     threads: int = 0            # torch CPU threads; 0 = torch's default (one per core)
     wait: float = 1.0           # run(): the main network steps once this share of the live rows waits (or none can)
+    dtype: str = "auto"         # weights of both models: float32 | bfloat16 | auto (bf16 where a short timing at start
+                                # shows this CPU clearly faster in it, as sample.py does; printed)
     random_init: str = ""       # a teacher preset or folder: time an untrained student on it instead of --ckpt (smoke run)
     json: str = ""
 
@@ -185,12 +187,16 @@ def main(argv):
     batch_sizes = tuple(int(b) for b in cfg.batch_sizes.split(","))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    dtype, why = train.inference_dtype(cfg.dtype, torch.device("cpu"))
     if cfg.random_init:
-        out = measure_models(*random_student(cfg.random_init), cfg.new_bytes, batch_sizes, cfg.prompt_bytes, cfg.wait)
+        out = measure_models(*random_student(cfg.random_init, dtype), cfg.new_bytes, batch_sizes, cfg.prompt_bytes,
+                             cfg.wait)
     else:
-        out = measure(cfg.ckpt, cfg.new_bytes, batch_sizes, cfg.prompt_bytes, cfg.wait)
+        out = measure(cfg.ckpt, cfg.new_bytes, batch_sizes, cfg.prompt_bytes, cfg.wait, dtype)
+    out["dtype"] = str(dtype).removeprefix("torch.")
     print(f"generation, {out['new_bytes']} new bytes per row after a {out['prompt_bytes']}-byte prompt, CPU threads "
-          f"{out['threads']}" + (f"; an UNTRAINED student on {cfg.random_init}" if cfg.random_init else ""))
+          f"{out['threads']}, student and teacher {why}"
+          + (f"; an UNTRAINED student on {cfg.random_init}" if cfg.random_init else ""))
     print("| batch | student bytes/s | teacher bytes/s | student/teacher | rows per main call | lockstep: bytes/s | "
           "student/teacher | rows per main call | student bytes/patch | teacher bytes/token | prefill bytes/s: student "
           "| teacher |")

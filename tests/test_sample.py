@@ -67,8 +67,8 @@ def bad_prompt_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(ckpt, bad_prompt_file):
-    common = [f"--ckpt={ckpt}", f"--max_bytes={MAX_BYTES}", "--temperature=1"]
-    batch = [f"--ckpt={ckpt}", "--temperature=1", f"--seed={BATCH_SEED}", f"--max_bytes={BATCH['max_bytes']}",
+    common = [f"--ckpt={ckpt}", f"--max_bytes={MAX_BYTES}", "--temperature=1", "--dtype=float32"]  # fp32 = expected()
+    batch = [f"--ckpt={ckpt}", "--temperature=1", "--dtype=float32", f"--seed={BATCH_SEED}", f"--max_bytes={BATCH['max_bytes']}",
              *[f"--prompt={p}" for p in BATCH["prompts"]], f"--num_samples={BATCH['num_samples']}"]
     commands = {
         "text": [*common, f"--prompt={PROMPT}", f"--seed={SEED}"],
@@ -77,6 +77,7 @@ def runs(ckpt, bad_prompt_file):
         "batch_raw": [*batch, "--raw"],
         "error": [*common, f"--prompt_file={bad_prompt_file}"],
         "greedy": [*batch, "--flags=greedy"],
+        "bf16": [*common[:-1], f"--prompt={PROMPT}", f"--seed={SEED}", "--dtype=bfloat16", "--raw"],
     }
     started = {name: Run(args) for name, args in commands.items()}
     yield started
@@ -117,6 +118,14 @@ def ok(run):
     assert run.rc == 0, run.stderr.decode(errors="replace")
     assert b"Traceback" not in run.stderr
     return run
+
+
+def test_bf16_weights_generate(runs):
+    """--dtype=bfloat16 (what auto picks on a CPU that is faster in it): the same model with bf16 weights generates,
+    and says so; its bytes are not compared with fp32's (rounding changes what is sampled)."""
+    run = ok(runs["bf16"])
+    assert b"--- weights in bfloat16 (--dtype)" in run.stderr and run.stdout.startswith(PROMPT.encode())
+    assert len(run.stdout) > len(PROMPT.encode())
 
 
 def test_raw_output_is_prompt_then_generated_bytes(runs, ckpt):
@@ -198,6 +207,7 @@ def test_error_exits_with_one_line(runs):
     (["--ckpt=CKPT", "--top_k=-1"], "--top_k >= 0"),
     (["--ckpt=CKPT", "--prompt_file=TMP"], "cannot read the prompt file"),
     (["--ckpt=CKPT", "--device=tpu"], "unknown device 'tpu'"),
+    (["--ckpt=CKPT", "--dtype=half"], "--dtype must be auto, bfloat16 or float32"),
     *([(["--ckpt=CKPT", "--device=cuda"], "no CUDA GPU")] if not torch.cuda.is_available() else []),
 ])
 def test_errors_are_one_clear_line(args, message, ckpt, bad_prompt_file, tmp_path, monkeypatch, capsys):
