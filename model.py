@@ -229,7 +229,7 @@ class ByteLM(nn.Module):
     def prior_cumulative(self, y):
         """Generation, once per patch: the patch outputs y (N, D) -> prefix sums of their next-token distributions
         (N, prior_vocab + 1) float64 (targets.ByteTrie.cumulative), from which prior_at reads every byte's prior."""
-        return self.trie.cumulative(y.float() @ self.prior_head.T)
+        return self.trie.cumulative(y.to(self.prior_head.dtype) @ self.prior_head.T)
 
     @torch.no_grad()
     def prior_at(self, cum, rows, nodes):

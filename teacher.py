@@ -156,7 +156,9 @@ class KVCache:
     """Per-layer key/value buffers (B, n_kv, max_len, head_dim) and a per-row write position `pos` (B,).
     A step writes its S new entries at pos[b]..pos[b]+S-1 of every row and then advances each row by `advance[b]`
     (S by default). Rows advanced by less simply get those slots overwritten later: that is how right-padded
-    prompts and rows that skip a step share one batched call. select(rows) steps only some rows (CacheRows)."""
+    prompts and rows that skip a step share one batched call. select(rows) steps only some rows (CacheRows).
+    With a sliding window, a step reads only the keys that some row's window still holds (from the lowest row
+    position minus the window), so a long generation's steps do not grow with its length."""
 
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -165,12 +167,17 @@ class KVCache:
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
         self.rows = torch.arange(batch_size, device=device)  # the buffer rows this cache reads and writes
-        self._end, self._mask = 0, None  # int(pos.max()) on the host (no device sync per layer); this step's mask
+        self._end, self._lo, self._mask = 0, 0, None  # int(pos.max()), int(pos.min()) on the host (no device sync per
+                                                      # layer); this step's mask
 
     def select(self, rows):
         return CacheRows(self, rows)
 
-    def write(self, layer, k, v):  # k, v: (B, n_kv, S, hd) -> the cached keys/values up to the furthest row
+    def first_key(self, window):
+        """The first cache slot any query of this step can see: every row's window starts at or after it."""
+        return 0 if window is None else max(0, self._lo - window + 1)
+
+    def write(self, layer, k, v, window=None):  # k, v: (B, n_kv, S, hd) -> the cached keys/values a query can see
         S = k.shape[2]
         end = self._end + S
         if end > self.max_len:
@@ -179,15 +186,16 @@ class KVCache:
         # indices on dims 0 and 2 with a slice between them address a (B, S, n_kv, hd) block
         self.k[layer][self.rows[:, None], :, slots] = k.transpose(1, 2)
         self.v[layer][self.rows[:, None], :, slots] = v.transpose(1, 2)
-        return self._read(self.k[layer], end), self._read(self.v[layer], end)
+        start = self.first_key(window)
+        return self._read(self.k[layer], start, end), self._read(self.v[layer], start, end)
 
-    def _read(self, buf, end):
-        return buf[:, :, :end]
+    def _read(self, buf, start, end):
+        return buf[:, :, start:end]
 
-    def mask(self, S, window=None):  # (B, 1, S, end) bool: query s of row b sees key j iff q - window < j <= q
+    def mask(self, S, window=None):  # (B, 1, S, end - start) bool: query s of row b sees key j iff q - window < j <= q
         if self._mask is None or self._mask[0] != (S, window):  # the same for every layer of a step: build it once
             q_pos = (self.pos[:, None] + torch.arange(S, device=self.pos.device))[:, :, None]  # (B, S, 1)
-            k_pos = torch.arange(self._end + S, device=self.pos.device)[None, None, :]
+            k_pos = torch.arange(self.first_key(window), self._end + S, device=self.pos.device)[None, None, :]
             visible = k_pos <= q_pos
             if window is not None:
                 visible &= k_pos > q_pos - window
@@ -196,7 +204,7 @@ class KVCache:
 
     def advance(self, n=None):
         self.pos += n
-        self._end, self._mask = int(self.pos.max()), None
+        self._end, self._lo, self._mask = int(self.pos.max()), int(self.pos.min()), None
 
 
 class CacheRows(KVCache):
@@ -208,15 +216,16 @@ class CacheRows(KVCache):
     def __init__(self, cache, rows):
         self.cache, self.k, self.v, self.max_len, self.rows = cache, cache.k, cache.v, cache.max_len, rows
         self.pos = cache.pos[rows]
-        self._end, self._mask = int(self.pos.max()), None
+        self._end, self._lo, self._mask = int(self.pos.max()), int(self.pos.min()), None
 
-    def _read(self, buf, end):
-        return buf[:, :, :end][self.rows]  # (R, n_kv, end, hd): a copy of only these rows
+    def _read(self, buf, start, end):
+        return buf[:, :, start:end].index_select(0, self.rows)  # (R, n_kv, end - start, hd): these rows only
+        # (index_select: ~5x faster here than advanced indexing, buf[...][rows], for the same copy)
 
     def advance(self, n=None):
         super().advance(n)
         self.cache.pos[self.rows] = self.pos
-        self.cache._end, self.cache._mask = max(self.cache._end, self._end), None
+        self.cache._end, self.cache._lo, self.cache._mask = max(self.cache._end, self._end), int(self.cache.pos.min()), None
 
 
 class Attention(nn.Module):
@@ -259,7 +268,7 @@ class Attention(nn.Module):
             # SDPA with a mask: 3x faster on one query than attention written out (which an earlier note preferred
             # after timing both with more threads than free cores: then every op waits ms for a descheduled thread)
             mask = cache.mask(T, cfg.sliding_window)
-            k, v = cache.write(layer, k, v)
+            k, v = cache.write(layer, k, v, cfg.sliding_window)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 

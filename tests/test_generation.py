@@ -216,3 +216,22 @@ def test_run_with_sampling_equals_the_full_forward(student64):
             full, _, _ = student64(gen.x[i:i + 1, :total], ends=gen.ends[i:i + 1, :total])
         assert max_diff(gen.prefill_logits[i], full[0, :L - 1]) < 1e-10
         assert max_diff(logits[i, :made[i]], full[0, L - 1:total - 1]) < 1e-10
+
+
+def test_sliding_window_steps_read_only_the_window(student64):
+    """A byte block's cached step attends over the keys some row's window still holds, not the whole history: past
+    the window, a step of a lone row reads exactly `local_window` keys (the logits equal the full forward, above)."""
+    window = student64.scfg.local_window
+    gen = ByteGeneration(student64, [b"x" * (3 * window)], N_NEW)
+    seen = []
+    write = gen.dec_cache.write
+
+    def counted(layer, k, v, w=None):
+        keys, values = write(layer, k, v, w)
+        seen.append(keys.shape[2])
+        return keys, values
+
+    gen.dec_cache.write = counted
+    for _ in range(4):
+        gen.step(0.0)
+    assert seen and set(seen) == {window}
