@@ -173,7 +173,6 @@ def main(argv):
     torch.manual_seed(cfg.seed)
     prompts = read_prompts(cfg)
     dtype, why = inference_dtype(cfg.dtype, check_device(cfg.device))
-    print(f"--- {why}", file=sys.stderr)
     texts, outputs, n, seconds = (sample_student if cfg.ckpt else sample_teacher)(cfg, prompts, dtype)
     if len(texts) > 1:
         for i, (t, o) in enumerate(zip(texts, outputs)):
@@ -183,7 +182,7 @@ def main(argv):
     else:
         print()
     print(f"--- {n} bytes in {seconds:.2f} s: {n / max(seconds, 1e-9):.1f} bytes/s "
-          f"({'byte student' if cfg.ckpt else 'teacher, tokens'}, batch {len(texts)})", file=sys.stderr)
+          f"({'byte student' if cfg.ckpt else 'teacher, tokens'}, batch {len(texts)}; {why})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,17 @@ TINY_STAGE2 = ["--dtype=float32", "--device=cpu", "--seq_len=64", "--eval_batche
                "--warmup_frac=0.1", "--warmup_lr=3e-3", "--e2e_lr=1e-3", "--warmup_bytes=1024", "--e2e_bytes=1024"]
 REL = 1e-5
 # Two ranks add gradients in another order than one process; AdamW's first steps divide by sqrt(v) ~ |g| and turn that
-# float-order noise in near-zero entries into weight differences of ~lr x 1e-3 (the DDP tests see the same).
-PARAM_ATOL = 1e-4
+# float-order noise in near-zero entries into weight differences of a fraction of one step (lr = 1e-3 here): 1.2e-4 seen
+# on an AVX512 CPU, under 1e-4 on AVX2 ones. So: no entry off by more than one step, and almost all equal to float noise.
+PARAM_ATOL = 1e-3
+NOISE, NOISY_SHARE = 1e-6, 1e-3  # at most this share of the entries differ by more than NOISE
+
+
+def assert_params_close(a, b):
+    diff, name = sf.worst_param_diff(a, b)
+    assert diff < PARAM_ATOL, f"{name} differs by {diff:.3g}"
+    off = sum(int(((a[k].float() - b[k].float()).abs() > NOISE).sum()) for k in a)
+    assert off <= NOISY_SHARE * sum(v.numel() for v in a.values()), f"{off} entries differ by more than {NOISE:g}"
 MEMORY = re.compile(r"memory (\w+) rank (\d+): parameters ([\d.e+-]+) MiB, gradients ([\d.e+-]+) MiB, "
                     r"optimizer state ([\d.e+-]+) MiB \| teacher ([\d.e+-]+) MiB")
 
@@ -73,8 +82,7 @@ def compare_runs(fsdp, single, phase=None, validation=True):
         assert val_a.keys() == val_b.keys()
         for name in val_b:
             assert val_a[name]["val"] == pytest.approx(val_b[name]["val"], rel=REL), name
-    diff, name = sf.worst_param_diff(sf.load_params(fsdp), sf.load_params(os.path.join(single, phase or "")))
-    assert diff < PARAM_ATOL, f"{name} differs by {diff:.3g}"
+    assert_params_close(sf.load_params(fsdp), sf.load_params(os.path.join(single, phase or "")))
 
 
 def test_stage1_under_fsdp_equals_one_process(stage1):
@@ -111,8 +119,7 @@ def test_the_fsdp_checkpoint_is_the_folder_one_process_writes(stage1):
     assert sf.max_param_diff(*moments) < 1e-6
     student, meta = model.load_student(stage1["fsdp"])
     assert meta["phase"] == "boundary" and meta["phase_done"] and meta["world_size"] == 2
-    diff, name = sf.worst_param_diff(student.state_dict(), sf.load_params(stage1["single"]))
-    assert diff < PARAM_ATOL, name
+    assert_params_close(student.state_dict(), sf.load_params(stage1["single"]))
 
 
 def test_resume_under_fsdp_is_exact(stage1):
