@@ -225,7 +225,8 @@ class CacheRows(KVCache):
     def advance(self, n=None):
         super().advance(n)
         self.cache.pos[self.rows] = self.pos
-        self.cache._end, self.cache._lo, self.cache._mask = max(self.cache._end, self._end), int(self.cache.pos.min()), None
+        self.cache._end, self.cache._mask = max(self.cache._end, self._end), None
+        self.cache._lo = int(self.cache.pos.min())
 
 
 class Attention(nn.Module):

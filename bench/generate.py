@@ -144,10 +144,11 @@ def measure_models(student, teacher, tok, new_bytes=256, batch_sizes=(1, 8, 32),
     """Student (rows out of step, and at batch > 1 in lockstep) and teacher at each batch size, one after the other
     (the same prompt in every row)."""
     bpt = held_out_bytes_per_token(tok)
-    started = time.perf_counter()
+    trie_s = None
     if student.scfg.prior_vocab:  # the prior's trie is built from the model's buffers once, on first use: not prefill
+        started = time.perf_counter()
         student.trie
-    trie_s = time.perf_counter() - started
+        trie_s = time.perf_counter() - started
     prompt = held_out_text(tok).encode()[:prompt_bytes].decode("utf-8", "ignore") if prompt_bytes else PROMPT
     keys = ("student_bytes_per_s", "teacher_bytes_per_s", "ratio", "student_patch_bytes", "student_prefill_bytes_per_s",
             "teacher_prefill_bytes_per_s", "student_ms_per_byte", "rows_per_main_call", "lockstep_bytes_per_s",
@@ -202,7 +203,7 @@ def main(argv):
     print(f"generation, {out['new_bytes']} new bytes per row after a {out['prompt_bytes']}-byte prompt, CPU threads "
           f"{out['threads']}, student and teacher {why}"
           + (f"; an UNTRAINED student on {cfg.random_init}" if cfg.random_init else "")
-          + (f"; the prior's trie built once before timing, {out['trie_build_s']:.2f} s" if out["trie_build_s"] > 0.001 else ""))
+          + (f"; the prior's trie built before timing, {out['trie_build_s']:.2f} s" if out["trie_build_s"] else ""))
     print("| batch | student bytes/s | teacher bytes/s | student/teacher | rows per main call | lockstep: bytes/s | "
           "student/teacher | rows per main call | student bytes/patch | teacher bytes/token | prefill bytes/s: student "
           "| teacher |")

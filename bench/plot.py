@@ -104,7 +104,8 @@ def budget_figure(rows):
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     variants = sorted({r.get("variant", "prior") for r in rows})
     for mark, variant in zip("os^dv", variants):
-        runs = sorted((r for r in rows if r.get("variant", "prior") == variant), key=lambda r: r["training_bytes_budget"])
+        runs = sorted((r for r in rows if r.get("variant", "prior") == variant),
+                      key=lambda r: r["training_bytes_budget"])
         xs = [r["training_bytes_budget"] for r in runs]
         for i, name in enumerate(runs[0]["texts"]):
             label = f"{name} ({variant})"

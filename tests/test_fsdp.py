@@ -29,7 +29,7 @@ TINY_STAGE2 = ["--dtype=float32", "--device=cpu", "--seq_len=64", "--eval_batche
 REL = 1e-5
 # Two ranks add gradients in another order than one process; AdamW's first steps divide by sqrt(v) ~ |g| and turn that
 # float-order noise in near-zero entries into weight differences of a fraction of one step (lr = 1e-3 here): 1.2e-4 seen
-# on an AVX512 CPU, under 1e-4 on AVX2 ones. So: no entry off by more than one step, and almost all equal to float noise.
+# on an AVX512 CPU, under 1e-4 on AVX2 ones. So: no entry off by more than one step, almost all equal to float noise.
 PARAM_ATOL = 1e-3
 NOISE, NOISY_SHARE = 1e-6, 1e-3  # at most this share of the entries differ by more than NOISE
 

@@ -68,7 +68,8 @@ def bad_prompt_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(ckpt, bad_prompt_file):
     common = [f"--ckpt={ckpt}", f"--max_bytes={MAX_BYTES}", "--temperature=1", "--dtype=float32"]  # fp32 = expected()
-    batch = [f"--ckpt={ckpt}", "--temperature=1", "--dtype=float32", f"--seed={BATCH_SEED}", f"--max_bytes={BATCH['max_bytes']}",
+    batch = [f"--ckpt={ckpt}", "--temperature=1", "--dtype=float32", f"--seed={BATCH_SEED}",
+             f"--max_bytes={BATCH['max_bytes']}",
              *[f"--prompt={p}" for p in BATCH["prompts"]], f"--num_samples={BATCH['num_samples']}"]
     commands = {
         "text": [*common, f"--prompt={PROMPT}", f"--seed={SEED}"],

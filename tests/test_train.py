@@ -28,7 +28,8 @@ def test_auto_measures_this_machine():
                                            ((0.9, 0.3), torch.float32)])
 def test_generation_takes_bf16_weights_only_where_both_shapes_are_clearly_faster(monkeypatch, bf16_ms, want):
     """bf16 weights for generation only where 1-row and 8-row products are both clearly faster (fp32: 1 and 1 ms)."""
-    monkeypatch.setattr(train, "decode_matmul_ms", lambda kind, rows: 1.0 if kind == torch.float32 else bf16_ms[rows > 1])
+    monkeypatch.setattr(train, "decode_matmul_ms",
+                        lambda kind, rows: 1.0 if kind == torch.float32 else bf16_ms[rows > 1])
     dtype, line = train.inference_dtype("auto", torch.device("cpu"))
     assert dtype == want and "ms in fp32" in line
     assert train.inference_dtype("float32", torch.device("cpu"))[0] == torch.float32
