@@ -36,9 +36,12 @@ class StudentConfig:
     proj_hidden: int = 2048     # SwiGLU hidden width of the encoder -> teacher projection; 0 = a linear map
     boundary_threshold: float = 0.5
     max_bytes: int = 65536      # longest byte sequence (RoPE positions of the byte blocks)
-    prior_vocab: int = 0        # vocabulary entries of the byte-head prior (0: the pure learned head; see log_prior)
+    prior_vocab: int = 0        # entries of the teacher's vocabulary kept in the model (0: none; see log_prior)
     prior_bytes: int = 0        # their total length in bytes
+    prior: bool = True          # with that vocabulary: the byte head adds its prior (False: the pure learned head)
     prior_floor: float = 1e-5   # the prior's probability floor, so that every byte stays possible
+    subword: bool = False       # add the teacher's input embedding of the longest vocabulary entry ending at each byte
+                                # to h (needs that vocabulary; see subword_rows)
 
     @staticmethod
     def for_teacher(tcfg, **overrides):
@@ -95,12 +98,19 @@ class ByteLM(nn.Module):
         self.byte_embed_dec = nn.Embedding(256, d)
         self.decoder = Teacher(_local_config(scfg, scfg.n_dec), with_embeddings=False)
         self.head = nn.Linear(d, 512, bias=False)
-        if scfg.prior_vocab:  # the teacher's output layer and vocabulary, as buffers: part of the model, never trained
-            self.prior_scale = nn.Parameter(torch.ones(()))
-            self.register_buffer("prior_head", torch.zeros(scfg.prior_vocab, D))            # rows in byte order
+        # the teacher's vocabulary, its output layer and input embedding rows: buffers, part of the model, never trained
+        self.has_prior = bool(scfg.prior_vocab) and scfg.prior
+        if scfg.prior_vocab:
             self.register_buffer("prior_vocab_bytes", torch.zeros(scfg.prior_bytes, dtype=torch.uint8))
             self.register_buffer("prior_vocab_ends", torch.zeros(scfg.prior_vocab, dtype=torch.int64))
-        self._trie = None
+        if self.has_prior:
+            self.prior_scale = nn.Parameter(torch.ones(()))
+            self.register_buffer("prior_head", torch.zeros(scfg.prior_vocab, D))            # rows in byte order
+        if scfg.subword:  # the input embedding rows of the same entries, then the document-start token's
+            if not scfg.prior_vocab:
+                raise ValueError("StudentConfig.subword needs the teacher's vocabulary (prior_vocab > 0)")
+            self.register_buffer("subword_embed", torch.zeros(scfg.prior_vocab + 1, D))
+        self._trie = self._suffixes = None
 
     @torch.no_grad()
     def init_weights(self, teacher=None):
@@ -109,7 +119,8 @@ class ByteLM(nn.Module):
         - byte blocks: linear weights N(0, 0.02); attention and MLP output projections N(0, 0.02 / sqrt(2 * n_layers))
           (GPT-2's residual scaling); norm weights 1;
         - encoder -> teacher projection: hidden weights N(0, 0.02), output weights ZERO and output bias = the mean row of
-          the teacher's input embedding (starts at relative MSE ~0.9 instead of ~8 from a random init);
+          the teacher's input embedding (starts at relative MSE ~0.9 instead of ~8 from a random init); with the
+          subword embedding the bias is zero too (h starts as that embedding alone);
         - patcher W_q, W_k: the identity (the rule starts as plain cosine similarity of neighbouring states);
         - main network: the teacher's blocks and final norm, copied (if `teacher` is given);
         - dechunk null vector: zero; residual from h: ZERO (the decoder starts from the main network alone);
@@ -130,7 +141,8 @@ class ByteLM(nn.Module):
         self.enc_proj.out.weight.zero_()
         self.enc_proj.out.bias.zero_()
         if teacher is not None:
-            self.enc_proj.out.bias.copy_(teacher.embed_tokens.weight.float().mean(0))
+            if not self.scfg.subword:
+                self.enc_proj.out.bias.copy_(teacher.embed_tokens.weight.float().mean(0))
             self.load_main_from(teacher)
         for w in (self.patcher_q.weight, self.patcher_k.weight):
             w.copy_(torch.eye(w.shape[0]))
@@ -138,21 +150,28 @@ class ByteLM(nn.Module):
         self.residual.weight.zero_()
         nn.init.normal_(self.main_to_local.weight, 0.0, 1.0 / math.sqrt(self.tcfg.d_model))
         nn.init.normal_(self.head.weight, 0.0, 0.02)
-        if self.scfg.prior_vocab:
+        if self.has_prior:
             self.prior_scale.fill_(1.0)  # with a learned part near zero, the head starts as the prior itself
         return self
 
     @torch.no_grad()
-    def attach_prior(self, head_weight, id_to_bytes):
-        """Copy the teacher's output layer and its vocabulary (the entries that spell bytes, in byte order: the trie's
-        order) into the prior buffers; the model then needs no tokenizer."""
+    def attach_prior(self, head_weight, id_to_bytes, embed_weight=None, start_id=None):
+        """Copy the teacher's vocabulary (the entries that spell bytes, in byte order: the trie's order) and, with the
+        prior, its output layer into the buffers; the model then needs no tokenizer. With StudentConfig.subword, also
+        the teacher's input embedding rows of those entries and of its document-start token start_id."""
         entries, ids = prior_vocabulary(id_to_bytes)
         if (len(entries), sum(map(len, entries))) != (self.scfg.prior_vocab, self.scfg.prior_bytes):
             raise ValueError("the vocabulary does not match StudentConfig.prior_vocab / prior_bytes")
-        self.prior_head.copy_(head_weight.detach()[torch.tensor(ids, device=head_weight.device)].float())
+        if self.has_prior:
+            self.prior_head.copy_(head_weight.detach()[torch.tensor(ids, device=head_weight.device)].float())
         self.prior_vocab_bytes.copy_(torch.tensor(list(b"".join(entries)), dtype=torch.uint8))
         self.prior_vocab_ends.copy_(torch.tensor(list(itertools.accumulate(map(len, entries)))))
-        self._trie = None
+        if self.scfg.subword:
+            if embed_weight is None or start_id is None:
+                raise ValueError("StudentConfig.subword: attach_prior needs the teacher's input embedding and start id")
+            rows = torch.tensor(ids + [start_id], device=embed_weight.device)
+            self.subword_embed.copy_(embed_weight.detach()[rows].float())
+        self._trie = self._suffixes = None
         return self
 
     @property
@@ -163,6 +182,54 @@ class ByteLM(nn.Module):
             self._trie = ByteTrie([data[a:b] for a, b in zip(ends, ends[1:])])
         return self._trie
 
+    def subword_rows(self, x, last_only=False):
+        """Bolmo's subword embedding (arXiv 2512.15586), the rule that picks it: at each byte t, the longest vocabulary
+        entry that ends at t (looking back from t, never past a document start), as a row of subword_embed; a
+        document-start byte gets the teacher's start token (the last row); -1 where no entry ends at t (a vocabulary
+        without every single byte). A function of the bytes up to t alone: the same in training, in a full forward
+        and in cached generation. x (B, T) -> (B, T) int64, computed on the CPU (a walk of a few steps per byte);
+        last_only: at the last byte of each row only -> (B, 1) (generation: x = each row's newest bytes)."""
+        if self._suffixes is None:  # the vocabulary's entries reversed, as nested dicts; key -1 holds the entry's row
+            data, ends = bytes(self.prior_vocab_bytes.tolist()), [0] + self.prior_vocab_ends.tolist()
+            root = {}
+            for row, (a, b) in enumerate(zip(ends, ends[1:])):
+                node = root
+                for v in reversed(data[a:b]):
+                    node = node.setdefault(v, {})
+                node.setdefault(-1, row)  # two ids that spell the same bytes: the first in the trie's order
+            self._suffixes = root, max(b - a for a, b in zip(ends, ends[1:]))
+        root, start = self._suffixes[0], self.scfg.prior_vocab
+
+        def longest(seq, t):
+            if seq[t] == BOS_BYTE:
+                return start
+            best, node = -1, root
+            while t >= 0 and seq[t] != BOS_BYTE:
+                node = node.get(seq[t])
+                if node is None:
+                    break
+                best = node.get(-1, best)
+                t -= 1
+            return best
+
+        seqs = x.tolist()
+        out = [[longest(seq, len(seq) - 1)] if last_only else [longest(seq, t) for t in range(len(seq))]
+               for seq in seqs]
+        return torch.tensor(out, dtype=torch.long, device=x.device).view(len(seqs), -1)
+
+    def subword_newest(self, x, lens):
+        """subword_rows at each row's newest byte, for generation: x (R, L) bytes so far, lens (R,) -> (R, 1). Reads
+        only the last bytes that the longest entry could span (positions before the first read as the row's 0xFE)."""
+        if self._suffixes is None:
+            self.subword_rows(x[:1, :1])
+        span = self._suffixes[1]
+        at = (lens[:, None] - span + torch.arange(span, device=x.device)).clamp(min=0)
+        return self.subword_rows(x.gather(1, at), last_only=True)
+
+    def subword_vectors(self, rows):
+        """subword_rows' rows -> the teacher's embedding rows (..., D), zero where -1."""
+        return self.subword_embed[rows.clamp(min=0)] * (rows >= 0)[..., None].to(self.subword_embed.dtype)
+
     @torch.no_grad()
     def load_main_from(self, teacher):
         state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(("embed_tokens.", "lm_head."))}
@@ -170,12 +237,17 @@ class ByteLM(nn.Module):
 
     # -- the pieces, each usable on its own (the training phases need different subsets) --
 
-    def encode(self, x, cache=None, advance=None, at=None):
+    def encode(self, x, cache=None, advance=None, at=None, sub=None):
         """bytes (B, T) -> h (B, T, D): byte states in the teacher's embedding space. at (B, T) bool projects only
         those bytes -> (N, D): the projection to the teacher width costs more than the byte blocks, and the align
-        phase needs it only at token ends."""
+        phase needs it only at token ends. With StudentConfig.subword, h adds the subword embedding of subword_rows:
+        sub (B, T) gives those rows (generation, where x is only the newest bytes), else they are computed from x."""
         states = self.encoder.run_blocks(self.byte_embed(x), cache=cache, advance=advance)
-        return self.enc_proj(states if at is None else states[at])
+        h = self.enc_proj(states if at is None else states[at])
+        if self.scfg.subword:
+            sub = self.subword_rows(x) if sub is None else sub
+            h = h + self.subword_vectors(sub if at is None else sub[at]).to(h.dtype)
+        return h
 
     def boundary_probs(self, h):
         """p_t = (1 - cos(W_q h_t, W_k h_{t+1})) / 2, the probability that byte t ends a patch (one-byte lookahead);
@@ -254,7 +326,7 @@ class ByteLM(nn.Module):
     def sequence_prior(self, x, ends, y, patch_mask):
         """log_prior for every position of (B, T) bytes with patch ends and run_main's outputs -> (B, T, 512), or
         None for the pure learned head."""
-        if not self.scfg.prior_vocab:
+        if not self.has_prior:
             return None
         counts = patch_mask.sum(1)
         first = counts.cumsum(0) - counts  # each row's offset among the real patches
@@ -379,7 +451,7 @@ class ByteGeneration:
                           prior=m.sequence_prior(x, ends, y, patch_mask))
         counts = ends.sum(1)
         self.y_cur = torch.where((counts > 0)[:, None], y[rows, (counts - 1).clamp(min=0)], m.null_patch.to(y.dtype))
-        if m.scfg.prior_vocab:  # the trie node before the newest byte, and each row's current patch distribution
+        if m.has_prior:  # the trie node before the newest byte, and each row's current patch distribution
             self.node = torch.where(lens >= 2, patch_prefix_nodes(m.trie, x, ends)[rows, (lens - 2).clamp(min=0)], -1)
             self.cum = m.prior_cumulative(self.y_cur)
         prev = logits[rows, (lens - 2).clamp(min=0)]
@@ -436,7 +508,7 @@ class ByteGeneration:
         self.ends[rows, self.lens[rows] - 1] = True
         cache = self.main_cache if len(rows) == len(self.rows) else self.main_cache.select(rows)
         self.y_cur[rows] = m.main.run_blocks(self.h_last[rows, None], cache=cache)[:, 0]
-        if m.scfg.prior_vocab:
+        if m.has_prior:
             self.cum[rows] = m.prior_cumulative(self.y_cur[rows])
         self.waiting[rows] = False
 
@@ -451,7 +523,7 @@ class ByteGeneration:
         self.ends[rows, t] = closes
         last = self.x[rows, t]
         prior = None
-        if m.scfg.prior_vocab:  # the prior at the newest byte: a closed patch starts the trie walk afresh
+        if m.has_prior:  # the prior at the newest byte: a closed patch starts the trie walk afresh
             node = torch.where(closes, 0, m.trie.step(self.node[rows], last))
             self.node[rows] = node
             prior = m.prior_at(self.cum, rows, node)[:, None]
@@ -469,7 +541,8 @@ class ByteGeneration:
         self.x[rows, t + 1] = new
         self.lens[rows] = t + 2
         enc = self.enc_cache if everyone else self.enc_cache.select(rows)
-        self.h_last[rows] = m.encode(new[:, None], cache=enc)[:, 0]
+        sub = m.subword_newest(self.x[rows], self.lens[rows]) if m.scfg.subword else None
+        self.h_last[rows] = m.encode(new[:, None], cache=enc, sub=sub)[:, 0]
         return new, logits
 
 
@@ -511,7 +584,7 @@ class LateFlagGeneration(ByteGeneration):
     def step(self, temperature=1.0, top_k=None, top_p=None, generator=None, force=None):
         """One byte per row; force (B,) appends those bytes instead of sampling (teacher-forced scoring)."""
         m, rows, B = self.model, self.rows, len(self.rows)
-        log_e, prior = self.log_e, bool(m.scfg.prior_vocab)
+        log_e, prior = self.log_e, m.has_prior
         at_once = log_e[:, 1] > log_e[:, 0]
         sure = torch.isinf(log_e).any(1) | (log_e.min(1).values < math.log(self.eps) if self.eps > 0 else False)
         weight = torch.where(sure[:, None], torch.stack([~at_once, at_once], 1).float().log(), log_e)
@@ -564,7 +637,8 @@ class LateFlagGeneration(ByteGeneration):
         self.done |= new == BOS_BYTE
         self.x[rows, t + 1] = new
         self.lens = t + 2
-        self.h_last = m.encode(new[:, None], cache=self.enc_cache)[:, 0]
+        sub = m.subword_newest(self.x, self.lens) if m.scfg.subword else None
+        self.h_last = m.encode(new[:, None], cache=self.enc_cache, sub=sub)[:, 0]
         return new, mixed
 
 
@@ -651,10 +725,14 @@ def check_fields(values, spec, where):
             raise ValueError(f"{where}: {key!r} is {str(values[key])[:60]!r}, not of type {kind}")
 
 
+LATER_FIELDS = {"StudentConfig": {"prior": True, "subword": False}}  # fields added later: the value that builds the earlier model
+
+
 def config_from_json(cls, values, where):
     """A StudentConfig / TeacherConfig from its JSON object: exactly the dataclass's fields (a default silently filled
     in could build another model that the weights happen to fit), each of its type, plain ints not negative."""
     types = {f.name: f.type for f in fields(cls)}
+    values = {**LATER_FIELDS.get(cls.__name__, {}), **values}
     if values.keys() != types.keys():
         extra, missing = sorted(values.keys() - types.keys()), sorted(types.keys() - values.keys())
         raise ValueError(f"{where}: unknown fields {extra}, missing fields {missing}")

@@ -52,6 +52,8 @@ class Config:
     proj_hidden: int = -1             # SwiGLU hidden width of the projection to the teacher; 0 = linear, -1 = default
     prior: bool = True                # the byte head adds a learned multiple of the teacher's own prior for each byte
                                       # of a patch (README: Method, Results); False = the paper's pure learned head
+    subword: bool = True              # h adds the teacher's input embedding of the longest vocabulary entry ending at
+                                      # each byte (Bolmo's subword embedding; README: Method, Results)
     # phases: budgets in training bytes (all ranks together) and learning rates
     align_bytes: int = 1_000_000     # CPU demo budgets: about 4 + 3 + 1 minutes on 2 cores (see README for GPU)
     align_lr: float = 3e-3            # 3e-3 beat 1e-3 for the same CPU minutes (a prototype here)
@@ -247,13 +249,14 @@ def main(argv):
                                            local_window=cfg.local_window, **overrides)
     if "d_local" in overrides:
         scfg.n_local_heads = max(1, scfg.d_local // 64)
-    if cfg.prior:  # the teacher's output layer and vocabulary become part of the byte model
+    if cfg.prior or cfg.subword:  # the teacher's vocabulary (and output layer, input embedding) join the byte model
         entries, _ = model.prior_vocabulary(tok.id_to_bytes)
         scfg.prior_vocab, scfg.prior_bytes = len(entries), sum(map(len, entries))
+    scfg.prior, scfg.subword = cfg.prior, cfg.subword
     student = model.ByteLM(scfg, teacher.cfg).to(device)
     student.init_weights(teacher)
-    if cfg.prior:
-        student.attach_prior(teacher.head_weight, tok.id_to_bytes)
+    if cfg.prior or cfg.subword:
+        student.attach_prior(teacher.head_weight, tok.id_to_bytes, teacher.embed_tokens.weight, tok.doc_start_id)
     train.broadcast_params(student)
     embed = teacher.embed_tokens.weight.detach()
     embed_var = (embed.float() - embed.float().mean(0)).pow(2).mean().item()  # align's loss scale

@@ -6,11 +6,13 @@ the same bytes by the same measure.
                            [--window=256] [--json=OUT] [--reuse=1] [--known=prior:1:out]
 
 Scale s multiplies every phase budget of demo.sh's run (the Config fields below; demo.sh is scale 1 of "prior").
-The variants (the byte head and how its decoder learns):
-  prior       the default: learned logits plus a learned multiple of the teacher's own prior for each byte of a patch
+The variants (the byte head and how its decoder learns; the input side with or without the subword embedding):
+  prior       the default: learned logits plus a learned multiple of the teacher's own prior for each byte of a
+              patch, and h with the subword embedding (the longest vocabulary entry ending at each byte)
   pure        --prior=False: the paper's pure learned head, hard labels only (its decoder learns in stage 2's warm-up)
   pure_exact  --prior=False plus stage 1's decoder phase (--decoder_bytes, scaled too): the output side learns to
               spell from the teacher's hidden states at the true token ends, 10 x KL to the exact byte targets plus CE
+  X_nosub     variant X with --subword=False (the encoder alone makes h)
 Each (variant, scale) runs stage1_kd.py, stage2_sft.py and bench/fidelity.py (the headline: the late-flag model's
 proper likelihood, --greedy=False) as separate processes, one after the other (two CPU-heavy processes at once on
 2 cores slow each other down several times). --reuse=1 skips a run whose fidelity JSON already exists, so an
@@ -28,7 +30,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import train  # noqa: E402
 
-VARIANTS = {"prior": [], "pure": ["--prior=False"], "pure_exact": ["--prior=False"]}
+HEADS = {"prior": [], "pure": ["--prior=False"], "pure_exact": ["--prior=False"]}
+VARIANTS = {**HEADS, **{f"{k}_nosub": [*v, "--subword=False"] for k, v in HEADS.items()}}
 
 
 @dataclass
@@ -45,14 +48,15 @@ class Config:
     align_bytes: int = 800_000
     distill_bytes: int = 49_152
     boundary_bytes: int = 250_000
-    decoder_bytes: int = 200_000    # pure_exact only
+    decoder_bytes: int = 200_000    # pure_exact(_nosub) only
     warmup_bytes: int = 150_000
     e2e_bytes: int = 49_152
 
 
 def budgets(cfg, variant, scale):
     """-> ({stage-1 flag: bytes}, {stage-2 flag: bytes}) for one run."""
-    names1 = ["align_bytes", "distill_bytes", "boundary_bytes"] + (["decoder_bytes"] if variant == "pure_exact" else [])
+    exact = variant.startswith("pure_exact")
+    names1 = ["align_bytes", "distill_bytes", "boundary_bytes"] + (["decoder_bytes"] if exact else [])
     s1 = {k: int(getattr(cfg, k) * scale) for k in names1}
     s2 = {k: int(getattr(cfg, k) * scale) for k in ("warmup_bytes", "e2e_bytes")}
     return s1, s2
@@ -107,7 +111,7 @@ def main(argv):
             if (variant, float(s)) not in done:
                 rows.append(one_run(cfg, variant, float(s)))
     rows.sort(key=lambda r: (r["variant"], r["scale"]))
-    print("\n| head | scale | training bytes (budget, both stages) | wall s | text | teacher bpb | student bpb | ratio | "
+    print("\n| variant | scale | training bytes (budget, both stages) | wall s | text | teacher bpb | student bpb | ratio | "
           "token-level ratio | flag F1 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

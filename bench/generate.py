@@ -145,7 +145,7 @@ def measure_models(student, teacher, tok, new_bytes=256, batch_sizes=(1, 8, 32),
     (the same prompt in every row)."""
     bpt = held_out_bytes_per_token(tok)
     trie_s = None
-    if student.scfg.prior_vocab:  # the prior's trie is built from the model's buffers once, on first use: not prefill
+    if student.has_prior:  # the prior's trie is built from the model's buffers once, on first use: not prefill
         started = time.perf_counter()
         student.trie
         trie_s = time.perf_counter() - started

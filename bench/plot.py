@@ -103,7 +103,7 @@ def budget_figure(rows):
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     variants = sorted({r.get("variant", "prior") for r in rows})
-    for mark, variant in zip("os^dv", variants):
+    for mark, variant in zip("os^dvPX*h", variants):  # as many marks as budget.VARIANTS
         runs = sorted((r for r in rows if r.get("variant", "prior") == variant),
                       key=lambda r: r["training_bytes_budget"])
         xs = [r["training_bytes_budget"] for r in runs]

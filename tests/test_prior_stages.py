@@ -26,7 +26,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def stage1():
     out = sf.tmp_dir("prior-stage1")
-    sf.run_stage1(out, *STAGE1, "--prior=True", "--decoder_bytes=1024")
+    sf.run_stage1(out, *STAGE1, "--prior=True", "--subword=True", "--decoder_bytes=1024")
     return out
 
 
@@ -46,6 +46,9 @@ def test_the_prior_is_the_teachers_output_layer_and_no_phase_trains_it(stage1, f
     assert bytes(student.prior_vocab_bytes.tolist()) == b"".join(entries)
     assert student.trie.n_nodes > len(entries) // 2
     assert "prior_head" not in dict(student.named_parameters())  # a buffer: never in an optimizer
+    assert student.scfg.subword  # the default: the input embedding rows of the same entries, then the start token's
+    rows = torch.tensor(ids + [tok.doc_start_id])
+    assert torch.equal(student.subword_embed, teacher.embed_tokens.weight.float()[rows])
     first = model.load_student(os.path.join(stage1, "align"))[0]
     assert first.prior_scale.item() == 1.0 and student.prior_scale.item() != 1.0  # learned in the output-side phases
     assert full[1]["warmup"]["val"]["bpb_joint"] < 8.0

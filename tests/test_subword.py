@@ -1,0 +1,179 @@
+"""The subword embedding (model.py: subword_rows, StudentConfig.subword): h adds the teacher's input embedding of the
+longest vocabulary entry that ends at each byte.
+
+Oracles: a brute-force search over every suffix for the rule; the teacher itself for "with a zero learned part, the
+main network at true patches is the teacher wherever that entry is the token"; a full forward for cached generation;
+the saved folder loaded back for the round trip."""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from model import BOS_BYTE, ByteGeneration, ByteLM, StudentConfig, load_student, prior_vocabulary, save_student
+from test_prior import ALPHABET, tokenize, vocabulary
+from test_student import TCFG, build_teacher, max_diff
+
+START_ID = 0  # the tiny vocabulary's ids 0 and 1 spell nothing: 0 plays the document-start token
+
+
+def subword_student(teacher, seed=1, zero_learned=False):
+    entries, _ = prior_vocabulary(vocabulary())
+    scfg = StudentConfig(d_local=32, n_local_heads=2, proj_hidden=64, local_window=8, prior_vocab=len(entries),
+                         prior_bytes=sum(map(len, entries)), subword=True)
+    torch.manual_seed(seed)
+    student = ByteLM(scfg, TCFG).init_weights(teacher)
+    student.attach_prior(teacher.head_weight, vocabulary(), teacher.embed_tokens.weight, START_ID)
+    if not zero_learned:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # no part zero or exact (as test_student.build_student)
+            for name, p in student.named_parameters():
+                matrix = p.dim() == 2 and p.shape[0] != 256
+                p.add_((1.0 / p.shape[1] ** 0.5 if matrix else 0.1) * torch.randn(p.shape, generator=g))
+    return student.eval()
+
+
+def brute_force_rows(seq):
+    """For each t: the longest suffix of seq[:t+1] (not reaching back past a 0xFE) that is a vocabulary entry."""
+    entries, _ = prior_vocabulary(vocabulary())
+    row_of = {}
+    for r, e in enumerate(entries):
+        row_of.setdefault(e, r)  # two ids that spell the same bytes: the first
+    out = []
+    for t in range(len(seq)):
+        if seq[t] == BOS_BYTE:
+            out.append(len(entries))
+            continue
+        first = max([j + 1 for j in range(t) if seq[j] == BOS_BYTE], default=0)
+        out.append(next((row_of[bytes(seq[a:t + 1])] for a in range(first, t + 1) if bytes(seq[a:t + 1]) in row_of),
+                        -1))
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return build_teacher()
+
+
+@pytest.fixture(scope="module")
+def student(teacher):
+    return subword_student(teacher)
+
+
+def test_rows_are_the_longest_entry_ending_at_each_byte(student):
+    rng = random.Random(0)
+    seqs = [[BOS_BYTE] + [rng.choice(ALPHABET + b"xyz") for _ in range(80)] for _ in range(3)]
+    seqs[1][40] = BOS_BYTE  # a second document starts mid-row: no entry reaches back past it
+    rows = student.subword_rows(torch.tensor(seqs))
+    expected = [brute_force_rows(s) for s in seqs]
+    assert rows.tolist() == expected
+    flat = sum(expected, [])
+    assert flat.count(-1) > 5 and len({r for r in flat if r >= 0}) > 20  # bytes off the vocabulary, and many entries
+    # generation's path: at each row's newest byte, from the bytes so far
+    x, lens = torch.tensor(seqs), torch.tensor([81, 57, 13])
+    assert student.subword_newest(x, lens)[:, 0].tolist() == [expected[i][n - 1] for i, n in enumerate(lens.tolist())]
+
+
+def test_zero_learned_part_is_the_teacher_where_the_entry_is_the_token(teacher):
+    """Learned projection at zero (its initialisation): h at a token end is the teacher's embedding of the longest
+    entry ending there, so on token sequences where that entry is always the token itself, the main network at the
+    true patches gives the teacher's own hidden states."""
+    student = subword_student(teacher, zero_learned=True)
+    assert not student.enc_proj.out.weight.any() and not student.enc_proj.out.bias.any()
+    vocab, checked = vocabulary(), 0
+    for seed in range(40):
+        x, ends, ids = tokenize(12, seed)
+        x = torch.cat([torch.tensor([BOS_BYTE]), x])[None]
+        ends = torch.cat([torch.tensor([True]), ends])[None]
+        ids = torch.cat([torch.tensor([START_ID]), ids])
+        rows = student.subword_rows(x)[0][ends[0]]
+        _, entry_ids = prior_vocabulary(vocab)
+        if [entry_ids[r] for r in rows[1:].tolist()] != ids[ids >= 0].tolist()[1:]:
+            continue  # somewhere a longer entry spans the token boundary: the learned part's job
+        with torch.no_grad():
+            y, _ = student.run_main(student.encode(x), ends)
+            hidden = teacher(ids[ids >= 0][None], return_hidden=True)
+        assert max_diff(y, hidden) < 1e-5
+        checked += 1
+    assert checked >= 3
+
+
+def test_generation_with_the_subword_embedding_equals_the_full_forward(student):
+    """Prefill + sampled bytes, in lockstep and out of step: every logit equals a full forward with the boundaries
+    used (the subword rows of generated bytes come from the bytes generated so far)."""
+    prompts, n_new = [b"", b"the", b"then there is a stone, said"], 24
+    for lockstep in (True, False):
+        gen = ByteGeneration(student, prompts, n_new)
+        g, step_logits = torch.Generator().manual_seed(3), [[] for _ in prompts]
+        if lockstep:
+            for _ in range(n_new):
+                _, logits = gen.step(1.0, None, None, g)
+                for i in range(len(prompts)):
+                    step_logits[i].append(logits[i])
+        else:
+            for rows, _, _, logits in gen.run(n_new, 1.0, None, None, g):
+                for r, row in zip(rows.tolist(), logits):
+                    step_logits[r].append(row)
+        for i, prompt in enumerate(prompts):
+            n, L = int(gen.lens[i]), len(prompt) + 1
+            with torch.no_grad():
+                full, _, _ = student(gen.x[i:i + 1, :n], ends=gen.ends[i:i + 1, :n])
+            tol = 1e-6 * float(full.abs().max())
+            assert max_diff(gen.prefill_logits[i], full[0, :L - 1]) < tol
+            assert max_diff(torch.stack(step_logits[i]), full[0, L - 1:n - 1]) < tol
+
+
+def test_the_subword_embedding_is_live(student):
+    x, ends, _ = tokenize(30, seed=4)
+    with torch.no_grad():
+        with_it, _, _ = student(x[None], ends=ends[None])
+        saved = student.subword_embed.clone()
+        student.subword_embed.zero_()
+        without, _, _ = student(x[None], ends=ends[None])
+        student.subword_embed.copy_(saved)
+    assert max_diff(with_it, without) > 1.0
+
+
+def test_round_trip_keeps_the_subword_embedding_and_old_folders_load(student, teacher, tmp_path):
+    meta = {"stage": 2, "teacher": "tiny", "config": {}, "phase": "e2e", "step": 0, "phase_done": True, "results": {}}
+    save_student(str(tmp_path / "m"), student, meta)
+    loaded, _ = load_student(str(tmp_path / "m"))
+    assert loaded.scfg.subword and torch.equal(loaded.subword_embed, student.subword_embed)
+    x, ends, _ = tokenize(20, seed=5)
+    with torch.no_grad():
+        assert max_diff(loaded(x[None])[0], student(x[None])[0]) == 0.0
+    # a folder written before the field existed: its config.json has no "subword"; it loads as the model it was
+    plain = ByteLM(StudentConfig(d_local=32, n_local_heads=2, proj_hidden=64, local_window=8), TCFG).init_weights(teacher)
+    save_student(str(tmp_path / "old"), plain, meta)
+    path = os.path.join(tmp_path, "old", "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    del config["student_config"]["subword"]
+    with open(path, "w") as f:
+        json.dump(config, f)
+    assert load_student(str(tmp_path / "old"))[0].scfg.subword is False
+
+
+def test_subword_needs_the_vocabulary():
+    with pytest.raises(ValueError, match="prior_vocab"):
+        ByteLM(StudentConfig(d_local=32, n_local_heads=2, proj_hidden=64, subword=True), TCFG)
+
+
+def test_subword_with_the_pure_head(teacher):
+    """--prior=False --subword=True: the vocabulary and embedding rows are kept, the teacher's output layer is not,
+    and the head is the learned one alone."""
+    entries, _ = prior_vocabulary(vocabulary())
+    scfg = StudentConfig(d_local=32, n_local_heads=2, proj_hidden=64, local_window=8, prior_vocab=len(entries),
+                         prior_bytes=sum(map(len, entries)), prior=False, subword=True)
+    student = ByteLM(scfg, TCFG).init_weights(teacher)
+    student.attach_prior(teacher.head_weight, vocabulary(), teacher.embed_tokens.weight, START_ID).eval()
+    names = dict(student.named_buffers())
+    assert "subword_embed" in names and "prior_head" not in names and not hasattr(student, "prior_scale")
+    x, ends, _ = tokenize(20, seed=6)
+    with torch.no_grad():
+        logits, _, _ = student(x[None], ends=ends[None])
+        y, _ = student.run_main(student.encode(x[None]), ends[None])
+        alone = student.decode(x[None], student.encode(x[None]), student.dechunk(y, ends[None]))
+    assert student.sequence_prior(x[None], ends[None], y, None) is None
+    assert max_diff(logits, alone) == 0.0
