@@ -10,7 +10,9 @@ on, then one main-network call takes every waiting row) and in lockstep (ByteGen
 step, the main network at nearly every step of a batch). Rows per main-network call is printed beside them. Then the
 late-flag model (model.LateFlagGeneration, what sample.py draws from by default, rows in lockstep): a flag the head
 is not sure of costs a main-network step on its byte, so it makes more main-network row steps per byte. Teacher:
-tokens per second of cached decoding times the teacher's bytes per token on held-out text. Prefill: prompt bytes per
+tokens per second of cached decoding times the teacher's bytes per token on held-out text; and, measured the way
+the student is, under the same byte budget: decoding until every row has new_bytes bytes (a static batch finishes
+with its slowest row, for either model), with the teacher's own bytes per token in what it wrote. Prefill: prompt bytes per
 second of the cached prompt pass (ByteGeneration's set-up; the teacher's forward over the prompt tokens). The student
 figure only means something when its patches track the teacher's tokens (mean patch bytes near bytes per token): that
 is printed beside it (an untrained student closes a patch about every second byte). The profile: milliseconds per
@@ -116,6 +118,27 @@ def teacher_speed(teacher, tok, prompt, batch_size, new_tokens, bytes_per_token,
     return batch_size * new_tokens / decoding * bytes_per_token, batch_size * len(prompt.encode()) / prefill
 
 
+@torch.no_grad()
+def teacher_byte_budget_speed(teacher, tok, prompt, batch_size, new_bytes, seed=0):
+    """The teacher under the student's budget: cached decoding until every row has generated at least new_bytes
+    bytes (a static batch: rows that are there already keep stepping, as the student's finished rows leave its batch
+    emptier) -> (new_bytes x batch / seconds, the teacher's bytes per token in what it generated)."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([len(b) for b in tok.id_to_bytes])
+    ids = torch.tensor([[tok.doc_start_id] + tok.encode(prompt)] * batch_size)
+    cache = teacher.new_cache(batch_size, ids.shape[1] + 2 * new_bytes)
+    made, steps = torch.zeros(batch_size, dtype=torch.long), 0
+    t = time.perf_counter()
+    logits = teacher(ids, cache=cache)[:, -1]
+    while int(made.min()) < new_bytes and steps < 2 * new_bytes:  # 2x: a row of byte-less tokens cannot hang it
+        next_id = sample_from_logits(logits, 1.0, None, None, gen)
+        made += lengths[next_id[:, 0].cpu()]
+        steps += 1
+        logits = teacher(next_id, cache=cache)[:, -1]
+    seconds = time.perf_counter() - t
+    return batch_size * new_bytes / seconds, float(made.sum()) / max(steps * batch_size, 1)
+
+
 def held_out_text(tok, max_bytes=20000):
     with open(data.play_path("hamlet"), encoding="utf-8") as f:
         return tok.normalize(f.read())[:max_bytes]
@@ -153,7 +176,7 @@ def measure_models(student, teacher, tok, new_bytes=256, batch_sizes=(1, 8, 32),
     keys = ("student_bytes_per_s", "teacher_bytes_per_s", "ratio", "student_patch_bytes", "student_prefill_bytes_per_s",
             "teacher_prefill_bytes_per_s", "student_ms_per_byte", "rows_per_main_call", "lockstep_bytes_per_s",
             "lockstep_ratio", "lockstep_ms_per_byte", "lockstep_rows_per_main_call", "late_bytes_per_s", "late_ratio",
-            "late_main_rows_per_byte")
+            "late_main_rows_per_byte", "teacher_budget_bytes_per_s", "budget_ratio", "teacher_generated_bytes_per_token")
     out = {**{k: {} for k in keys}, "teacher_bytes_per_token": bpt, "new_bytes": new_bytes,
            "prompt_bytes": len(prompt.encode()), "threads": torch.get_num_threads(), "wait": wait,
            "trie_build_s": trie_s}
@@ -171,6 +194,9 @@ def measure_models(student, teacher, tok, new_bytes=256, batch_sizes=(1, 8, 32),
         late = student_speed(student, prompt, b, new_bytes, late=True)
         out["late_bytes_per_s"][b], out["late_ratio"][b] = late[0], late[0] / t
         out["late_main_rows_per_byte"][b] = late[5]
+        tb, tbpt = teacher_byte_budget_speed(teacher, tok, prompt, b, new_bytes)
+        out["teacher_budget_bytes_per_s"][b], out["budget_ratio"][b] = tb, s / tb
+        out["teacher_generated_bytes_per_token"][b] = tbpt
     return out
 
 
@@ -216,6 +242,13 @@ def main(argv):
               f"{out['student_patch_bytes'][b]:.2f} | "
               f"{out['teacher_bytes_per_token']:.2f} | {out['student_prefill_bytes_per_s'][b]:,.0f} | "
               f"{out['teacher_prefill_bytes_per_s'][b]:,.0f} |")
+    print("\nthe same byte budget for both (the teacher decodes until every row has new_bytes bytes, as the student does; "
+          "the first table's teacher makes new_bytes / bytes-per-token tokens per row)")
+    print("| batch | student bytes/s | teacher bytes/s | student/teacher | teacher bytes/token, generated text |")
+    print("|---|---|---|---|---|")
+    for b in batch_sizes:
+        print(f"| {b} | {out['student_bytes_per_s'][b]:,.1f} | {out['teacher_budget_bytes_per_s'][b]:,.1f} | "
+              f"{out['budget_ratio'][b]:.2f} | {out['teacher_generated_bytes_per_token'][b]:.2f} |")
     print("\nthe late-flag model (LateFlagGeneration, sample.py's default; rows in lockstep): a flag the head is not sure "
           "of costs a main-network step on its byte, kept only if the patch ends")
     print("| batch | student bytes/s | teacher bytes/s | student/teacher | main-network row steps per byte |")

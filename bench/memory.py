@@ -11,7 +11,10 @@ the frozen teacher is there too) and stage 2 e2e (everything trained, no teacher
                 whole (the student's dechunk null vector, the teacher's embedding and final norm), plus what is
                 gathered for a moment: two units' bf16 weights (the one running and the next, prefetched) and one
                 unit's fp32 gradient before its reduce-scatter
-Activations, the chunked KL's buffers and the CUDA context come on top of both. The configurations are those of the
+Both add the byte model's buffers, nearly all of them those of the defaults (--prior and --subword: the teacher's
+output layer and input embedding rows, one per vocabulary entry, fp32; the rest are RoPE tables), whole on every GPU (FSDP shards parameters, not buffers); the
+vocabulary is counted as vocab_size entries (the entries that spell bytes are nearly all of them). Activations, the
+chunked KL's buffers and the CUDA context come on top of both. The configurations are those of the
 preset folders (teachers/NAME/config.json) when downloaded, else the published config.json values below.
 """
 import json
@@ -85,27 +88,31 @@ def per_gpu(student, teacher, trained, gpus):
     teacher_all = numel(teacher.parameters()) if teacher is not None else 0
     teacher_blocks = numel(teacher.layers.parameters()) if teacher is not None else 0
     adam_steps = train.ADAMW_STATE_BYTES * tensors_trained
-    ddp = 4 * n_all + 12 * n_trained + adam_steps + 2 * teacher_all
+    buffers = sum(b.numel() * b.element_size() for b in student.buffers())
+    ddp = 4 * n_all + 12 * n_trained + adam_steps + 2 * teacher_all + buffers
     # trained parameters are spread like the rest; the null vector (trained in e2e) is a rounding error here
     sharded = (4 * (n_all - student_whole) + 12 * n_trained) / gpus + 4 * student_whole + adam_steps
     frozen = 2 * (teacher_blocks / gpus + teacher_all - teacher_blocks)
     largest = max(own_numel(u) for u in train.fsdp_units(student))
     largest_teacher = max((numel(b.parameters()) for b in teacher.layers), default=0) if teacher is not None else 0
     gathered = 2 * 2 * largest + 4 * largest + 2 * 2 * largest_teacher
-    return ddp / GIB, (sharded + frozen + gathered) / GIB
+    return ddp / GIB, (sharded + frozen + gathered + buffers) / GIB
 
 
 def rows(cfg):
     out = []
     for name in ("smollm2", *teachers.PRESETS):
         tcfg, source = teacher_config(name)
-        scfg = model.StudentConfig.for_teacher(tcfg, n_enc=cfg.n_enc, n_dec=cfg.n_dec)
+        scfg = model.StudentConfig.for_teacher(tcfg, n_enc=cfg.n_enc, n_dec=cfg.n_dec, prior_vocab=tcfg.vocab_size,
+                                               subword=True)
         with torch.device("meta"):
             student, teacher = model.ByteLM(scfg, tcfg), teachers.Teacher(tcfg)
         s1 = per_gpu(student, teacher, model.ByteLM.ENCODER_SIDE + model.ByteLM.MAIN, cfg.gpus)
         s2 = per_gpu(student, None, ("",), cfg.gpus)
         out.append({"preset": name, "config": source, "teacher_params": numel(teacher.parameters()),
-                    "student_params": numel(student.parameters()), "stage1_distill_gib": s1[0],
+                    "student_params": numel(student.parameters()),
+                    "buffers_gib": sum(b.numel() * b.element_size() for b in student.buffers()) / GIB,
+                    "stage1_distill_gib": s1[0],
                     "stage1_distill_fsdp_gib": s1[1], "stage2_e2e_gib": s2[0], "stage2_e2e_fsdp_gib": s2[1]})
     return out
 
@@ -115,12 +122,12 @@ def main(argv):
     table = rows(cfg)
     print(f"GiB per GPU, arithmetic from the configurations (not measured): weights, gradients and AdamW state; "
           f"activations not included. Student byte blocks {cfg.n_enc}+{cfg.n_dec}; FSDP over {cfg.gpus} GPUs.")
-    print(f"| teacher | teacher params | student params | stage 1 distill (main trained) | same, --fsdp x{cfg.gpus} "
+    print(f"| teacher | teacher params | student params | buffers | stage 1 distill (main trained) | same, --fsdp x{cfg.gpus} "
           f"| stage 2 e2e | same, --fsdp x{cfg.gpus} |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in table:
         print(f"| {r['preset']} ({r['config']}) | {r['teacher_params'] / 1e9:.2f}B | {r['student_params'] / 1e9:.2f}B "
-              f"| {r['stage1_distill_gib']:.1f} | {r['stage1_distill_fsdp_gib']:.1f} | {r['stage2_e2e_gib']:.1f} "
+              f"| {r['buffers_gib']:.2f} | {r['stage1_distill_gib']:.1f} | {r['stage1_distill_fsdp_gib']:.1f} | {r['stage2_e2e_gib']:.1f} "
               f"| {r['stage2_e2e_fsdp_gib']:.1f} |")
     if cfg.json:
         with open(cfg.json, "w") as f:
