@@ -725,7 +725,8 @@ def check_fields(values, spec, where):
             raise ValueError(f"{where}: {key!r} is {str(values[key])[:60]!r}, not of type {kind}")
 
 
-LATER_FIELDS = {"StudentConfig": {"prior": True, "subword": False}}  # fields added later: the value that builds the earlier model
+# fields added after folders were written: the value that builds the model such a folder holds
+LATER_FIELDS = {"StudentConfig": {"prior": True, "subword": False}}
 
 
 def config_from_json(cls, values, where):

@@ -111,8 +111,8 @@ def main(argv):
             if (variant, float(s)) not in done:
                 rows.append(one_run(cfg, variant, float(s)))
     rows.sort(key=lambda r: (r["variant"], r["scale"]))
-    print("\n| variant | scale | training bytes (budget, both stages) | wall s | text | teacher bpb | student bpb | ratio | "
-          "token-level ratio | flag F1 |")
+    print("\n| variant | scale | training bytes (budget, both stages) | wall s | text | teacher bpb | student bpb "
+          "| ratio | token-level ratio | flag F1 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         for name, t in r["texts"].items():

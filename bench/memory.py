@@ -12,9 +12,10 @@ the frozen teacher is there too) and stage 2 e2e (everything trained, no teacher
                 gathered for a moment: two units' bf16 weights (the one running and the next, prefetched) and one
                 unit's fp32 gradient before its reduce-scatter
 Both add the byte model's buffers, nearly all of them those of the defaults (--prior and --subword: the teacher's
-output layer and input embedding rows, one per vocabulary entry, fp32; the rest are RoPE tables), whole on every GPU (FSDP shards parameters, not buffers); the
-vocabulary is counted as vocab_size entries (the entries that spell bytes are nearly all of them). Activations, the
-chunked KL's buffers and the CUDA context come on top of both. The configurations are those of the
+output layer and input embedding rows, one per vocabulary entry, fp32; the rest are RoPE tables), whole on every
+GPU (FSDP shards parameters, not buffers); the vocabulary is counted as vocab_size entries (the entries that spell
+bytes are nearly all of them). Activations, the chunked KL's buffers and the CUDA context come on top of both.
+The configurations are those of the
 preset folders (teachers/NAME/config.json) when downloaded, else the published config.json values below.
 """
 import json
@@ -122,12 +123,14 @@ def main(argv):
     table = rows(cfg)
     print(f"GiB per GPU, arithmetic from the configurations (not measured): weights, gradients and AdamW state; "
           f"activations not included. Student byte blocks {cfg.n_enc}+{cfg.n_dec}; FSDP over {cfg.gpus} GPUs.")
-    print(f"| teacher | teacher params | student params | buffers | stage 1 distill (main trained) | same, --fsdp x{cfg.gpus} "
+    print(f"| teacher | teacher params | student params | buffers | stage 1 distill (main trained) "
+          f"| same, --fsdp x{cfg.gpus} "
           f"| stage 2 e2e | same, --fsdp x{cfg.gpus} |")
     print("|---|---|---|---|---|---|---|---|")
     for r in table:
         print(f"| {r['preset']} ({r['config']}) | {r['teacher_params'] / 1e9:.2f}B | {r['student_params'] / 1e9:.2f}B "
-              f"| {r['buffers_gib']:.2f} | {r['stage1_distill_gib']:.1f} | {r['stage1_distill_fsdp_gib']:.1f} | {r['stage2_e2e_gib']:.1f} "
+              f"| {r['buffers_gib']:.2f} | {r['stage1_distill_gib']:.1f} | {r['stage1_distill_fsdp_gib']:.1f} "
+              f"| {r['stage2_e2e_gib']:.1f} "
               f"| {r['stage2_e2e_fsdp_gib']:.1f} |")
     if cfg.json:
         with open(cfg.json, "w") as f:

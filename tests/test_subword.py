@@ -144,7 +144,8 @@ def test_round_trip_keeps_the_subword_embedding_and_old_folders_load(student, te
     with torch.no_grad():
         assert max_diff(loaded(x[None])[0], student(x[None])[0]) == 0.0
     # a folder written before the field existed: its config.json has no "subword"; it loads as the model it was
-    plain = ByteLM(StudentConfig(d_local=32, n_local_heads=2, proj_hidden=64, local_window=8), TCFG).init_weights(teacher)
+    plain = ByteLM(StudentConfig(d_local=32, n_local_heads=2, proj_hidden=64, local_window=8), TCFG)
+    plain.init_weights(teacher)
     save_student(str(tmp_path / "old"), plain, meta)
     path = os.path.join(tmp_path, "old", "config.json")
     with open(path) as f:
