@@ -603,18 +603,24 @@ RESUME_MAY_CHANGE = {"out_dir", "resume", "phase", "data_dir", "device", "log_in
                      "eval_batches", "init", "teacher", "fsdp"}
 
 
+# Settings added after runs were saved, by stage: the value that continues such a run as it was.
+LATER_SETTINGS = {1: {"subword": False}}
+
+
 def check_resume(path, resume, stage, cfg, meta, world):
     """Refuse to resume from a checkpoint of another stage or another model, or mid-phase with other settings."""
     if resume.get("stage") != stage:
         raise ValueError(f"{path} is not a stage-{stage} checkpoint; resume it with its own stage script")
     for key in ("student_config", "teacher_config"):
         old, new = resume.get(key, {}), meta[key]
+        if key == "student_config":  # a folder from before a field existed holds the model its default describes
+            old = {**model.LATER_FIELDS["StudentConfig"], **old}
         changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
         if changed:
             raise ValueError(f"{path} holds another model ({key.split('_')[0]}: {', '.join(changed[:4])}); "
                              "resume with the settings it was trained with, or start a fresh --out_dir")
     if not resume["phase_done"]:  # mid-phase: the data order, batch shape and schedule must stay the same
-        old, new = resume["config"], asdict(cfg)
+        old, new = {**LATER_SETTINGS.get(stage, {}), **resume["config"]}, asdict(cfg)
         changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items()
                    if k not in RESUME_MAY_CHANGE and old.get(k) != v]
         if resume.get("world_size", world) != world:

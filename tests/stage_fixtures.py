@@ -56,8 +56,8 @@ LOGIT_SCALE = 3.0         # about the standard deviation of the random teacher's
 # Tests add what they need; later arguments override earlier ones. The pure learned head and the encoder alone
 # (--prior=False --subword=False): test_prior_stages.py turns both on (the defaults).
 TINY_STAGE1 = ["--prior=False", "--subword=False", "--dtype=float32", "--device=cpu", "--d_local=64", "--n_enc=2",
-               "--n_dec=1", "--local_window=32", "--proj_hidden=512", "--batch_size=4", "--seq_len=64", "--eval_batches=2",
-               "--log_interval=1000", "--warmup_frac=0.1", "--kl_chunk_rows=64",
+               "--n_dec=1", "--local_window=32", "--proj_hidden=512", "--batch_size=4", "--seq_len=64",
+               "--eval_batches=2", "--log_interval=1000", "--warmup_frac=0.1", "--kl_chunk_rows=64",
                "--align_bytes=2560", "--distill_bytes=1280", "--boundary_bytes=1280"]
 
 

@@ -126,13 +126,16 @@ def test_late_flags_decided_at_once_when_sure():
     assert 0 < sure < total
 
 
-@pytest.mark.parametrize("with_prior", [False, True])
-def test_late_flag_generation_follows_the_late_model(with_prior):
+@pytest.mark.parametrize("variant", ["pure", "prior", "subword"])
+def test_late_flag_generation_follows_the_late_model(variant):
     """Sampling from LateFlagGeneration (prompts of different lengths, one batch): every byte's log-probability under
     the mixture it was drawn from, and every flag decided, equal the oracle on the generated text; the mixture is a
     distribution."""
     from test_prior import prior_student
-    student = prior_student(build_teacher()) if with_prior else build_student(build_teacher()).double()
+    from test_subword import subword_student
+    teacher = build_teacher()
+    student = {"pure": lambda: build_student(teacher).double(), "prior": lambda: prior_student(teacher),
+               "subword": lambda: subword_student(teacher).double()}[variant]()  # subword: the prior too
     prompts, n, eps = [b"", b"To be", "caf\u00e9".encode()], 12, 0.3
     gen = LateFlagGeneration(student, prompts, n, eps)
     g = torch.Generator().manual_seed(0)
@@ -144,6 +147,6 @@ def test_late_flag_generation_follows_the_late_model(with_prior):
         text = bytes(gen.x[i, L:L + n].tolist())
         want_logp, want_flags, _ = late_reference(student, text, eps, p, gen.ends[i, :L - 1].tolist())
         got = torch.stack([mixed[i, new[i]] for new, mixed in steps])
-        assert max_diff(got.double(), want_logp) < (1e-4 if with_prior else 1e-6)
+        assert max_diff(got.double(), want_logp) < (1e-4 if variant == "prior" else 1e-5)
         first = L - 1 if p else L  # the prompt's last flag is decided after the first new byte
         assert gen.ends[i, first:L + n - 1].tolist() == want_flags.tolist()

@@ -154,6 +154,17 @@ def test_round_trip_keeps_the_subword_embedding_and_old_folders_load(student, te
     with open(path, "w") as f:
         json.dump(config, f)
     assert load_student(str(tmp_path / "old"))[0].scfg.subword is False
+    # one with the prior, from before "prior" existed too: the prior was on wherever the vocabulary was stored
+    from test_prior import prior_student
+    save_student(str(tmp_path / "old_prior"), prior_student(teacher), meta)
+    path = os.path.join(tmp_path, "old_prior", "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    del config["student_config"]["subword"], config["student_config"]["prior"]
+    with open(path, "w") as f:
+        json.dump(config, f)
+    old = load_student(str(tmp_path / "old_prior"))[0]
+    assert old.has_prior and not old.scfg.subword and "prior_head" in dict(old.named_buffers())
 
 
 def test_subword_needs_the_vocabulary():
@@ -178,3 +189,22 @@ def test_subword_with_the_pure_head(teacher):
         alone = student.decode(x[None], student.encode(x[None]), student.dechunk(y, ends[None]))
     assert student.sequence_prior(x[None], ends[None], y, None) is None
     assert max_diff(logits, alone) == 0.0
+
+
+def test_a_run_saved_before_the_fields_existed_resumes(student):
+    """train.check_resume: a config.json without "prior" / "subword" (student) and "subword" (stage-1 settings)
+    continues as the model and run it was; a real difference is still refused."""
+    import stage1_kd
+    import train
+    from dataclasses import asdict
+    cfg = stage1_kd.Config(subword=False)
+    new = {"student_config": asdict(StudentConfig()), "teacher_config": asdict(TCFG)}
+    old = {k: dict(v) for k, v in new.items()}
+    del old["student_config"]["prior"], old["student_config"]["subword"]
+    settings = asdict(cfg)
+    del settings["subword"]
+    resume = {"stage": 1, "phase_done": False, "config": settings, "world_size": 1, **old}
+    train.check_resume("old", resume, 1, cfg, new, 1)
+    with pytest.raises(ValueError, match="subword"):
+        train.check_resume("old", resume, 1, cfg, {**new, "student_config": {**new["student_config"], "subword": True}},
+                           1)
