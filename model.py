@@ -187,42 +187,59 @@ class ByteLM(nn.Module):
         entry that ends at t (looking back from t, never past a document start), as a row of subword_embed; a
         document-start byte gets the teacher's start token (the last row); -1 where no entry ends at t (a vocabulary
         without every single byte). A function of the bytes up to t alone: the same in training, in a full forward
-        and in cached generation. x (B, T) -> (B, T) int64, computed on the CPU (a walk of a few steps per byte);
-        last_only: at the last byte of each row only -> (B, 1) (generation: x = each row's newest bytes)."""
-        if self._suffixes is None:  # the vocabulary's entries reversed, as nested dicts; key -1 holds the entry's row
+        and in cached generation. x (B, T) -> (B, T) int64; last_only: at the last byte of each row only -> (B, 1)
+        (generation: x = each row's newest bytes). All positions walk the reversed vocabulary together, one byte
+        further back per step, on x's device, until no walk can go on (a few steps more than the longest match)."""
+        keys, child, row_of, span = self.suffix_tables(x.device)
+        B, T = x.shape
+        t = torch.arange(T - 1 if last_only else 0, T, device=x.device).expand(B, -1)  # the positions looked up
+        b = torch.arange(B, device=x.device)[:, None].expand_as(t)
+        is_start = x[b, t] == BOS_BYTE
+        node, best, alive = torch.zeros_like(t), torch.full_like(t, -1), ~is_start
+        for back in range(min(span, T)):
+            at = t - back
+            alive &= at >= 0
+            v = x[b, at.clamp(min=0)]
+            alive &= v != BOS_BYTE
+            query = node * 256 + v
+            k = torch.searchsorted(keys, query).clamp(max=len(keys) - 1)
+            alive &= keys[k] == query
+            if not bool(alive.any()):
+                break
+            node = torch.where(alive, child[k], node)
+            best = torch.where(alive & (row_of[node] >= 0), row_of[node], best)
+        return torch.where(is_start, self.scfg.prior_vocab, best)
+
+    def suffix_tables(self, device):
+        """The vocabulary's entries reversed, as a trie in arrays (built once, kept per device): edge keys
+        parent * 256 + byte, sorted, with their child nodes; each node's entry row (-1: none; two ids that spell the
+        same bytes: the first in the trie's order); the longest entry's length."""
+        if self._suffixes is None:
             data, ends = bytes(self.prior_vocab_bytes.tolist()), [0] + self.prior_vocab_ends.tolist()
-            root = {}
+            edges, row_of = {}, [-1]
             for row, (a, b) in enumerate(zip(ends, ends[1:])):
-                node = root
+                node = 0
                 for v in reversed(data[a:b]):
-                    node = node.setdefault(v, {})
-                node.setdefault(-1, row)  # two ids that spell the same bytes: the first in the trie's order
-            self._suffixes = root, max(b - a for a, b in zip(ends, ends[1:]))
-        root, start = self._suffixes[0], self.scfg.prior_vocab
-
-        def longest(seq, t):
-            if seq[t] == BOS_BYTE:
-                return start
-            best, node = -1, root
-            while t >= 0 and seq[t] != BOS_BYTE:
-                node = node.get(seq[t])
-                if node is None:
-                    break
-                best = node.get(-1, best)
-                t -= 1
-            return best
-
-        seqs = x.tolist()
-        out = [[longest(seq, len(seq) - 1)] if last_only else [longest(seq, t) for t in range(len(seq))]
-               for seq in seqs]
-        return torch.tensor(out, dtype=torch.long, device=x.device).view(len(seqs), -1)
+                    if (node, v) not in edges:
+                        edges[node, v] = len(row_of)
+                        row_of.append(-1)
+                    node = edges[node, v]
+                if row_of[node] < 0:
+                    row_of[node] = row
+            keys = sorted(edges)
+            self._suffixes = {"cpu": (torch.tensor([p * 256 + v for p, v in keys]),
+                                      torch.tensor([edges[k] for k in keys]), torch.tensor(row_of),
+                                      max(b - a for a, b in zip(ends, ends[1:])))}
+        key = str(device)
+        if key not in self._suffixes:
+            keys, child, row_of, span = self._suffixes["cpu"]
+            self._suffixes[key] = (keys.to(device), child.to(device), row_of.to(device), span)
+        return self._suffixes[key]
 
     def subword_newest(self, x, lens):
         """subword_rows at each row's newest byte, for generation: x (R, L) bytes so far, lens (R,) -> (R, 1). Reads
         only the last bytes that the longest entry could span (positions before the first read as the row's 0xFE)."""
-        if self._suffixes is None:
-            self.subword_rows(x[:1, :1])
-        span = self._suffixes[1]
+        span = self.suffix_tables(x.device)[3]
         at = (lens[:, None] - span + torch.arange(span, device=x.device)).clamp(min=0)
         return self.subword_rows(x.gather(1, at), last_only=True)
 
