@@ -174,12 +174,16 @@ class ByteLM(nn.Module):
         self._trie = self._suffixes = None
         return self
 
+    def vocabulary(self):
+        """The stored vocabulary's entries (bytes objects, in the trie's order), read from the buffers."""
+        data, ends = bytes(self.prior_vocab_bytes.tolist()), [0] + self.prior_vocab_ends.tolist()
+        return [data[a:b] for a, b in zip(ends, ends[1:])]
+
     @property
     def trie(self):
         """The prior's vocabulary as a ByteTrie (built from the buffers once, on the CPU)."""
         if self._trie is None:
-            data, ends = bytes(self.prior_vocab_bytes.tolist()), [0] + self.prior_vocab_ends.tolist()
-            self._trie = ByteTrie([data[a:b] for a, b in zip(ends, ends[1:])])
+            self._trie = ByteTrie(self.vocabulary())
         return self._trie
 
     def subword_rows(self, x, last_only=False):
@@ -215,11 +219,11 @@ class ByteLM(nn.Module):
         parent * 256 + byte, sorted, with their child nodes; each node's entry row (-1: none; two ids that spell the
         same bytes: the first in the trie's order); the longest entry's length."""
         if self._suffixes is None:
-            data, ends = bytes(self.prior_vocab_bytes.tolist()), [0] + self.prior_vocab_ends.tolist()
+            entries = self.vocabulary()
             edges, row_of = {}, [-1]
-            for row, (a, b) in enumerate(zip(ends, ends[1:])):
+            for row, entry in enumerate(entries):
                 node = 0
-                for v in reversed(data[a:b]):
+                for v in reversed(entry):
                     if (node, v) not in edges:
                         edges[node, v] = len(row_of)
                         row_of.append(-1)
@@ -229,7 +233,7 @@ class ByteLM(nn.Module):
             keys = sorted(edges)
             self._suffixes = {"cpu": (torch.tensor([p * 256 + v for p, v in keys]),
                                       torch.tensor([edges[k] for k in keys]), torch.tensor(row_of),
-                                      max(b - a for a, b in zip(ends, ends[1:])))}
+                                      max(map(len, entries)))}
         key = str(device)
         if key not in self._suffixes:
             keys, child, row_of, span = self._suffixes["cpu"]

@@ -48,12 +48,17 @@ def prior_student(teacher, floor=1e-5, seed=1):
                          prior_bytes=sum(map(len, entries)), prior_floor=floor)
     torch.manual_seed(seed)
     student = ByteLM(scfg, TCFG).init_weights(teacher).attach_prior(teacher.head_weight, vocabulary())
+    return perturbed(student, seed).eval()
+
+
+@torch.no_grad()
+def perturbed(student, seed):
+    """Every parameter moved off its initialisation, so that no part is zero or exact (as test_student.build_student)."""
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # no part zero or exact (as test_student.build_student)
-        for name, p in student.named_parameters():
-            matrix = p.dim() == 2 and p.shape[0] != 256
-            p.add_((1.0 / p.shape[1] ** 0.5 if matrix else 0.1) * torch.randn(p.shape, generator=g))
-    return student.eval()
+    for name, p in student.named_parameters():
+        matrix = p.dim() == 2 and p.shape[0] != 256
+        p.add_((1.0 / p.shape[1] ** 0.5 if matrix else 0.1) * torch.randn(p.shape, generator=g))
+    return student
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from model import BOS_BYTE, ByteGeneration, ByteLM, StudentConfig, load_student, prior_vocabulary, save_student
-from test_prior import ALPHABET, tokenize, vocabulary
+from test_prior import ALPHABET, perturbed, tokenize, vocabulary
 from test_student import TCFG, build_teacher, max_diff
 
 START_ID = 0  # the tiny vocabulary's ids 0 and 1 spell nothing: 0 plays the document-start token
@@ -25,13 +25,7 @@ def subword_student(teacher, seed=1, zero_learned=False):
     torch.manual_seed(seed)
     student = ByteLM(scfg, TCFG).init_weights(teacher)
     student.attach_prior(teacher.head_weight, vocabulary(), teacher.embed_tokens.weight, START_ID)
-    if not zero_learned:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():  # no part zero or exact (as test_student.build_student)
-            for name, p in student.named_parameters():
-                matrix = p.dim() == 2 and p.shape[0] != 256
-                p.add_((1.0 / p.shape[1] ** 0.5 if matrix else 0.1) * torch.randn(p.shape, generator=g))
-    return student.eval()
+    return (student if zero_learned else perturbed(student, seed)).eval()
 
 
 def brute_force_rows(seq):
