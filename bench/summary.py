@@ -45,12 +45,12 @@ def main(argv):
         print(f"| {name} | {r['teacher_bpb']:.3f} | {r['student_bpb']:.3f} | {r['ratio']:.2f} | {greedy} | "
               f"{r['head_f1']:.3f} | {r['mean_patch_bytes']:.2f} | {r['bytes_per_token']:.2f} |")
     print("\n| generation, batch | student bytes/s, greedy flags | student/teacher | late flags (sample.py's default) "
-          "| student/teacher | teacher bytes/s |")
-    print("|---|---|---|---|---|---|")
+          "| student/teacher | teacher bytes/s | student bytes/patch | teacher bytes/token |   (the same byte budget)")
+    print("|---|---|---|---|---|---|---|---|")
     for b, rate in generate["student_bytes_per_s"].items():
         print(f"| {b} | {rate:,.1f} | {generate['ratio'][b]:.2f} | {generate['late_bytes_per_s'][b]:,.1f} | "
-              f"{generate['late_ratio'][b]:.2f} | {generate['teacher_bytes_per_s'][b]:,.1f} |")
-
+              f"{generate['late_ratio'][b]:.2f} | {generate['teacher_bytes_per_s'][b]:,.1f} | "
+              f"{generate['student_patch_bytes'][b]:.2f} | {generate['teacher_generated_bytes_per_token'][b]:.2f} |")
 
 if __name__ == "__main__":
     try:
