@@ -5,7 +5,7 @@
 
 Student: bytes per second of ByteGeneration (encoder and decoder step per byte; the main network steps only for the
 rows whose sampled index says their newest byte closes a patch), rows out of step (ByteGeneration.run, what sample.py
---flags=greedy, eval.py and the scorer use: a row that closes a patch waits until no row can go on, then one
+with greedy flags, eval.py and the scorer use: a row that closes a patch waits until no row can go on, then one
 main-network call takes every waiting row). Teacher: cached decoding. Both get the same byte budget: every row
 generates new_bytes bytes, and a static batch runs until its slowest row has them (the headline ratio); at batch > 1
 also a batch that stays full (no row leaves; timing stops once the rows hold batch x new_bytes bytes in all), the
