@@ -1,7 +1,8 @@
-"""Memory per GPU of each teacher preset with and without --fsdp: ARITHMETIC from the model configurations, not a
-measurement (nothing is allocated: the student and teacher are built on the meta device to count their parameters).
+"""Memory per GPU of each teacher preset with and without --fsdp, and the weight bytes each model reads per generated
+byte: ARITHMETIC from the model configurations, not a measurement (nothing is allocated: the student and teacher are
+built on the meta device to count their parameters).
 
-    python bench/memory.py [--gpus=8] [--n_enc=4] [--n_dec=4] [--json=PATH]
+    python bench/memory.py [--gpus=8] [--n_enc=4] [--n_dec=4] [--bytes_per_token=4.3] [--json=PATH]
 
 Per GPU, for the two phases that hold the most: stage 1 distill with the main network trained (--distill_main_lr > 0;
 the frozen teacher is there too) and stage 2 e2e (everything trained, no teacher).
@@ -15,9 +16,16 @@ Both add the byte model's buffers, nearly all of them those of the defaults (--p
 output layer and input embedding rows, one per vocabulary entry, fp32; the rest are RoPE tables), whole on every
 GPU (FSDP shards parameters, not buffers); the vocabulary is counted as vocab_size entries (the entries that spell
 bytes are nearly all of them). Activations, the chunked KL's buffers and the CUDA context come on top of both.
-The configurations are those of the
+Weight reads (bench/generate.py counts the same for a checkpoint and times it): a cached decoding step at batch 1 is
+bound by reading weights, so the student/teacher speed ratio at batch 1 is at most about teacher bytes read per byte /
+student's. The student reads its main network (the teacher's blocks, plus the teacher's output layer for the prior)
+once per patch and its byte path once per byte; the teacher all its weights once per token. With patches as long as
+tokens (--bytes_per_token, what the demo's student and teacher write after its prompt), that ratio is
+teacher per token / (student per call + byte path x bytes_per_token); the break-even patch length is where the two
+reads per byte are equal. The configurations are those of the
 preset folders (teachers/NAME/config.json) when downloaded, else the published config.json values below.
 """
+import importlib.util
 import json
 import os
 import sys
@@ -30,6 +38,11 @@ sys.path.insert(0, REPO)
 import model  # noqa: E402
 import teacher as teachers  # noqa: E402
 import train  # noqa: E402
+
+# bench/generate.py's weight counts, loaded by path (bench/ holds data.py and teacher.py: never put it on sys.path)
+_spec = importlib.util.spec_from_file_location("bench_generate", os.path.join(REPO, "bench", "generate.py"))
+generate = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(generate)
 
 # The fields config_from_hf reads, from each Hub repo's config.json (teacher.PRESETS; smollm2 = the embedded teacher).
 PUBLISHED = {
@@ -56,6 +69,7 @@ class Config:
     gpus: int = 8                     # ranks that FSDP shards over
     n_enc: int = 4                    # byte blocks of the student (the README's GPU recipe)
     n_dec: int = 4
+    bytes_per_token: float = 4.3      # the weight-read table: patches and tokens this long (bytes)
     json: str = ""                    # also write the rows here
 
 
@@ -110,11 +124,20 @@ def rows(cfg):
             student, teacher = model.ByteLM(scfg, tcfg), teachers.Teacher(tcfg)
         s1 = per_gpu(student, teacher, model.ByteLM.ENCODER_SIDE + model.ByteLM.MAIN, cfg.gpus)
         s2 = per_gpu(student, None, ("",), cfg.gpus)
+        per_call, per_byte = generate.student_weight_bytes(student)
+        per_token = generate.teacher_weight_bytes(teacher)
+        prior = generate.nbytes([student.prior_head])
         out.append({"preset": name, "config": source, "teacher_params": numel(teacher.parameters()),
                     "student_params": numel(student.parameters()),
                     "buffers_gib": sum(b.numel() * b.element_size() for b in student.buffers()) / GIB,
                     "stage1_distill_gib": s1[0],
-                    "stage1_distill_fsdp_gib": s1[1], "stage2_e2e_gib": s2[0], "stage2_e2e_fsdp_gib": s2[1]})
+                    "stage1_distill_fsdp_gib": s1[1], "stage2_e2e_gib": s2[0], "stage2_e2e_fsdp_gib": s2[1],
+                    "student_read_per_main_call": per_call, "student_read_per_byte_step": per_byte,
+                    "teacher_read_per_token": per_token,
+                    "reads_ratio": per_token / (per_call + per_byte * cfg.bytes_per_token),
+                    "reads_ratio_no_prior": per_token / (per_call - prior + per_byte * cfg.bytes_per_token),
+                    "break_even_patch_bytes": generate.break_even_patch_bytes(per_call, per_byte, per_token,
+                                                                              cfg.bytes_per_token)})
     return out
 
 
@@ -132,9 +155,22 @@ def main(argv):
               f"| {r['buffers_gib']:.2f} | {r['stage1_distill_gib']:.1f} | {r['stage1_distill_fsdp_gib']:.1f} "
               f"| {r['stage2_e2e_gib']:.1f} "
               f"| {r['stage2_e2e_fsdp_gib']:.1f} |")
+    print(f"\nweight bytes read per generated byte at batch 1, arithmetic (one dtype for every weight; the ratios do not "
+          f"depend on which): the speed ratio a memory-bound step allows with patches as long as tokens, "
+          f"{cfg.bytes_per_token:g} bytes each")
+    print("| teacher | student per main call | byte path per byte | teacher per token | student/teacher "
+          "| same, without the prior's output layer | break-even bytes per patch |")
+    print("|---|---|---|---|---|---|---|")
+    gb = 1e-9
+    for r in table:
+        even = r["break_even_patch_bytes"]
+        print(f"| {r['preset']} | {r['student_read_per_main_call'] * gb:.3f} GB "
+              f"| {r['student_read_per_byte_step'] * gb:.4f} GB | {r['teacher_read_per_token'] * gb:.3f} GB "
+              f"| {r['reads_ratio']:.2f} | {r['reads_ratio_no_prior']:.2f} | {f'{even:.2f}' if even else 'none'} |")
     if cfg.json:
         with open(cfg.json, "w") as f:
-            json.dump({"gpus": cfg.gpus, "n_enc": cfg.n_enc, "n_dec": cfg.n_dec, "rows": table}, f, indent=1)
+            json.dump({"gpus": cfg.gpus, "n_enc": cfg.n_enc, "n_dec": cfg.n_dec, "bytes_per_token": cfg.bytes_per_token,
+                       "rows": table}, f, indent=1)
     return table
 
 

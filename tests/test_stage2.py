@@ -387,6 +387,27 @@ def test_generate_json_has_speeds_by_batch_size(full, tmp_path):
     assert 1.0 < got["teacher_bytes_per_token"] < 10.0
 
 
+def test_preset_weight_reads(tmp_path):
+    """bench/memory.py's weight-read arithmetic for every preset: with the prior the student's main-network call reads
+    what the teacher reads per token but its one input-embedding row (the prior is the teacher's output layer); the
+    break-even patch length makes the two reads per byte equal; the ratio is the one at patches as long as tokens."""
+    js = tmp_path / "memory.json"
+    with sf.quiet():
+        memory = load_bench("memory")
+        memory.main(["--n_enc=2", "--n_dec=2", "--bytes_per_token=4.3", f"--json={js}"])
+    rows = json.loads(js.read_text())["rows"]
+    assert {r["preset"] for r in rows} == {"smollm2", *teachers.PRESETS}
+    for r in rows:
+        call, byte_step, token = (r["student_read_per_main_call"], r["student_read_per_byte_step"],
+                                  r["teacher_read_per_token"])
+        d_model = memory.teacher_config(r["preset"])[0].d_model
+        assert token - call == 4 * d_model, r["preset"]  # fp32 on the meta device: one embedding row of d_model
+        assert r["reads_ratio"] == pytest.approx((token / 4.3) / (call / 4.3 + byte_step), rel=1e-12)
+        assert r["reads_ratio_no_prior"] > r["reads_ratio"]
+        p = r["break_even_patch_bytes"]
+        assert call / p + byte_step == pytest.approx(token / 4.3, rel=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 
 def test_bad_init_is_one_clear_error_line(tmp_path):
