@@ -34,10 +34,17 @@ The figures, per text:
   F1 of the patcher's ends and of the headline model's flags against the teacher's token ends (each segment's last
   byte excluded: the patcher is forced to end it, the late model never decides it); bytes per patch under those
   flags against the teacher's bytes per token.
+--prior_rows=K (an experiment toward a prior that reads fewer rows of the teacher's output layer per patch): the
+student's prior over only the K vocabulary entries the teacher's tokenizer uses most in the training shards (--shards,
+default shards/<tokenizer>), plus every one-byte entry so that every byte stays possible; the other entries get
+probability 0 (logits -inf before the softmax). Nothing is retrained, and scoring still reads every row: this measures
+what the restriction costs in bits per byte, not its speed (the prior would read K x d_model weights instead of the
+vocabulary's; bench/memory.py counts reads).
 Default texts: held-out Hamlet (a validation play, never trained on), the held-out argparse.py of the standard
 library (code; the default corpus trains on the other modules) and the Python reference topics (pydoc_data.topics,
 English and code, of a kind the corpus does not hold).
 """
+import glob
 import json
 import math
 import os
@@ -220,7 +227,40 @@ class Config:
     greedy: bool = True         # also the greedy-flag passes: the student's (student_bpb_greedy) and the teacher's
                                 # (teacher_byte_bpb_greedy): where dead ends cost; two more byte-by-byte passes
     eps: float = model.LATE_EPS  # the late-flag model decides a flag at once when its other value is less likely
+    prior_rows: int = 0         # > 0: the student's prior restricted to this many entries (see the docstring)
+    shards: str = ""            # where --prior_rows counts token frequencies; default shards/<tokenizer name>
     json: str = ""
+
+
+def restrict_prior(student, tok, shard_dir, rows):
+    """The student's prior over only the `rows` entries the teacher's tokens use most in shard_dir's training shards,
+    plus every one-byte entry (ties: the trie's order) -> (entries kept, share of the training tokens they are): the
+    other entries' logits become -inf in every prior the student computes from now on (its trie's cumulative)."""
+    if not student.has_prior:
+        raise ValueError("--prior_rows: this checkpoint's byte head has no prior")
+    paths = sorted(glob.glob(os.path.join(shard_dir, "train_*.bin")))
+    if not paths:
+        raise FileNotFoundError(f"--prior_rows: no training shards in {shard_dir} (prepare them: python data.py, or "
+                                "--shards=DIR)")
+    counts = torch.zeros(tok.n_vocab, dtype=torch.float64)
+    for path in paths:
+        shard = data.Shard(path)
+        if shard.header["tokenizer_hash"] != tok.hash:
+            raise ValueError(f"--prior_rows: {path} was tokenized by another tokenizer than this checkpoint's teacher")
+        counts += torch.bincount(torch.from_numpy(shard.token_ids.astype("int64")), minlength=tok.n_vocab).double()
+    entries = student.vocabulary()
+    index = {entry: i for i, entry in enumerate(entries)}
+    freq = torch.zeros(len(entries), dtype=torch.float64)
+    for token_id, spelled in enumerate(tok.id_to_bytes):
+        if spelled in index:
+            freq[index[spelled]] += counts[token_id]
+    keep = torch.tensor([len(e) == 1 for e in entries])
+    keep[torch.argsort(-freq, stable=True)[:rows]] = True
+    bias = torch.where(keep, 0.0, float("-inf"))
+    trie = student.trie
+    cumulative = trie.cumulative
+    trie.cumulative = lambda sorted_logits: cumulative(sorted_logits + bias.to(sorted_logits.device))
+    return int(keep.sum()), float(freq[keep].sum() / freq.sum().clamp(min=1))
 
 
 def main(argv):
@@ -245,12 +285,18 @@ def main(argv):
              for name, text in texts.items()}
     if not 0 <= cfg.eps < 0.5:
         raise ValueError("--eps must be in [0, 0.5): below it, a flag's other value counts as impossible")
+    if cfg.prior_rows < 0:
+        raise ValueError("--prior_rows must be >= 0 (0: the whole vocabulary)")
+    if cfg.prior_rows:
+        kept, share = restrict_prior(student, tok, cfg.shards or data.default_shard_dir(tok.name), cfg.prior_rows)
+        print(f"the student's prior restricted to {kept:,} of {student.scfg.prior_vocab:,} vocabulary entries, "
+              f"{share:.2%} of the training shards' tokens (--prior_rows={cfg.prior_rows})")
     results = score_texts(student, teacher, tok, ByteTrie(tok.id_to_bytes), texts, window, cfg.greedy, cfg.eps)
     print_tables(results, cfg.eps)
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump({"ckpt": cfg.ckpt, "teacher": meta["teacher"], "max_bytes": max_bytes, "window": window,
-                       "eps": cfg.eps, "texts": results}, f, indent=2)
+                       "eps": cfg.eps, "prior_rows": cfg.prior_rows, "texts": results}, f, indent=2)
     return results
 
 

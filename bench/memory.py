@@ -2,7 +2,7 @@
 byte: ARITHMETIC from the model configurations, not a measurement (nothing is allocated: the student and teacher are
 built on the meta device to count their parameters).
 
-    python bench/memory.py [--gpus=8] [--n_enc=4] [--n_dec=4] [--bytes_per_token=4.3] [--json=PATH]
+    python bench/memory.py [--gpus=8] [--n_enc=4] [--n_dec=4] [--bytes_per_token=4.3] [--prior_rows=16384] [--json=PATH]
 
 Per GPU, for the two phases that hold the most: stage 1 distill with the main network trained (--distill_main_lr > 0;
 the frozen teacher is there too) and stage 2 e2e (everything trained, no teacher).
@@ -22,7 +22,8 @@ student's. The student reads its main network (the teacher's blocks, plus the te
 once per patch and its byte path once per byte; the teacher all its weights once per token. With patches as long as
 tokens (--bytes_per_token, what the demo's student and teacher write after its prompt), that ratio is
 teacher per token / (student per call + byte path x bytes_per_token); the break-even patch length is where the two
-reads per byte are equal. The configurations are those of the
+reads per byte are equal. Beside it, the same ratio without the prior's output layer, and with a prior over only
+--prior_rows of its rows (bench/fidelity.py --prior_rows measures what such a prior costs in bits). The configurations are those of the
 preset folders (teachers/NAME/config.json) when downloaded, else the published config.json values below.
 """
 import importlib.util
@@ -70,6 +71,7 @@ class Config:
     n_enc: int = 4                    # byte blocks of the student (the README's GPU recipe)
     n_dec: int = 4
     bytes_per_token: float = 4.3      # the weight-read table: patches and tokens this long (bytes)
+    prior_rows: int = 16384           # the weight-read table: also a prior over only this many rows of the output layer
     json: str = ""                    # also write the rows here
 
 
@@ -136,6 +138,8 @@ def rows(cfg):
                     "teacher_read_per_token": per_token,
                     "reads_ratio": per_token / (per_call + per_byte * cfg.bytes_per_token),
                     "reads_ratio_no_prior": per_token / (per_call - prior + per_byte * cfg.bytes_per_token),
+                    "reads_ratio_prior_rows": per_token / (per_call - prior * (1 - min(1.0, cfg.prior_rows / len(
+                        student.prior_head))) + per_byte * cfg.bytes_per_token),
                     "break_even_patch_bytes": generate.break_even_patch_bytes(per_call, per_byte, per_token,
                                                                               cfg.bytes_per_token)})
     return out
@@ -159,18 +163,20 @@ def main(argv):
           f"depend on which): the speed ratio a memory-bound step allows with patches as long as tokens, "
           f"{cfg.bytes_per_token:g} bytes each")
     print("| teacher | student per main call | byte path per byte | teacher per token | student/teacher "
-          "| same, without the prior's output layer | break-even bytes per patch |")
-    print("|---|---|---|---|---|---|---|")
+          f"| same, without the prior's output layer | same, the prior over {cfg.prior_rows:,} rows "
+          "| break-even bytes per patch |")
+    print("|---|---|---|---|---|---|---|---|")
     gb = 1e-9
     for r in table:
         even = r["break_even_patch_bytes"]
         print(f"| {r['preset']} | {r['student_read_per_main_call'] * gb:.3f} GB "
               f"| {r['student_read_per_byte_step'] * gb:.4f} GB | {r['teacher_read_per_token'] * gb:.3f} GB "
-              f"| {r['reads_ratio']:.2f} | {r['reads_ratio_no_prior']:.2f} | {f'{even:.2f}' if even else 'none'} |")
+              f"| {r['reads_ratio']:.2f} | {r['reads_ratio_no_prior']:.2f} | {r['reads_ratio_prior_rows']:.2f} "
+              f"| {f'{even:.2f}' if even else 'none'} |")
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump({"gpus": cfg.gpus, "n_enc": cfg.n_enc, "n_dec": cfg.n_dec, "bytes_per_token": cfg.bytes_per_token,
-                       "rows": table}, f, indent=1)
+                       "prior_rows": cfg.prior_rows, "rows": table}, f, indent=1)
     return table
 
 

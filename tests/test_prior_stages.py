@@ -12,7 +12,7 @@ import torch
 import model
 import stage_fixtures as sf
 from teacher import load_teacher
-from test_stage2 import DDP_ARGS, DDP_PARAM_ATOL, DDP_REL, ENV, STAGE1, BATCH, run_stage2, stage2_args
+from test_stage2 import DDP_ARGS, DDP_PARAM_ATOL, DDP_REL, ENV, STAGE1, BATCH, load_bench, run_stage2, stage2_args
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -79,3 +79,29 @@ def test_ddp_with_the_prior_matches_single_process(stage1):
         for key in ra.keys() - {"phase", "step"}:
             assert rb[key] == pytest.approx(ra[key], rel=DDP_REL, abs=DDP_REL), (ra["phase"], ra["step"], key)
     assert sf.max_param_diff(sf.load_params(single), sf.load_params(ddp)) < DDP_PARAM_ATOL
+
+
+def test_fidelity_prior_rows_restricts_the_prior(full, tmp_path):
+    """--prior_rows: keeping every entry scores as the full prior does; keeping the single bytes only changes the
+    student's figures (and not the teacher's), and the kept entries are the single bytes plus the requested rows."""
+    out, _ = full
+    fidelity = load_bench("fidelity")
+    text = tmp_path / "prose.txt"
+    with open(sf.corpus_file(), encoding="utf-8") as f:
+        text.write_text(f.read()[5_000:5_400], encoding="utf-8")
+    args = [f"--ckpt={out}", f"--text={text}", "--greedy=False", f"--shards={sf.shard_dir()}"]
+    with sf.quiet():
+        full_prior = fidelity.main(args)["prose.txt"]
+        every = fidelity.main(args + ["--prior_rows=1000000"])["prose.txt"]
+        bytes_only = fidelity.main(args + ["--prior_rows=1"])["prose.txt"]
+    assert every["student_bpb"] == full_prior["student_bpb"]
+    assert bytes_only["teacher_bpb"] == full_prior["teacher_bpb"]
+    assert bytes_only["student_bpb"] != pytest.approx(full_prior["student_bpb"], rel=1e-4)
+    student = model.load_student(out)[0]
+    tok = load_teacher(sf.teacher_dir())[1]
+    singles = sum(len(e) == 1 for e in student.vocabulary())
+    kept, share = fidelity.restrict_prior(student, tok, sf.shard_dir(), 5)
+    assert singles < kept <= singles + 5 and 0.0 < share < 1.0
+    with pytest.raises(FileNotFoundError, match="no training shards"):
+        fidelity.restrict_prior(student, tok, str(tmp_path), 5)
+

@@ -394,7 +394,7 @@ def test_preset_weight_reads(tmp_path):
     js = tmp_path / "memory.json"
     with sf.quiet():
         memory = load_bench("memory")
-        memory.main(["--n_enc=2", "--n_dec=2", "--bytes_per_token=4.3", f"--json={js}"])
+        memory.main(["--n_enc=2", "--n_dec=2", "--bytes_per_token=4.3", "--prior_rows=16384", f"--json={js}"])
     rows = json.loads(js.read_text())["rows"]
     assert {r["preset"] for r in rows} == {"smollm2", *teachers.PRESETS}
     for r in rows:
@@ -403,7 +403,7 @@ def test_preset_weight_reads(tmp_path):
         d_model = memory.teacher_config(r["preset"])[0].d_model
         assert token - call == 4 * d_model, r["preset"]  # fp32 on the meta device: one embedding row of d_model
         assert r["reads_ratio"] == pytest.approx((token / 4.3) / (call / 4.3 + byte_step), rel=1e-12)
-        assert r["reads_ratio_no_prior"] > r["reads_ratio"]
+        assert r["reads_ratio_no_prior"] > r["reads_ratio_prior_rows"] > r["reads_ratio"]  # 16,384 of 49K+ rows
         p = r["break_even_patch_bytes"]
         assert call / p + byte_step == pytest.approx(token / 4.3, rel=1e-12)
 
