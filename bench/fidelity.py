@@ -34,7 +34,7 @@ The figures, per text:
   F1 of the patcher's ends and of the headline model's flags against the teacher's token ends (each segment's last
   byte excluded: the patcher is forced to end it, the late model never decides it); bytes per patch under those
   flags against the teacher's bytes per token.
---prior_rows=K (an experiment toward a prior that reads fewer rows of the teacher's output layer per patch): the
+With --prior_rows=K, an experiment toward a prior that reads fewer rows of the teacher's output layer per patch: the
 student's prior over only the K vocabulary entries the teacher's tokenizer uses most in the training shards (--shards,
 default shards/<tokenizer>), plus every one-byte entry so that every byte stays possible; the other entries get
 probability 0 (logits -inf before the softmax). Nothing is retrained, and scoring still reads every row: this measures

@@ -22,8 +22,8 @@ student's. The student reads its main network (the teacher's blocks, plus the te
 once per patch and its byte path once per byte; the teacher all its weights once per token. With patches as long as
 tokens (--bytes_per_token, what the demo's student and teacher write after its prompt), that ratio is
 teacher per token / (student per call + byte path x bytes_per_token); the break-even patch length is where the two
-reads per byte are equal. Beside it, the same ratio without the prior's output layer, and with a prior over only
---prior_rows of its rows (bench/fidelity.py --prior_rows measures what such a prior costs in bits). The configurations are those of the
+reads per byte are equal. Beside it, the same ratio without the prior's output layer, and with a prior over only its
+most used rows, as many as --prior_rows (bench/fidelity.py --prior_rows measures what such a prior costs in bits). The configurations are those of the
 preset folders (teachers/NAME/config.json) when downloaded, else the published config.json values below.
 """
 import importlib.util
