@@ -23,8 +23,9 @@ once per patch and its byte path once per byte; the teacher all its weights once
 tokens (--bytes_per_token, what the demo's student and teacher write after its prompt), that ratio is
 teacher per token / (student per call + byte path x bytes_per_token); the break-even patch length is where the two
 reads per byte are equal. Beside it, the same ratio without the prior's output layer, and with a prior over only its
-most used rows, as many as --prior_rows (bench/fidelity.py --prior_rows measures what such a prior costs in bits). The configurations are those of the
-preset folders (teachers/NAME/config.json) when downloaded, else the published config.json values below.
+most used rows, as many as --prior_rows (bench/fidelity.py --prior_rows measures what such a prior costs in bits).
+The configurations are those of the preset folders (teachers/NAME/config.json) when downloaded, else the published
+config.json values below.
 """
 import importlib.util
 import json
@@ -129,6 +130,10 @@ def rows(cfg):
         per_call, per_byte = generate.student_weight_bytes(student)
         per_token = generate.teacher_weight_bytes(teacher)
         prior = generate.nbytes([student.prior_head])
+        prior_kept = prior * min(1.0, cfg.prior_rows / len(student.prior_head))  # a prior over its most used rows
+
+        def ratio(call):  # teacher / student weight bytes per byte, patches as long as tokens
+            return per_token / (call + per_byte * cfg.bytes_per_token)
         out.append({"preset": name, "config": source, "teacher_params": numel(teacher.parameters()),
                     "student_params": numel(student.parameters()),
                     "buffers_gib": sum(b.numel() * b.element_size() for b in student.buffers()) / GIB,
@@ -136,10 +141,8 @@ def rows(cfg):
                     "stage1_distill_fsdp_gib": s1[1], "stage2_e2e_gib": s2[0], "stage2_e2e_fsdp_gib": s2[1],
                     "student_read_per_main_call": per_call, "student_read_per_byte_step": per_byte,
                     "teacher_read_per_token": per_token,
-                    "reads_ratio": per_token / (per_call + per_byte * cfg.bytes_per_token),
-                    "reads_ratio_no_prior": per_token / (per_call - prior + per_byte * cfg.bytes_per_token),
-                    "reads_ratio_prior_rows": per_token / (per_call - prior * (1 - min(1.0, cfg.prior_rows / len(
-                        student.prior_head))) + per_byte * cfg.bytes_per_token),
+                    "reads_ratio": ratio(per_call), "reads_ratio_no_prior": ratio(per_call - prior),
+                    "reads_ratio_prior_rows": ratio(per_call - prior + prior_kept),
                     "break_even_patch_bytes": generate.break_even_patch_bytes(per_call, per_byte, per_token,
                                                                               cfg.bytes_per_token)})
     return out

@@ -52,6 +52,7 @@ def main(argv):
               f"{generate['late_ratio'][b]:.2f} | {generate['teacher_bytes_per_s'][b]:,.1f} | "
               f"{generate['student_patch_bytes'][b]:.2f} | {generate['teacher_generated_bytes_per_token'][b]:.2f} |")
 
+
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])

@@ -104,4 +104,3 @@ def test_fidelity_prior_rows_restricts_the_prior(full, tmp_path):
     assert singles < kept <= singles + 5 and 0.0 < share < 1.0
     with pytest.raises(FileNotFoundError, match="no training shards"):
         fidelity.restrict_prior(student, tok, str(tmp_path), 5)
-
