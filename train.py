@@ -1,312 +1,28 @@
-"""Training plumbing shared by stage1_kd.py and stage2_sft.py: --key=value configs, distributed set-up, optimizer
-groups, the LR schedule, gradient sync, RNG state, and atomic checkpoints. The stage scripts stay top to bottom.
-
-Data parallelism is explicit: every rank holds a full student, computes gradients on its own batches, and the
-gradients of the parameters that the current phase trains are averaged with one all-reduce per optimizer update (after
-the last micro-step of gradient accumulation). We do this rather than wrap the student in DistributedDataParallel
-because each phase calls a different part of the student (encoder only, patcher only, ...), and DDP only syncs what
-goes through its forward(). The frozen teacher is never synchronised: every rank loads its own copy.
-
-With --fsdp (FSDP2, torch.distributed.fsdp.fully_shard) each rank keeps only its 1/N piece of the student's parameters,
-gradients and AdamW state, and of the frozen teacher's blocks (see "FSDP2 sharding" below); checkpoints are gathered
-into the same byte-model folder as without it.
+"""Training plumbing shared by stage1_kd.py and stage2_sft.py: optimizer groups, the LR schedule, RNG state, atomic
+checkpoints with exact resume, the dtype choice, and the phase loop. The stage scripts stay top to bottom; the command
+line is cli.py, and the process group, gradient sync and FSDP2 sharding are distributed.py.
 """
 import base64
 import binascii
-import inspect
-import io
 import json
 import math
 import os
 import random
-import sys
-import textwrap
 import time
-import tokenize
-import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
-import model
+import checkpoint
+from distributed import (all_reduce_sum, clip_grad_norm, gather_full, print_memory, memory_bytes, shard_frozen,
+                         shard_like, shard_student, sharded, sync_grads)
 from safetensors_io import read_safetensors, read_safetensors_header, write_safetensors
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Config: one dataclass per script, overridden by --key=value (typed; unknown keys and bad values are errors).
-
-def parse_args(cls, argv):
-    """--key=value overrides of the dataclass `cls` -> an instance. --help (or -h) prints the options and exits."""
-    cfg, types = cls(), {f.name: f.type for f in fields(cls)}
-    if "--help" in argv or "-h" in argv:
-        print(help_text(cls, sys.modules["__main__"].__doc__))
-        sys.exit(0)
-    for arg in argv:
-        if not arg.startswith("--"):
-            raise ValueError(f"expected --key=value, got {arg!r}")
-        key, has_value, value = arg[2:].partition("=")
-        if key not in types:
-            raise ValueError(f"unknown option --{key} (options: {', '.join('--' + k for k in types)})")
-        kind = types[key]
-        if kind is list:
-            getattr(cfg, key).append(value)
-            continue
-        if not has_value and kind is not bool:
-            raise ValueError(f"--{key} needs a value: --{key}=...")
-        try:
-            if kind is bool:
-                if value.lower() not in ("", "1", "0", "true", "false"):
-                    raise ValueError
-                parsed = value.lower() in ("", "1", "true")
-            else:
-                parsed = kind(value)
-        except ValueError:
-            raise ValueError(f"--{key}={value!r} is not a valid {kind.__name__}") from None
-        setattr(cfg, key, parsed)
-    return cfg
-
-
-def field_comments(cls):
-    """({field: the comment beside it in the dataclass source}, {field: the section comment above it}). A comment
-    line indented past the fields continues the comment of the field above; one at the fields' indent heads a
-    section. Read with the tokenizer, so a '#' inside a string is no comment."""
-    comments, sections, current, heading, seen = {}, {}, None, None, set()
-    source = textwrap.dedent(inspect.getsource(cls))
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        row, col = tok.start
-        if tok.type == tokenize.NAME and col == 4 and row not in seen:  # a field line at the class body's indent
-            current, seen = tok.string, seen | {row}
-            if heading:
-                sections[current], heading = heading, None
-        elif tok.type == tokenize.COMMENT and col == 4:
-            heading = tok.string.lstrip("# ")
-        elif tok.type == tokenize.COMMENT and current is not None:
-            comments[current] = (comments.get(current, "") + " " + tok.string.lstrip("# ")).strip()
-    return comments, sections
-
-
-def help_text(cls, doc=None):
-    """The script's docstring, then one line per option: --name (type, default value): the comment beside it."""
-    (comments, sections), defaults = field_comments(cls), cls()
-    lines = [doc.strip(), ""] if doc else []
-    lines.append("options (--key=value; a bool also as --key alone):")
-    for f in fields(cls):
-        if f.name in sections:
-            lines.append(f"  {sections[f.name]}:")
-        default = getattr(defaults, f.name)
-        kind, shown = ("repeatable", "none") if f.type is list else (f.type.__name__, repr(default))
-        lines.append(f"  --{f.name} ({kind}, default {shown})" + (f": {comments[f.name]}" if f.name in comments else ""))
-    return "\n".join(lines)
-
-
-def print_config(cfg):
-    print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Distributed set-up (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE).
-
-def setup_distributed(device_pref="auto"):
-    """-> (rank, world_size, device). nccl on CUDA, gloo on CPU; a plain `python script.py` is rank 0 of 1."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if device_pref not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, not {device_pref!r}")
-    if device_pref == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device=cuda asked for, but this machine has no CUDA GPU (use --device=auto or cpu)")
-    use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world, device
-
-
-def cleanup_distributed():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def sync_grads(params, total):
-    """Gradients hold sums over this rank's loss elements; turn them into the mean over all ranks' elements:
-    one flat all-reduce (sum) of the gradients, then a division by the global element count `total`. FSDP shards
-    (DTensors) arrive already summed over the ranks by FSDP's reduce-scatter (shard_student): only divided here."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    whole = [g for g in grads if not isinstance(g, DTensor)]
-    if whole and dist.is_initialized() and dist.get_world_size() > 1:
-        flat = torch.cat([g.reshape(-1).float() for g in whole])
-        dist.all_reduce(flat)
-        offset = 0
-        for g in whole:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-    for g in grads:
-        g.div_(max(total, 1.0))
-
-
-def all_reduce_sum(values, device):
-    """Sum a list of floats over ranks (for metrics) -> list of floats."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def broadcast_params(module):
-    """Make every rank start from rank 0's weights."""
-    if dist.is_initialized():
-        for p in module.parameters():
-            dist.broadcast(p.data, 0)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# FSDP2 sharding (--fsdp). fully_shard turns each parameter into a DTensor that holds this rank's 1/N slice (dim 0);
-# a unit's parameters are all-gathered just before its forward and freed after it, gradients are reduce-scattered
-# in backward, and AdamW, built over the DTensors, keeps its moments as slices too: ZeRO-3 (the paper's code uses
-# DeepSpeed ZeRO-2, which shards gradients and optimizer state but keeps whole weights on every GPU).
-#
-# The units: every block of the three stacks (encoder, main network, decoder), then each stack (its final norm; its
-# run_blocks is registered as a forward, since the student calls that, not forward()), then every other part of the
-# student on its own (byte_embed, enc_proj, patcher_q, ...). Not one unit for the whole student, as FSDP usually ends
-# with: the phases call parts (student.encode, boundary_probs, run_main, decode), never only ByteLM.forward, and FSDP
-# gathers a unit's parameters only around the forward methods it knows. The student's own parameters outside any part
-# (the dechunk null vector, d_model floats) stay whole on every rank and are averaged like DDP's (sync_grads). Of the
-# frozen teacher only the blocks are sharded: its embedding (also the tied head, which the chunked KL reads as a
-# plain matrix) and final norm stay whole.
-
-def sharded(module):
-    """Whether `module` holds FSDP shards (shard_student was applied)."""
-    return any(isinstance(p, DTensor) for p in module.parameters())
-
-
-def local(t):
-    """The part of `t` this rank holds: an FSDP shard's slice, or all of a plain tensor."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _shard(module, mp_policy):
-    fully_shard(module, mp_policy=mp_policy, reshard_after_forward=True)  # True even for a root: free after forward
-    # Sum the ranks' gradients (FSDP averages by default): like DDP here, every loss is a sum over this rank's
-    # elements, divided by the global count afterwards (sync_grads). Plain sums: gloo has no pre-multiplied sum.
-    module.set_gradient_divide_factor(1.0)
-    module.set_force_sum_reduction_for_comms(True)
-
-
-def shard_student(student, device, bf16):
-    """FSDP2 over the student in place (units as above). On CUDA with bf16, units gather bf16 copies of their fp32
-    shards and reduce gradients in fp32 (the shards and AdamW stay fp32); elsewhere everything stays as it is."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" and bf16 else MixedPrecisionPolicy()
-    # FSDP warns when a unit returns a view (a Linear on 3-D input does), because an in-place op on it would skip the
-    # unit's backward hook. The student never writes into a part's output in place; the test against one process
-    # (tests/test_fsdp.py) would see the wrong gradients if it did.
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    for unit in fsdp_units(student):
-        _shard(unit, mp)
-        if hasattr(unit, "run_blocks"):  # a stack: the student calls run_blocks, not forward
-            register_fsdp_forward_method(unit, "run_blocks")
-
-
-def fsdp_units(student):
-    """The student's FSDP units, inner ones first: each block of a stack (teacher.Teacher: encoder, main, decoder),
-    then the stack itself (its final norm), and every other part that has parameters."""
-    for part in student.children():
-        if not any(True for _ in part.parameters()):
-            continue
-        if hasattr(part, "run_blocks"):
-            yield from part.layers
-        yield part
-
-
-def shard_frozen(teacher):
-    """FSDP2 over the frozen teacher's blocks: each gathered for its forward and freed right after."""
-    for block in teacher.layers:
-        fully_shard(block, reshard_after_forward=True)
-
-
-def shard_like(tensors, named_params):
-    """Whole AdamW state tensors ({"<name>.exp_avg": ...}, from a checkpoint) cut into this rank's slices, laid out as
-    the FSDP parameters they belong to; everything else (steps, state of whole parameters) as it is."""
-    params, out = dict(named_params), {}
-    for key, t in tensors.items():
-        name, _, field = key.rpartition(".")
-        p = params.get(name)
-        if isinstance(p, DTensor) and field != "step" and tuple(t.shape) == tuple(p.shape):
-            t = distribute_tensor(t.to(device=local(p).device, dtype=p.dtype), p.device_mesh, p.placements)
-        out[key] = t  # a shape that does not fit is left for load_optimizer_state to refuse
-    return out
-
-
-def gather_full(tensors, keep=True):
-    """{name: tensor} with every FSDP shard all-gathered into the whole tensor, on the CPU. Collective: every rank
-    calls it with the same names in the same order. keep=False drops the result on this rank (only rank 0 writes
-    checkpoints, and other ranks need not hold a whole model at once)."""
-    out = {}
-    for name, t in tensors.items():
-        whole = t.full_tensor() if isinstance(t, DTensor) else t
-        if keep:
-            out[name] = whole.detach().cpu()
-    return out
-
-
-def clip_grad_norm(params, max_norm):
-    """torch.nn.utils.clip_grad_norm_, also over FSDP shards: each rank sums the squares of its slices, one all-reduce
-    adds the ranks' sums, and the whole (replicated) gradients count once. -> the total norm before clipping."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not any(isinstance(g, DTensor) for g in grads):
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    with torch.no_grad():
-        squares = [local(g).float().pow(2).sum() for g in grads if isinstance(g, DTensor)]
-        sliced = torch.stack(squares).sum()
-        dist.all_reduce(sliced)
-        whole = sum((g.float().pow(2).sum() for g in grads if not isinstance(g, DTensor)), torch.zeros(()))
-        total = (sliced + whole.to(sliced.device)).sqrt()
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s rule
-        for g in grads:
-            local(g).mul_(coef.to(local(g).dtype))
-    return total
-
-
-ADAMW_STATE_BYTES = 4  # AdamW's step count: one fp32 scalar per parameter
-
-
-def memory_bytes(student, trainable, frozen=None):
-    """Bytes this rank holds: the student's parameters and buffers (its slices, or all of them), the gradients and
-    AdamW state (two moments of the parameter's dtype, and a step) that a phase training `trainable` fills, the frozen
-    teacher's parameters. Gathered units (one or two at a time, freed after use) and activations are not counted."""
-    def nbytes(ps):
-        return sum(local(p).numel() * local(p).element_size() for p in ps)
-    grads = nbytes(trainable)
-    return {"parameters": nbytes([*student.parameters(), *student.buffers()]), "gradients": grads,
-            "optimizer": 2 * grads + ADAMW_STATE_BYTES * len(trainable),
-            "teacher": nbytes(frozen.parameters()) if frozen is not None else 0}
-
-
-def print_memory(phase, figures, device):
-    """Every rank's memory_bytes, printed by rank 0: one line per rank."""
-    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-    keys = list(figures)
-    table = torch.zeros(world, len(keys), dtype=torch.float64, device=device)
-    table[rank] = torch.tensor([float(figures[k]) for k in keys], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(table)
-    if rank == 0:
-        for r, row in enumerate(table.tolist()):
-            mib = dict(zip(keys, (v / 2 ** 20 for v in row)))
-            print(f"memory {phase} rank {r}: parameters {mib['parameters']:.4g} MiB, gradients {mib['gradients']:.4g} "
-                  f"MiB, optimizer state {mib['optimizer']:.4g} MiB | teacher {mib['teacher']:.4g} MiB", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -429,7 +145,7 @@ def load_optimizer_state(optimizer, names, tensors, groups):
 
 
 def save_checkpoint(folder, student, info, resume=None):
-    """The byte-model folder `folder` (model.save_student: the weights, and info in config.json) and, given
+    """The byte-model folder `folder` (checkpoint.save_student: the weights, and info in config.json) and, given
     resume = (optimizer, loader), folder/resume/ with what exact resume needs. One atomic save (see save_student).
     A student sharded by FSDP: every rank calls it (the shards are gathered, a collective) and rank 0 writes the
     same folder that one process would."""
@@ -451,7 +167,7 @@ def save_checkpoint(folder, student, info, resume=None):
         with open(os.path.join(staging, "resume", "state.json"), "w") as f:
             json.dump({"save_id": save_id, "optimizer_groups": groups, "loader": loader.state_dict(),
                        "rng": rng_state()}, f)
-    model.save_student(folder, student, info, write_resume if resume is not None else None)
+    checkpoint.save_student(folder, student, info, write_resume if resume is not None else None)
 
 
 LOADER_FIELDS = {"epoch": int, "consumed": int, "seed": int, "seq_len": int, "n_windows": int}
@@ -465,9 +181,9 @@ def load_resume_state(folder, save_id):
     for p in (path, tensors_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{folder} stopped mid-phase, but {p} is missing: exact resume needs it")
-    state = model.read_json(path)
-    model.check_fields(state, {"save_id": str, "optimizer_groups": list, "loader": dict, "rng": dict}, path)
-    model.check_fields(state["loader"], LOADER_FIELDS, f"{path}: loader")
+    state = checkpoint.read_json(path)
+    checkpoint.check_fields(state, {"save_id": str, "optimizer_groups": list, "loader": dict, "rng": dict}, path)
+    checkpoint.check_fields(state["loader"], LOADER_FIELDS, f"{path}: loader")
     if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in state["optimizer_groups"]):
         raise ValueError(f"{path}: optimizer_groups must be objects with a list of params")
     _, metadata, _ = read_safetensors_header(tensors_path)
@@ -614,7 +330,7 @@ def check_resume(path, resume, stage, cfg, meta, world):
     for key in ("student_config", "teacher_config"):
         old, new = resume.get(key, {}), meta[key]
         if key == "student_config":  # a folder from before a field existed holds the model its default describes
-            old = {**model.LATER_FIELDS["StudentConfig"], **old}
+            old = {**checkpoint.LATER_FIELDS["StudentConfig"], **old}
         changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
         if changed:
             raise ValueError(f"{path} holds another model ({key.split('_')[0]}: {', '.join(changed[:4])}); "
@@ -655,10 +371,10 @@ def resume_from(folder, student, stage, cfg, meta, world, names):
     """--resume: folder's config.json, checked by check_resume, and its weights into `student`; plus the resume state
     when it stopped mid-phase in a phase this run trains -> (config.json's contents, resume state or None)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
-        model.finish_save(folder)  # a save that died after its commit: complete it before reading
+        checkpoint.finish_save(folder)  # a save that died after its commit: complete it before reading
     if dist.is_initialized():
         dist.barrier()
-    saved, resume = model.load_student(folder)
+    saved, resume = checkpoint.load_student(folder)
     check_resume(folder, resume, stage, cfg, meta, world)
     mid_phase = resume["phase"] in names and not resume["phase_done"]
     state = load_resume_state(folder, resume["save_id"]) if mid_phase else None
@@ -725,7 +441,7 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device, frozen=No
         if fsdp:
             print_memory(phase.name, memory_bytes(student, trainable, frozen), device)
 
-        def checkpoint(step, done, folder=cfg.out_dir, full=True):
+        def save(step, done, folder=cfg.out_dir, full=True):
             if master or sharded(student):  # FSDP: every rank takes part in gathering the shards
                 info = {"stage": stage, "config": asdict(cfg), **meta, "world_size": world, "phase": phase.name,
                         "step": step, "phase_done": done, "results": results}
@@ -759,9 +475,9 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device, frozen=No
                 progress.log(step, {**figures, "lr": lr})
             steps_run += 1
             if step + 1 < total and cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0:
-                checkpoint(step + 1, False)
+                save(step + 1, False)
             if step + 1 < total and cfg.stop_after and steps_run >= cfg.stop_after:
-                checkpoint(step + 1, False)
+                save(step + 1, False)
                 if master:
                     print(f"stopped after {steps_run} steps (--stop_after); continue with --resume", flush=True)
                 return results, True
@@ -773,10 +489,11 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device, frozen=No
         results[phase.name] = {"bytes": total * bytes_per_step, "steps": total, "val": figures, "bytes_per_s": rate}
         if master:
             print(f"== {phase.name} done | val " + " ".join(f"{k} {v:.4f}" for k, v in figures.items()), flush=True)
-        checkpoint(total, True)
-        checkpoint(total, True, os.path.join(cfg.out_dir, phase.name), full=False)
+        save(total, True)
+        save(total, True, os.path.join(cfg.out_dir, phase.name), full=False)
         if stop_here:  # --stop_after landed on the end of a phase
             if master:
                 print(f"stopped after {steps_run} steps (--stop_after); continue with --resume", flush=True)
             return results, True
     return results, False
+
