@@ -1,25 +1,20 @@
-"""The byte student and its cached generation.
+"""The byte student: its configuration, its modules, the full forward and the pieces that training and cached
+generation (decoding.py) call one at a time. The byte-model folder format is checkpoint.py.
 
 bytes -> encoder -> projection to the teacher width (h) -> patcher -> the teacher's own blocks on patch vectors ->
 dechunk to bytes -> decoder -> 512-way head (next byte v, and whether it ends a patch). The README's "Method" section
 explains each piece; the byte blocks reuse teacher.py's transformer code (Llama-style blocks, sliding-window attention).
 """
 import itertools
-import json
 import math
-import os
-import shutil
-import typing
-import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from safetensors_io import is_int, read_safetensors, read_safetensors_header, write_safetensors
-from teacher import Teacher, TeacherConfig, check_device, sample_from_logits
 from targets import ByteTrie, exact_byte_targets, patch_prefix_nodes
+from teacher import Teacher, TeacherConfig
 from tokenizer import DOC_START_BYTE
 
 BOS_BYTE = DOC_START_BYTE  # 0xFE starts every document; it never occurs in UTF-8
@@ -110,7 +105,7 @@ class ByteLM(nn.Module):
             if not scfg.prior_vocab:
                 raise ValueError("StudentConfig.subword needs the teacher's vocabulary (prior_vocab > 0)")
             self.register_buffer("subword_embed", torch.zeros(scfg.prior_vocab + 1, D))
-        self._trie = self._suffixes = None
+        self._vocab = None
 
     @torch.no_grad()
     def init_weights(self, teacher=None):
@@ -171,81 +166,15 @@ class ByteLM(nn.Module):
                 raise ValueError("StudentConfig.subword: attach_prior needs the teacher's input embedding and start id")
             rows = torch.tensor(ids + [start_id], device=embed_weight.device)
             self.subword_embed.copy_(embed_weight.detach()[rows].float())
-        self._trie = self._suffixes = None
+        self._vocab = None
         return self
 
-    def vocabulary(self):
-        """The stored vocabulary's entries (bytes objects, in the trie's order), read from the buffers."""
-        data, ends = bytes(self.prior_vocab_bytes.tolist()), [0] + self.prior_vocab_ends.tolist()
-        return [data[a:b] for a, b in zip(ends, ends[1:])]
-
     @property
-    def trie(self):
-        """The prior's vocabulary as a ByteTrie (built from the buffers once, on the CPU)."""
-        if self._trie is None:
-            self._trie = ByteTrie(self.vocabulary())
-        return self._trie
-
-    def subword_rows(self, x, last_only=False):
-        """Bolmo's subword embedding (arXiv 2512.15586), the rule that picks it: at each byte t, the longest vocabulary
-        entry that ends at t (looking back from t, never past a document start), as a row of subword_embed; a
-        document-start byte gets the teacher's start token (the last row); -1 where no entry ends at t (a vocabulary
-        without every single byte). A function of the bytes up to t alone: the same in training, in a full forward
-        and in cached generation. x (B, T) -> (B, T) int64; last_only: at the last byte of each row only -> (B, 1)
-        (generation: x = each row's newest bytes). All positions walk the reversed vocabulary together, one byte
-        further back per step, on x's device, until no walk can go on (a few steps more than the longest match)."""
-        keys, child, row_of, span = self.suffix_tables(x.device)
-        B, T = x.shape
-        t = torch.arange(T - 1 if last_only else 0, T, device=x.device).expand(B, -1)  # the positions looked up
-        b = torch.arange(B, device=x.device)[:, None].expand_as(t)
-        is_start = x[b, t] == BOS_BYTE
-        node, best, alive = torch.zeros_like(t), torch.full_like(t, -1), ~is_start
-        for back in range(min(span, T)):
-            at = t - back
-            alive &= at >= 0
-            v = x[b, at.clamp(min=0)]
-            alive &= v != BOS_BYTE
-            query = node * 256 + v
-            k = torch.searchsorted(keys, query).clamp(max=len(keys) - 1)
-            alive &= keys[k] == query
-            if not bool(alive.any()):
-                break
-            node = torch.where(alive, child[k], node)
-            best = torch.where(alive & (row_of[node] >= 0), row_of[node], best)
-        return torch.where(is_start, self.scfg.prior_vocab, best)
-
-    def suffix_tables(self, device):
-        """The vocabulary's entries reversed, as a trie in arrays (built once, kept per device): edge keys
-        parent * 256 + byte, sorted, with their child nodes; each node's entry row (-1: none; two ids that spell the
-        same bytes: the first in the trie's order); the longest entry's length."""
-        if self._suffixes is None:
-            entries = self.vocabulary()
-            edges, row_of = {}, [-1]
-            for row, entry in enumerate(entries):
-                node = 0
-                for v in reversed(entry):
-                    if (node, v) not in edges:
-                        edges[node, v] = len(row_of)
-                        row_of.append(-1)
-                    node = edges[node, v]
-                if row_of[node] < 0:
-                    row_of[node] = row
-            keys = sorted(edges)
-            self._suffixes = {"cpu": (torch.tensor([p * 256 + v for p, v in keys]),
-                                      torch.tensor([edges[k] for k in keys]), torch.tensor(row_of),
-                                      max(map(len, entries)))}
-        key = str(device)
-        if key not in self._suffixes:
-            keys, child, row_of, span = self._suffixes["cpu"]
-            self._suffixes[key] = (keys.to(device), child.to(device), row_of.to(device), span)
-        return self._suffixes[key]
-
-    def subword_newest(self, x, lens):
-        """subword_rows at each row's newest byte, for generation: x (R, L) bytes so far, lens (R,) -> (R, 1). Reads
-        only the last bytes that the longest entry could span (positions before the first read as the row's 0xFE)."""
-        span = self.suffix_tables(x.device)[3]
-        at = (lens[:, None] - span + torch.arange(span, device=x.device)).clamp(min=0)
-        return self.subword_rows(x.gather(1, at), last_only=True)
+    def vocab(self):
+        """The stored vocabulary's tables (Vocabulary), built from the buffers once."""
+        if self._vocab is None:
+            self._vocab = Vocabulary(self.prior_vocab_bytes, self.prior_vocab_ends, self.scfg.prior_vocab)
+        return self._vocab
 
     def subword_vectors(self, rows):
         """subword_rows' rows -> the teacher's embedding rows (..., D), zero where -1."""
@@ -266,7 +195,7 @@ class ByteLM(nn.Module):
         states = self.encoder.run_blocks(self.byte_embed(x), cache=cache, advance=advance)
         h = self.enc_proj(states if at is None else states[at])
         if self.scfg.subword:
-            sub = self.subword_rows(x) if sub is None else sub
+            sub = self.vocab.subword_rows(x) if sub is None else sub
             h = h + self.subword_vectors(sub if at is None else sub[at]).to(h.dtype)
         return h
 
@@ -314,7 +243,7 @@ class ByteLM(nn.Module):
         out = torch.full((len(nodes), 512), log_floor, device=y.device)
         has = nodes >= 0
         if has.any():
-            q = exact_byte_targets(self.trie, y.detach(), self.prior_head, cum_rows[has], nodes[has])
+            q = exact_byte_targets(self.vocab.trie, y.detach(), self.prior_head, cum_rows[has], nodes[has])
             out[has] = q.clamp(min=self.scfg.prior_floor).log()
         return out
 
@@ -322,7 +251,7 @@ class ByteLM(nn.Module):
     def prior_cumulative(self, y):
         """Generation, once per patch: the patch outputs y (N, D) -> prefix sums of their next-token distributions
         (N, prior_vocab + 1) float64 (targets.ByteTrie.cumulative), from which prior_at reads every byte's prior."""
-        return self.trie.cumulative(y.to(self.prior_head.dtype) @ self.prior_head.T)
+        return self.vocab.trie.cumulative(y.to(self.prior_head.dtype) @ self.prior_head.T)
 
     @torch.no_grad()
     def prior_at(self, cum, rows, nodes):
@@ -330,7 +259,7 @@ class ByteLM(nn.Module):
         out = torch.full((len(nodes), 512), math.log(self.scfg.prior_floor), device=cum.device)
         has = nodes >= 0
         if has.any():
-            out[has] = self.trie.targets(cum, rows[has], nodes[has]).float().clamp(min=self.scfg.prior_floor).log()
+            out[has] = self.vocab.trie.targets(cum, rows[has], nodes[has]).float().clamp(min=self.scfg.prior_floor).log()
         return out
 
     def forward(self, x, ends=None):
@@ -352,8 +281,88 @@ class ByteLM(nn.Module):
         counts = patch_mask.sum(1)
         first = counts.cumsum(0) - counts  # each row's offset among the real patches
         rows = (ends.long().cumsum(1) - 1 + first[:, None]).clamp(min=0)
-        nodes = patch_prefix_nodes(self.trie, x, ends)
+        nodes = patch_prefix_nodes(self.vocab.trie, x, ends)
         return self.log_prior(y[patch_mask], rows.reshape(-1), nodes.reshape(-1)).view(*x.shape, 512)
+
+
+class Vocabulary:
+    """The teacher's vocabulary entries that the student keeps (ByteLM's prior_vocab_* buffers) and the two look-ups
+    built on them: the prior's trie (forward, for the bytes a patch holds so far) and the reversed trie that picks the
+    subword embedding's row at every byte. Plain tensors and Python, no parameters; built once per model."""
+
+    def __init__(self, vocab_bytes, vocab_ends, start_row):
+        data, ends = bytes(vocab_bytes.tolist()), [0] + vocab_ends.tolist()
+        self.entries = [data[a:b] for a, b in zip(ends, ends[1:])]  # bytes objects, in the trie's order
+        self.start_row = start_row  # subword_embed's row of the document-start token: the last one
+        self._trie = self._suffixes = None
+
+    @property
+    def trie(self):
+        """The prior's vocabulary as a ByteTrie (built once, on the CPU)."""
+        if self._trie is None:
+            self._trie = ByteTrie(self.entries)
+        return self._trie
+
+    def subword_rows(self, x, last_only=False):
+        """Bolmo's subword embedding (arXiv 2512.15586), the rule that picks it: at each byte t, the longest vocabulary
+        entry that ends at t (looking back from t, never past a document start), as a row of subword_embed; a
+        document-start byte gets the teacher's start token (the last row); -1 where no entry ends at t (a vocabulary
+        without every single byte). A function of the bytes up to t alone: the same in training, in a full forward
+        and in cached generation. x (B, T) -> (B, T) int64; last_only: at the last byte of each row only -> (B, 1)
+        (generation: x = each row's newest bytes). All positions walk the reversed vocabulary together, one byte
+        further back per step, on x's device, until no walk can go on (a few steps more than the longest match)."""
+        keys, child, row_of, span = self.suffix_tables(x.device)
+        B, T = x.shape
+        t = torch.arange(T - 1 if last_only else 0, T, device=x.device).expand(B, -1)  # the positions looked up
+        b = torch.arange(B, device=x.device)[:, None].expand_as(t)
+        is_start = x[b, t] == BOS_BYTE
+        node, best, alive = torch.zeros_like(t), torch.full_like(t, -1), ~is_start
+        for back in range(min(span, T)):
+            at = t - back
+            alive &= at >= 0
+            v = x[b, at.clamp(min=0)]
+            alive &= v != BOS_BYTE
+            query = node * 256 + v
+            k = torch.searchsorted(keys, query).clamp(max=len(keys) - 1)
+            alive &= keys[k] == query
+            if not bool(alive.any()):
+                break
+            node = torch.where(alive, child[k], node)
+            best = torch.where(alive & (row_of[node] >= 0), row_of[node], best)
+        return torch.where(is_start, self.start_row, best)
+
+    def suffix_tables(self, device):
+        """The vocabulary's entries reversed, as a trie in arrays (built once, kept per device): edge keys
+        parent * 256 + byte, sorted, with their child nodes; each node's entry row (-1: none; two ids that spell the
+        same bytes: the first in the trie's order); the longest entry's length."""
+        if self._suffixes is None:
+            entries = self.entries
+            edges, row_of = {}, [-1]
+            for row, entry in enumerate(entries):
+                node = 0
+                for v in reversed(entry):
+                    if (node, v) not in edges:
+                        edges[node, v] = len(row_of)
+                        row_of.append(-1)
+                    node = edges[node, v]
+                if row_of[node] < 0:
+                    row_of[node] = row
+            keys = sorted(edges)
+            self._suffixes = {"cpu": (torch.tensor([p * 256 + v for p, v in keys]),
+                                      torch.tensor([edges[k] for k in keys]), torch.tensor(row_of),
+                                      max(map(len, entries)))}
+        key = str(device)
+        if key not in self._suffixes:
+            keys, child, row_of, span = self._suffixes["cpu"]
+            self._suffixes[key] = (keys.to(device), child.to(device), row_of.to(device), span)
+        return self._suffixes[key]
+
+    def subword_newest(self, x, lens):
+        """subword_rows at each row's newest byte, for generation: x (R, L) bytes so far, lens (R,) -> (R, 1). Reads
+        only the last bytes that the longest entry could span (positions before the first read as the row's 0xFE)."""
+        span = self.suffix_tables(x.device)[3]
+        at = (lens[:, None] - span + torch.arange(span, device=x.device)).clamp(min=0)
+        return self.subword_rows(x.gather(1, at), last_only=True)
 
 
 def patch_order(ends):
@@ -375,454 +384,3 @@ def byte_logprobs(logits):
     """(..., 512) joint logits -> (..., 256) log p(next byte = v) = logsumexp(l_v, l_{v+256}) - logsumexp(l)."""
     logits = logits.float()
     return torch.logaddexp(logits[..., :256], logits[..., 256:]) - torch.logsumexp(logits, dim=-1, keepdim=True)
-
-
-
-@torch.no_grad()
-def greedy_flag_logprobs(model, texts, batch_size=16):
-    """The student's proper likelihood of byte strings, each scored from a fresh document start (0xFE): every boundary
-    flag is decided causally, as greedy generation decides it (once byte t is known, the likelier half of the head for
-    it at position t-1), never by the patcher looking at the next byte. The product of the summed-halves
-    probabilities along those flags is the exact likelihood of a well-defined byte model (the one whose boundaries
-    greedy generation follows). Runs ByteGeneration teacher-forced, many texts in one batch.
-    -> per text (log p(byte) (n,), log p(byte, flag used) (n,), flags (n,) bool): fp32, natural log."""
-    out = [None] * len(texts)
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # similar lengths share a batch
-    for first in range(0, len(order), batch_size):
-        chunk = order[first:first + batch_size]
-        L = len(texts[chunk[0]])
-        x = torch.full((len(chunk), L), ord(" "), dtype=torch.long)  # after a short text: never used
-        for row, i in enumerate(chunk):
-            x[row, :len(texts[i])] = torch.tensor(list(texts[i]), dtype=torch.long)
-        gen = ByteGeneration(model, [b""] * len(chunk), L)
-        logp, joint, flags = torch.zeros(len(chunk), L), torch.zeros(len(chunk), L), torch.zeros(len(chunk), L, dtype=torch.bool)
-        lengths = torch.tensor([len(texts[i]) for i in chunk], device=gen.x.device)
-        for rows, t, new, logits in gen.run(lengths, force=x):  # rows out of step: one main-network call for many rows
-            rows, t = rows.cpu(), t.cpu()
-            logp[rows, t] = byte_logprobs(logits).gather(1, new[:, None].to(logits.device))[:, 0].cpu()
-            ends = gen.pending_end[rows.to(logits.device)]
-            index = new.to(logits.device) + 256 * ends.long()
-            joint[rows, t] = torch.log_softmax(logits.float(), -1).gather(1, index[:, None])[:, 0].cpu()
-            flags[rows, t] = ends.cpu()
-        for row, i in enumerate(chunk):
-            n = len(texts[i])
-            out[i] = (logp[row, :n], joint[row, :n], flags[row, :n])
-    return out
-
-
-@torch.no_grad()
-def late_flag_logprobs(model, texts, eps=None):
-    """The student's likelihood of byte strings under the late-flag byte model (LateFlagGeneration, teacher-forced):
-    each boundary flag decided one byte late, byte t+1's probability summed over both flags of byte t. Every flag is
-    a function of the bytes already seen, so the product is the exact likelihood of that model, the one sample.py
-    draws from by default; a flag the next byte contradicts costs little here, where greedy flags
-    (greedy_flag_logprobs) pay a dead end. eps as in LateFlagGeneration (None: LATE_EPS; 0: every flag waits).
-    Texts in one lockstep batch, each from a fresh document start. -> per text (log p(byte) (n,), flags (n,) bool;
-    the last byte's flag is never decided), fp32, natural log."""
-    B, L = len(texts), max(map(len, texts))
-    x = torch.full((B, L), ord(" "), dtype=torch.long)  # after a short text: never used
-    for i, t in enumerate(texts):
-        x[i, :len(t)] = torch.tensor(list(t), dtype=torch.long)
-    gen = LateFlagGeneration(model, [b""] * B, L, eps)
-    x, logp = x.to(gen.x.device), torch.zeros(B, L, device=gen.x.device)
-    for t in range(L):
-        new, mixed = gen.step(force=x[:, t])
-        logp[:, t] = mixed.gather(1, new[:, None])[:, 0]
-    return [(logp[i, :len(t)].cpu(), gen.ends[i, 1:len(t) + 1].cpu()) for i, t in enumerate(texts)]
-
-
-class ByteGeneration:
-    """Cached byte generation for a batch of prompts (each a bytes object; 0xFE is prepended).
-
-    Encoder and decoder step once per byte; the main network steps only for rows whose newest byte closes a patch.
-    Prefill: the patcher decides the boundaries of all prompt bytes but the last (its one-byte lookahead sees the
-    next prompt byte); the last prompt byte's flag is the head's more likely e for that known byte at the previous
-    position. After that, every flag is the e half of the sampled index. `x[:, :length]` and `ends` record the bytes
-    and the boundaries used, so a full forward with those ends reproduces every logit.
-
-    Two ways to drive it: step() gives every row one byte (rows in lockstep; the main network runs at a step for the
-    rows that close a patch there), run() lets rows get out of step so that the main network runs once for many rows
-    (in a batch nearly every byte closes some row's patch, and a CPU pays the main network's weight reads per call,
-    however few rows it takes). Each row's bytes and logits are the same either way; only the order of work differs."""
-
-    def __init__(self, model, prompts, max_new_bytes):
-        self.model = model
-        prompts = [bytes([BOS_BYTE]) + bytes(p) for p in prompts]
-        dev = model.head.weight.device
-        B, self.lens = len(prompts), torch.tensor([len(p) for p in prompts], device=dev)
-        L, total = int(self.lens.max()), int(self.lens.max()) + max_new_bytes
-        self.x = torch.zeros(B, total, dtype=torch.long, device=dev)
-        for i, p in enumerate(prompts):
-            self.x[i, :len(p)] = torch.tensor(list(p), device=dev)
-        self.ends = torch.zeros(B, total, dtype=torch.bool, device=dev)
-        self.rows = torch.arange(B, device=dev)
-        self.enc_cache = model.encoder.new_cache(B, total)
-        self.dec_cache = model.decoder.new_cache(B, total)
-        self.main_cache = model.main.new_cache(B, min(total, model.tcfg.max_seq_len))
-        self.prefill_logits = self._prefill(L)
-
-    @torch.no_grad()
-    def _prefill(self, L):
-        m, x, lens, rows = self.model, self.x[:, :L], self.lens, self.rows
-        h = m.encode(x, cache=self.enc_cache, advance=lens)
-        t = torch.arange(L, device=x.device)[None]
-        ends = (m.boundary_probs(h) > m.scfg.boundary_threshold) & (t < lens[:, None] - 1)
-        y, patch_mask = m.run_main(h, ends, cache=self.main_cache)
-        logits = m.decode(x, h, m.dechunk(y, ends), cache=self.dec_cache, advance=lens - 1,
-                          prior=m.sequence_prior(x, ends, y, patch_mask))
-        counts = ends.sum(1)
-        self.y_cur = torch.where((counts > 0)[:, None], y[rows, (counts - 1).clamp(min=0)], m.null_patch.to(y.dtype))
-        if m.has_prior:  # the trie node before the newest byte, and each row's current patch distribution
-            self.node = torch.where(lens >= 2, patch_prefix_nodes(m.trie, x, ends)[rows, (lens - 2).clamp(min=0)], -1)
-            self.cum = m.prior_cumulative(self.y_cur)
-        prev = logits[rows, (lens - 2).clamp(min=0)]
-        last = x[rows, lens - 1]
-        # The last prompt byte's flag: the head's more likely e for that byte; a lone BOS byte is its own patch.
-        self.pending_end = (prev[rows, last + 256] > prev[rows, last]) | (lens == 1)
-        self.waiting = self.pending_end.clone()  # rows whose newest patch the main network has not yet taken
-        self.h_last = h[rows, lens - 1]
-        self.ends[:, :L] = ends
-        self.done = torch.zeros_like(lens, dtype=torch.bool)
-        return [logits[i, :lens[i] - 1] for i in range(len(lens))]
-
-    @torch.no_grad()
-    def step(self, temperature=1.0, top_k=None, top_p=None, generator=None, force=None):
-        """Produce one byte per row -> (new bytes (B,), logits (B, 512) that they were sampled from).
-        force (B,) appends those bytes instead of sampling, each with the flag greedy generation would give it (the
-        likelier half of the head for that byte): teacher-forced scoring of text under greedy causal boundaries."""
-        closing = self.waiting.nonzero()[:, 0]
-        if len(closing):  # those rows' newest bytes end patches: the main network steps once, on those rows only
-            self.close_patches(closing)
-        return self.step_rows(self.rows, temperature, top_k, top_p, generator, force)
-
-    @torch.no_grad()
-    def run(self, n, temperature=1.0, top_k=None, top_p=None, generator=None, force=None, wait=1.0):
-        """Generate n more bytes in every row (an int, or (B,) per row), rows out of step: a row whose newest byte
-        closes a patch waits while the others go on, and the main network runs once for all waiting rows when no other
-        row can go on, or when at least `wait` of the rows still generating are waiting (wait=1.0: only then). Clear
-        `live[i]` between steps to finish row i early (a stop string, 0xFE). force (B, n): teacher-forced bytes as in
-        step(). Yields (rows (R,), offsets (R,): how many bytes each of those rows had made before this one, their new
-        bytes (R,), logits (R, 512)) for every byte step."""
-        start = self.lens.clone()
-        self.live = torch.ones_like(self.done)
-        while True:
-            live = self.live & (self.lens - start < n)
-            n_live = int(live.sum())
-            if n_live == 0:
-                return
-            waiting = live & self.waiting
-            n_wait = int(waiting.sum())
-            if n_wait and (n_wait == n_live or n_wait >= wait * n_live):
-                self.close_patches(waiting.nonzero()[:, 0])
-                continue
-            rows = (live & ~self.waiting).nonzero()[:, 0]
-            offsets = self.lens[rows] - start[rows]
-            forced = None if force is None else force.to(self.x.device)[rows, offsets]
-            new, logits = self.step_rows(rows, temperature, top_k, top_p, generator, forced)
-            yield rows, offsets, new, logits
-
-    @torch.no_grad()
-    def close_patches(self, rows):
-        """The main network takes the newest patch of these rows (R,) (each waiting: its newest byte closes a patch),
-        stepping only their cache entries; the other rows' entries and positions do not move."""
-        m = self.model
-        self.ends[rows, self.lens[rows] - 1] = True
-        cache = self.main_cache if len(rows) == len(self.rows) else self.main_cache.select(rows)
-        self.y_cur[rows] = m.main.run_blocks(self.h_last[rows, None], cache=cache)[:, 0]
-        if m.has_prior:
-            self.cum[rows] = m.prior_cumulative(self.y_cur[rows])
-        self.waiting[rows] = False
-
-    @torch.no_grad()
-    def step_rows(self, rows, temperature=1.0, top_k=None, top_p=None, generator=None, force=None):
-        """One byte for each of these rows (R,) (none waiting for the main network), through the encoder and decoder
-        caches of only those rows -> (new bytes (R,), logits (R, 512)). force (R,) as in step()."""
-        m, everyone = self.model, len(rows) == len(self.rows)
-        if bool(self.waiting[rows].any()):
-            raise RuntimeError("a row's newest patch has not gone through the main network (close_patches)")
-        t, closes = self.lens[rows] - 1, self.pending_end[rows]
-        self.ends[rows, t] = closes
-        last = self.x[rows, t]
-        prior = None
-        if m.has_prior:  # the prior at the newest byte: a closed patch starts the trie walk afresh
-            node = torch.where(closes, 0, m.trie.step(self.node[rows], last))
-            self.node[rows] = node
-            prior = m.prior_at(self.cum, rows, node)[:, None]
-        logits = m.decode(last[:, None], self.h_last[rows, None], self.y_cur[rows, None], prior=prior,
-                          cache=self.dec_cache if everyone else self.dec_cache.select(rows))[:, 0]
-        if force is not None or temperature == 0:  # greedy: the likeliest byte (both halves summed), then its flag
-            new = byte_logprobs(logits).argmax(-1) if force is None else force.to(self.x.device)
-            r = torch.arange(len(rows), device=logits.device)
-            pending = logits[r, new + 256] > logits[r, new]
-        else:
-            index = sample_from_logits(logits, temperature, top_k, top_p, generator)[:, 0]
-            new, pending = index % 256, index >= 256
-        self.pending_end[rows], self.waiting[rows] = pending, pending
-        self.done[rows] |= new == BOS_BYTE  # 0xFE would start a new document: the row is finished
-        self.x[rows, t + 1] = new
-        self.lens[rows] = t + 2
-        enc = self.enc_cache if everyone else self.enc_cache.select(rows)
-        sub = m.subword_newest(self.x[rows], self.lens[rows]) if m.scfg.subword else None
-        self.h_last[rows] = m.encode(new[:, None], cache=enc, sub=sub)[:, 0]
-        return new, logits
-
-
-LATE_EPS = 0.01  # the late-flag model decides a flag at once when its other value is less likely than this
-
-
-class LateFlagGeneration(ByteGeneration):
-    """Cached generation from the late-flag byte model: the newest byte's boundary flag stays open until the next byte
-    is known. Byte t+1 is drawn from the mixture over byte t's flag, p(b) = sum_e p(e_t = e) p(b | e_t = e), where
-    p(e_t) is the head's two halves for the known byte t, and e_t is then the likelier flag given b_t+1 as well. A
-    flag whose other value has probability below eps is decided at once, as greedy generation decides it (the rule
-    is part of the model: late_flag_logprobs scores with the same eps). The others pay for the "ends" hypothesis:
-    the main network steps on the byte, and the step is kept only if the patch does end. eps=0: every flag waits,
-    and the main network steps at every byte. The prompt's flags come from the patcher (ByteGeneration's prefill),
-    its last byte's flag open. Rows in lockstep: step() -> (new bytes (B,), log p(next byte) (B, 256) fp32: the
-    mixture they were drawn from). x, lens and ends record the bytes and the flags decided, as in ByteGeneration."""
-
-    def __init__(self, model, prompts, max_new_bytes, eps=None):
-        super().__init__(model, prompts, max_new_bytes)
-        self.eps = LATE_EPS if eps is None else eps
-        rows, lens = self.rows, self.lens
-        last = self.x[rows, lens - 1]
-        prev = torch.stack([p[-1] if len(p) else torch.zeros(512, device=last.device, dtype=p.dtype)
-                            for p in self.prefill_logits])
-        log_e = torch.log_softmax(torch.stack([prev[rows, last], prev[rows, last + 256]], 1).float(), 1)
-        ends = torch.tensor([-math.inf, 0.0], device=last.device)
-        self.log_e = torch.where((lens == 1)[:, None], ends, log_e)  # a lone 0xFE is its own patch
-
-    def _decoder_at(self, r, y, cum, cum_rows, node):
-        """The decoder at the newest byte of rows r given that byte's patch state: its cache slot is written, not
-        kept (the position does not advance) -> logits (R, 512)."""
-        m, stay = self.model, torch.zeros_like(r)
-        prior = None if cum is None else m.prior_at(cum, cum_rows, node)[:, None]
-        cache = self.dec_cache if len(r) == len(self.rows) else self.dec_cache.select(r)
-        last = self.x[r, self.lens[r] - 1]
-        return m.decode(last[:, None], self.h_last[r, None], y[:, None], cache=cache, advance=stay, prior=prior)[:, 0]
-
-    @torch.no_grad()
-    def step(self, temperature=1.0, top_k=None, top_p=None, generator=None, force=None):
-        """One byte per row; force (B,) appends those bytes instead of sampling (teacher-forced scoring)."""
-        m, rows, B = self.model, self.rows, len(self.rows)
-        log_e, prior = self.log_e, m.has_prior
-        at_once = log_e[:, 1] > log_e[:, 0]
-        sure = torch.isinf(log_e).any(1) | (log_e.min(1).values < math.log(self.eps) if self.eps > 0 else False)
-        weight = torch.where(sure[:, None], torch.stack([~at_once, at_once], 1).float().log(), log_e)
-        logits = torch.zeros(B, 2, 512, device=log_e.device)
-        logp = torch.full((B, 2, 256), -math.inf, device=log_e.device)  # -inf where a hypothesis is not needed
-        # "ends" first, so that the decoder slot of a row that needs both is left holding "continues"
-        r1 = (~sure | at_once).nonzero()[:, 0]
-        cum1, node1 = None, None
-        if len(r1):
-            cache = self.main_cache if len(r1) == B else self.main_cache.select(r1)
-            y1 = m.main.run_blocks(self.h_last[r1, None], cache=cache, advance=torch.zeros_like(r1))[:, 0]
-            if prior:
-                cum1, node1 = m.prior_cumulative(y1), torch.zeros_like(r1)
-            logits[r1, 1] = self._decoder_at(r1, y1, cum1, torch.arange(len(r1), device=r1.device), node1).float()
-            logp[r1, 1] = byte_logprobs(logits[r1, 1])
-        r0 = (~sure | ~at_once).nonzero()[:, 0]
-        if len(r0):
-            node0 = m.trie.step(self.node[r0], self.x[r0, self.lens[r0] - 1]) if prior else None
-            logits[r0, 0] = self._decoder_at(r0, self.y_cur[r0], self.cum if prior else None, r0, node0).float()
-            logp[r0, 0] = byte_logprobs(logits[r0, 0])
-        mixed = torch.logsumexp(weight[:, :, None] + logp, 1)
-        if force is not None:
-            new = force.to(mixed.device)
-        elif temperature == 0:
-            new = mixed.argmax(-1)
-        else:
-            new = sample_from_logits(mixed, temperature, top_k, top_p, generator)[:, 0]
-        joint = weight + logp.gather(2, new[:, None, None].expand(-1, 2, 1))[..., 0]
-        e = torch.where(sure, at_once, joint[:, 1] > joint[:, 0])  # byte t's flag, now that byte t+1 is known
-        # keep the decided hypothesis: the main network's step for the rows whose patch ended
-        self.main_cache.advance(e.long())
-        kept = e[r1]
-        if len(r1):
-            self.y_cur[r1[kept]] = y1[kept]
-            if prior:
-                self.cum[r1[kept]] = cum1[kept]
-        if prior:
-            if len(r0):
-                self.node[r0] = node0
-            self.node[e] = 0
-        redo = r1[kept & ~sure[r1]]  # rows that needed both and ended: their decoder slot holds "continues"
-        if len(redo):
-            self._decoder_at(redo, self.y_cur[redo], self.cum if prior else None, redo,
-                             torch.zeros_like(redo) if prior else None)
-        self.dec_cache.advance(torch.ones_like(rows))
-        t = self.lens - 1
-        self.ends[rows, t] = e
-        chosen = logits[rows, e.long()]
-        self.log_e = torch.log_softmax(torch.stack([chosen[rows, new], chosen[rows, new + 256]], 1), 1)
-        self.done |= new == BOS_BYTE
-        self.x[rows, t + 1] = new
-        self.lens = t + 2
-        sub = m.subword_newest(self.x, self.lens) if m.scfg.subword else None
-        self.h_last = m.encode(new[:, None], cache=self.enc_cache, sub=sub)[:, 0]
-        return new, mixed
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Byte-model folders: model.safetensors (the weights) and config.json (both configurations, stage, phase, training
-# config, teacher name, results), the unit that the stages write and everything else reads. Weights and JSON only: a
-# pickle (torch.save / torch.load) can run any code when it is loaded, so a checkpoint that someone shares could too.
-
-FORMAT = "byte-model/1"
-CONFIG_FIELDS = {"format": str, "save_id": str, "stage": int, "teacher": str, "student_config": dict,
-                 "teacher_config": dict, "config": dict, "phase": str, "step": int, "phase_done": bool,
-                 "results": dict}
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-INTEGER_BUFFERS = {"prior_vocab_bytes": ("U8",), "prior_vocab_ends": ("I64",)}  # the prior's vocabulary
-MAX_JSON_BYTES = 64 * 1024 * 1024  # ours are kilobytes; anything far larger is not one
-
-
-def save_student(folder, model, meta, extra=None):
-    """Write the byte-model folder `folder`: model.safetensors (the weights as they are, fp32 in training) and
-    config.json (meta, with the model's own configurations). extra(staging, save_id), if given, writes more files
-    beside them (train.py: the resume state). Atomic as a whole: everything goes into folder/.saving, which is renamed
-    to folder/.saved once complete (the commit), then moved into place file by file (finish_save). A crash before the
-    commit leaves the previous save as it was; one after it is completed by the next save or --resume. Every file
-    carries the save's random save_id, so files of two different saves never load as one."""
-    os.makedirs(folder, exist_ok=True)
-    finish_save(folder)
-    staging = os.path.join(folder, ".saving")
-    shutil.rmtree(staging, ignore_errors=True)  # a save that died before its commit
-    os.makedirs(staging)
-    save_id = uuid.uuid4().hex  # from os.urandom: draws nothing from the generators that resume restores
-    config = {**meta, "format": FORMAT, "save_id": save_id, "student_config": asdict(model.scfg),
-              "teacher_config": asdict(model.tcfg)}
-    write_safetensors(model.state_dict(), os.path.join(staging, "model.safetensors"),
-                      {"format": FORMAT, "save_id": save_id})
-    with open(os.path.join(staging, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-    if extra is not None:
-        extra(staging, save_id)
-    os.rename(staging, os.path.join(folder, ".saved"))
-    finish_save(folder)
-
-
-def finish_save(folder):
-    """Move a committed save (folder/.saved) into place; each os.replace is atomic, and a crash midway is finished by
-    the next call."""
-    saved = os.path.join(folder, ".saved")
-    if not os.path.isdir(saved):
-        return
-    for root, _, names in os.walk(saved):
-        target = os.path.join(folder, os.path.relpath(root, saved))
-        os.makedirs(target, exist_ok=True)
-        for name in names:
-            os.replace(os.path.join(root, name), os.path.join(target, name))
-    shutil.rmtree(saved)
-
-
-def read_json(path):
-    """A JSON object from a file, or a ValueError naming the file: whatever else is there is only parsed as JSON."""
-    try:
-        if os.path.getsize(path) > MAX_JSON_BYTES:
-            raise ValueError(f"larger than {MAX_JSON_BYTES} bytes")
-        with open(path, "rb") as f:
-            value = json.loads(f.read().decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ValueError(f"{path}: not a JSON file ({type(e).__name__}: {str(e)[:100]})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return value
-
-
-def has_type(value, kind):
-    """JSON value against a field type: int excludes bool, a float may be written as an int, X | None allows null."""
-    return any(value is None if k is type(None) else is_int(value) if k is int else
-               (is_int(value) or isinstance(value, float)) if k is float else isinstance(value, k)
-               for k in typing.get_args(kind) or (kind,))
-
-
-def check_fields(values, spec, where):
-    """Every key of spec {key: type} present in values with a value of that type, else a ValueError naming it."""
-    for key, kind in spec.items():
-        if key not in values:
-            raise ValueError(f"{where}: {key!r} is missing")
-        if not has_type(values[key], kind):
-            raise ValueError(f"{where}: {key!r} is {str(values[key])[:60]!r}, not of type {kind}")
-
-
-# fields added after folders were written: the value that builds the model such a folder holds
-LATER_FIELDS = {"StudentConfig": {"prior": True, "subword": False}}
-
-
-def config_from_json(cls, values, where):
-    """A StudentConfig / TeacherConfig from its JSON object: exactly the dataclass's fields (a default silently filled
-    in could build another model that the weights happen to fit), each of its type, plain ints not negative."""
-    types = {f.name: f.type for f in fields(cls)}
-    values = {**LATER_FIELDS.get(cls.__name__, {}), **values}
-    if values.keys() != types.keys():
-        extra, missing = sorted(values.keys() - types.keys()), sorted(types.keys() - values.keys())
-        raise ValueError(f"{where}: unknown fields {extra}, missing fields {missing}")
-    check_fields(values, types, where)
-    negative = [k for k, v in values.items() if types[k] is int and v < 0]
-    if negative:
-        raise ValueError(f"{where}: {negative[0]} is negative ({values[negative[0]]})")
-    return cls(**{k: float(v) if is_int(v) and float in (typing.get_args(types[k]) or (types[k],)) else v
-                  for k, v in values.items()})
-
-
-def read_student_config(folder):
-    """config.json of a byte-model folder, checked: the folder holds both files, and every field has its type.
-    -> (config.json's contents, StudentConfig, TeacherConfig)."""
-    if not os.path.exists(folder):
-        raise FileNotFoundError(f"no checkpoint at {folder}")
-    if not os.path.isdir(folder):
-        raise ValueError(f"{folder}: not a byte-student checkpoint: that is a file, and a checkpoint is a folder with "
-                         "model.safetensors and config.json (pickled .pt checkpoints are never loaded: they run code)")
-    missing = [name for name in ("model.safetensors", "config.json") if not os.path.isfile(os.path.join(folder, name))]
-    if missing:
-        old = " (its ckpt.pt is a pickle from before byte-model folders: never loaded, it could run code)" \
-            if os.path.exists(os.path.join(folder, "ckpt.pt")) else ""
-        raise FileNotFoundError(f"no checkpoint at {folder} (no {' or '.join(missing)} in it){old}")
-    path = os.path.join(folder, "config.json")
-    try:
-        meta = read_json(path)
-        check_fields(meta, CONFIG_FIELDS, path)
-        if meta["format"] != FORMAT:
-            raise ValueError(f"{path}: format {meta['format']!r}, not {FORMAT!r}")
-        scfg = config_from_json(StudentConfig, meta["student_config"], f"{path}: student_config")
-        tcfg = config_from_json(TeacherConfig, meta["teacher_config"], f"{path}: teacher_config")
-    except ValueError as e:
-        raise ValueError(f"{folder}: not a byte-student checkpoint ({e})") from None
-    return meta, scfg, tcfg
-
-
-def check_weights(path, entries, model):
-    """The safetensors header against the model that config.json describes: the same names, the same shapes, floats."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing, unknown = sorted(expected.keys() - entries.keys()), sorted(entries.keys() - expected.keys())
-    wrong = [f"{k} is {list(entries[k][1])}, config.json says {list(expected[k])}"
-             for k in sorted(expected.keys() & entries.keys()) if entries[k][1] != expected[k]]
-    not_float = [f"{k} is {entries[k][0]}" for k in sorted(entries)
-                 if entries[k][0] not in INTEGER_BUFFERS.get(k, FLOAT_DTYPES)]
-    if missing or unknown or wrong or not_float:
-        parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unknown[:3]}" if unknown else "",
-                 "; ".join(wrong[:3]), "; ".join(not_float[:3])]
-        raise ValueError(f"{path}: weights do not fit config.json: " + "; ".join(p for p in parts if p))
-
-
-def load_student(folder, device="cpu", dtype=torch.float32):
-    """A ByteLM from a byte-model folder (save_student; stage1_kd.py, stage2_sft.py) -> (model, config.json's contents).
-    config.json and the safetensors header are checked against each other before a tensor is read: anything else given
-    as a checkpoint (a pickle, a folder without the two files, a header that lies, a config.json with wrong types,
-    missing keys or sizes that disagree with the weights) is one ValueError / FileNotFoundError; nothing in it runs."""
-    meta, scfg, tcfg = read_student_config(folder)
-    device = check_device(device)
-    path = os.path.join(folder, "model.safetensors")
-    entries, metadata, _ = read_safetensors_header(path)
-    if metadata.get("save_id") != meta["save_id"]:
-        raise ValueError(f"{folder}: model.safetensors (save_id {metadata.get('save_id')!r}) and config.json (save_id "
-                         f"{meta['save_id']!r}) come from different saves")
-    try:  # on the meta device: no memory for the weights yet (RoPE tables are computed on the CPU even there)
-        with torch.device("meta"):
-            model = ByteLM(scfg, tcfg)
-    except (ValueError, TypeError, KeyError, RuntimeError, ZeroDivisionError, OverflowError) as e:
-        raise ValueError(f"{folder}: config.json does not describe a byte student ({type(e).__name__}: {e})") from None
-    check_weights(path, entries, model)
-    model.load_state_dict(read_safetensors(path, dtype=dtype, device=device), assign=True)
-    return model.eval(), meta

@@ -1,0 +1,300 @@
+"""Cached generation from the byte student, and the byte models built on it, each with its proper likelihood.
+
+The 512-way head defines a joint model over bytes and their patch-end flags. A byte model needs a rule for the flags:
+- greedy flags (ByteGeneration, greedy_flag_logprobs): each flag is the half of the head that the sampled index fell in
+  (sampling) or the likelier half for the known byte (scoring);
+- late flags (LateFlagGeneration, late_flag_logprobs): each flag decided one byte late, once the next byte is known.
+Each is an exact likelihood of its own byte model: every flag is a function of the bytes already seen.
+"""
+import math
+
+import torch
+
+from model import BOS_BYTE, byte_logprobs
+from targets import patch_prefix_nodes
+from teacher import sample_from_logits
+
+
+@torch.no_grad()
+def greedy_flag_logprobs(model, texts, batch_size=16):
+    """The student's proper likelihood of byte strings, each scored from a fresh document start (0xFE): every boundary
+    flag is decided causally, as greedy generation decides it (once byte t is known, the likelier half of the head for
+    it at position t-1), never by the patcher looking at the next byte. The product of the summed-halves
+    probabilities along those flags is the exact likelihood of a well-defined byte model (the one whose boundaries
+    greedy generation follows). Runs ByteGeneration teacher-forced, many texts in one batch.
+    -> per text (log p(byte) (n,), log p(byte, flag used) (n,), flags (n,) bool): fp32, natural log."""
+    out = [None] * len(texts)
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # similar lengths share a batch
+    for first in range(0, len(order), batch_size):
+        chunk = order[first:first + batch_size]
+        L = len(texts[chunk[0]])
+        x = torch.full((len(chunk), L), ord(" "), dtype=torch.long)  # after a short text: never used
+        for row, i in enumerate(chunk):
+            x[row, :len(texts[i])] = torch.tensor(list(texts[i]), dtype=torch.long)
+        gen = ByteGeneration(model, [b""] * len(chunk), L)
+        logp, joint, flags = torch.zeros(len(chunk), L), torch.zeros(len(chunk), L), torch.zeros(len(chunk), L, dtype=torch.bool)
+        lengths = torch.tensor([len(texts[i]) for i in chunk], device=gen.x.device)
+        for rows, t, new, logits in gen.run(lengths, force=x):  # rows out of step: one main-network call for many rows
+            rows, t = rows.cpu(), t.cpu()
+            logp[rows, t] = byte_logprobs(logits).gather(1, new[:, None].to(logits.device))[:, 0].cpu()
+            ends = gen.pending_end[rows.to(logits.device)]
+            index = new.to(logits.device) + 256 * ends.long()
+            joint[rows, t] = torch.log_softmax(logits.float(), -1).gather(1, index[:, None])[:, 0].cpu()
+            flags[rows, t] = ends.cpu()
+        for row, i in enumerate(chunk):
+            n = len(texts[i])
+            out[i] = (logp[row, :n], joint[row, :n], flags[row, :n])
+    return out
+
+
+@torch.no_grad()
+def late_flag_logprobs(model, texts, eps=None):
+    """The student's likelihood of byte strings under the late-flag byte model (LateFlagGeneration, teacher-forced):
+    each boundary flag decided one byte late, byte t+1's probability summed over both flags of byte t. Every flag is
+    a function of the bytes already seen, so the product is the exact likelihood of that model, the one sample.py
+    draws from by default; a flag the next byte contradicts costs little here, where greedy flags
+    (greedy_flag_logprobs) pay a dead end. eps as in LateFlagGeneration (None: LATE_EPS; 0: every flag waits).
+    Texts in one lockstep batch, each from a fresh document start. -> per text (log p(byte) (n,), flags (n,) bool;
+    the last byte's flag is never decided), fp32, natural log."""
+    B, L = len(texts), max(map(len, texts))
+    x = torch.full((B, L), ord(" "), dtype=torch.long)  # after a short text: never used
+    for i, t in enumerate(texts):
+        x[i, :len(t)] = torch.tensor(list(t), dtype=torch.long)
+    gen = LateFlagGeneration(model, [b""] * B, L, eps)
+    x, logp = x.to(gen.x.device), torch.zeros(B, L, device=gen.x.device)
+    for t in range(L):
+        new, mixed = gen.step(force=x[:, t])
+        logp[:, t] = mixed.gather(1, new[:, None])[:, 0]
+    return [(logp[i, :len(t)].cpu(), gen.ends[i, 1:len(t) + 1].cpu()) for i, t in enumerate(texts)]
+
+
+class ByteGeneration:
+    """Cached byte generation for a batch of prompts (each a bytes object; 0xFE is prepended).
+
+    Encoder and decoder step once per byte; the main network steps only for rows whose newest byte closes a patch.
+    Prefill: the patcher decides the boundaries of all prompt bytes but the last (its one-byte lookahead sees the
+    next prompt byte); the last prompt byte's flag is the head's more likely e for that known byte at the previous
+    position. After that, every flag is the e half of the sampled index. `x[:, :length]` and `ends` record the bytes
+    and the boundaries used, so a full forward with those ends reproduces every logit.
+
+    Two ways to drive it: step() gives every row one byte (rows in lockstep; the main network runs at a step for the
+    rows that close a patch there), run() lets rows get out of step so that the main network runs once for many rows
+    (in a batch nearly every byte closes some row's patch, and a CPU pays the main network's weight reads per call,
+    however few rows it takes). Each row's bytes and logits are the same either way; only the order of work differs."""
+
+    def __init__(self, model, prompts, max_new_bytes):
+        self.model = model
+        prompts = [bytes([BOS_BYTE]) + bytes(p) for p in prompts]
+        dev = model.head.weight.device
+        B, self.lens = len(prompts), torch.tensor([len(p) for p in prompts], device=dev)
+        L, total = int(self.lens.max()), int(self.lens.max()) + max_new_bytes
+        self.x = torch.zeros(B, total, dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            self.x[i, :len(p)] = torch.tensor(list(p), device=dev)
+        self.ends = torch.zeros(B, total, dtype=torch.bool, device=dev)
+        self.rows = torch.arange(B, device=dev)
+        self.enc_cache = model.encoder.new_cache(B, total)
+        self.dec_cache = model.decoder.new_cache(B, total)
+        self.main_cache = model.main.new_cache(B, min(total, model.tcfg.max_seq_len))
+        self.prefill_logits = self._prefill(L)
+
+    @torch.no_grad()
+    def _prefill(self, L):
+        m, x, lens, rows = self.model, self.x[:, :L], self.lens, self.rows
+        h = m.encode(x, cache=self.enc_cache, advance=lens)
+        t = torch.arange(L, device=x.device)[None]
+        ends = (m.boundary_probs(h) > m.scfg.boundary_threshold) & (t < lens[:, None] - 1)
+        y, patch_mask = m.run_main(h, ends, cache=self.main_cache)
+        logits = m.decode(x, h, m.dechunk(y, ends), cache=self.dec_cache, advance=lens - 1,
+                          prior=m.sequence_prior(x, ends, y, patch_mask))
+        counts = ends.sum(1)
+        self.y_cur = torch.where((counts > 0)[:, None], y[rows, (counts - 1).clamp(min=0)], m.null_patch.to(y.dtype))
+        if m.has_prior:  # the trie node before the newest byte, and each row's current patch distribution
+            self.node = torch.where(lens >= 2, patch_prefix_nodes(m.vocab.trie, x, ends)[rows, (lens - 2).clamp(min=0)], -1)
+            self.cum = m.prior_cumulative(self.y_cur)
+        prev = logits[rows, (lens - 2).clamp(min=0)]
+        last = x[rows, lens - 1]
+        # The last prompt byte's flag: the head's more likely e for that byte; a lone BOS byte is its own patch.
+        self.pending_end = (prev[rows, last + 256] > prev[rows, last]) | (lens == 1)
+        self.waiting = self.pending_end.clone()  # rows whose newest patch the main network has not yet taken
+        self.h_last = h[rows, lens - 1]
+        self.ends[:, :L] = ends
+        self.done = torch.zeros_like(lens, dtype=torch.bool)
+        return [logits[i, :lens[i] - 1] for i in range(len(lens))]
+
+    @torch.no_grad()
+    def step(self, temperature=1.0, top_k=None, top_p=None, generator=None, force=None):
+        """Produce one byte per row -> (new bytes (B,), logits (B, 512) that they were sampled from).
+        force (B,) appends those bytes instead of sampling, each with the flag greedy generation would give it (the
+        likelier half of the head for that byte): teacher-forced scoring of text under greedy causal boundaries."""
+        closing = self.waiting.nonzero()[:, 0]
+        if len(closing):  # those rows' newest bytes end patches: the main network steps once, on those rows only
+            self.close_patches(closing)
+        return self.step_rows(self.rows, temperature, top_k, top_p, generator, force)
+
+    @torch.no_grad()
+    def run(self, n, temperature=1.0, top_k=None, top_p=None, generator=None, force=None, wait=1.0):
+        """Generate n more bytes in every row (an int, or (B,) per row), rows out of step: a row whose newest byte
+        closes a patch waits while the others go on, and the main network runs once for all waiting rows when no other
+        row can go on, or when at least `wait` of the rows still generating are waiting (wait=1.0: only then). Clear
+        `live[i]` between steps to finish row i early (a stop string, 0xFE). force (B, n): teacher-forced bytes as in
+        step(). Yields (rows (R,), offsets (R,): how many bytes each of those rows had made before this one, their new
+        bytes (R,), logits (R, 512)) for every byte step."""
+        start = self.lens.clone()
+        self.live = torch.ones_like(self.done)
+        while True:
+            live = self.live & (self.lens - start < n)
+            n_live = int(live.sum())
+            if n_live == 0:
+                return
+            waiting = live & self.waiting
+            n_wait = int(waiting.sum())
+            if n_wait and (n_wait == n_live or n_wait >= wait * n_live):
+                self.close_patches(waiting.nonzero()[:, 0])
+                continue
+            rows = (live & ~self.waiting).nonzero()[:, 0]
+            offsets = self.lens[rows] - start[rows]
+            forced = None if force is None else force.to(self.x.device)[rows, offsets]
+            new, logits = self.step_rows(rows, temperature, top_k, top_p, generator, forced)
+            yield rows, offsets, new, logits
+
+    @torch.no_grad()
+    def close_patches(self, rows):
+        """The main network takes the newest patch of these rows (R,) (each waiting: its newest byte closes a patch),
+        stepping only their cache entries; the other rows' entries and positions do not move."""
+        m = self.model
+        self.ends[rows, self.lens[rows] - 1] = True
+        cache = self.main_cache if len(rows) == len(self.rows) else self.main_cache.select(rows)
+        self.y_cur[rows] = m.main.run_blocks(self.h_last[rows, None], cache=cache)[:, 0]
+        if m.has_prior:
+            self.cum[rows] = m.prior_cumulative(self.y_cur[rows])
+        self.waiting[rows] = False
+
+    @torch.no_grad()
+    def step_rows(self, rows, temperature=1.0, top_k=None, top_p=None, generator=None, force=None):
+        """One byte for each of these rows (R,) (none waiting for the main network), through the encoder and decoder
+        caches of only those rows -> (new bytes (R,), logits (R, 512)). force (R,) as in step()."""
+        m, everyone = self.model, len(rows) == len(self.rows)
+        if bool(self.waiting[rows].any()):
+            raise RuntimeError("a row's newest patch has not gone through the main network (close_patches)")
+        t, closes = self.lens[rows] - 1, self.pending_end[rows]
+        self.ends[rows, t] = closes
+        last = self.x[rows, t]
+        prior = None
+        if m.has_prior:  # the prior at the newest byte: a closed patch starts the trie walk afresh
+            node = torch.where(closes, 0, m.vocab.trie.step(self.node[rows], last))
+            self.node[rows] = node
+            prior = m.prior_at(self.cum, rows, node)[:, None]
+        logits = m.decode(last[:, None], self.h_last[rows, None], self.y_cur[rows, None], prior=prior,
+                          cache=self.dec_cache if everyone else self.dec_cache.select(rows))[:, 0]
+        if force is not None or temperature == 0:  # greedy: the likeliest byte (both halves summed), then its flag
+            new = byte_logprobs(logits).argmax(-1) if force is None else force.to(self.x.device)
+            r = torch.arange(len(rows), device=logits.device)
+            pending = logits[r, new + 256] > logits[r, new]
+        else:
+            index = sample_from_logits(logits, temperature, top_k, top_p, generator)[:, 0]
+            new, pending = index % 256, index >= 256
+        self.pending_end[rows], self.waiting[rows] = pending, pending
+        self.done[rows] |= new == BOS_BYTE  # 0xFE would start a new document: the row is finished
+        self.x[rows, t + 1] = new
+        self.lens[rows] = t + 2
+        enc = self.enc_cache if everyone else self.enc_cache.select(rows)
+        sub = m.vocab.subword_newest(self.x[rows], self.lens[rows]) if m.scfg.subword else None
+        self.h_last[rows] = m.encode(new[:, None], cache=enc, sub=sub)[:, 0]
+        return new, logits
+
+
+LATE_EPS = 0.01  # the late-flag model decides a flag at once when its other value is less likely than this
+
+
+class LateFlagGeneration(ByteGeneration):
+    """Cached generation from the late-flag byte model: the newest byte's boundary flag stays open until the next byte
+    is known. Byte t+1 is drawn from the mixture over byte t's flag, p(b) = sum_e p(e_t = e) p(b | e_t = e), where
+    p(e_t) is the head's two halves for the known byte t, and e_t is then the likelier flag given b_t+1 as well. A
+    flag whose other value has probability below eps is decided at once, as greedy generation decides it (the rule
+    is part of the model: late_flag_logprobs scores with the same eps). The others pay for the "ends" hypothesis:
+    the main network steps on the byte, and the step is kept only if the patch does end. eps=0: every flag waits,
+    and the main network steps at every byte. The prompt's flags come from the patcher (ByteGeneration's prefill),
+    its last byte's flag open. Rows in lockstep: step() -> (new bytes (B,), log p(next byte) (B, 256) fp32: the
+    mixture they were drawn from). x, lens and ends record the bytes and the flags decided, as in ByteGeneration."""
+
+    def __init__(self, model, prompts, max_new_bytes, eps=None):
+        super().__init__(model, prompts, max_new_bytes)
+        self.eps = LATE_EPS if eps is None else eps
+        rows, lens = self.rows, self.lens
+        last = self.x[rows, lens - 1]
+        prev = torch.stack([p[-1] if len(p) else torch.zeros(512, device=last.device, dtype=p.dtype)
+                            for p in self.prefill_logits])
+        log_e = torch.log_softmax(torch.stack([prev[rows, last], prev[rows, last + 256]], 1).float(), 1)
+        ends = torch.tensor([-math.inf, 0.0], device=last.device)
+        self.log_e = torch.where((lens == 1)[:, None], ends, log_e)  # a lone 0xFE is its own patch
+
+    def _decoder_at(self, r, y, cum, cum_rows, node):
+        """The decoder at the newest byte of rows r given that byte's patch state: its cache slot is written, not
+        kept (the position does not advance) -> logits (R, 512)."""
+        m, stay = self.model, torch.zeros_like(r)
+        prior = None if cum is None else m.prior_at(cum, cum_rows, node)[:, None]
+        cache = self.dec_cache if len(r) == len(self.rows) else self.dec_cache.select(r)
+        last = self.x[r, self.lens[r] - 1]
+        return m.decode(last[:, None], self.h_last[r, None], y[:, None], cache=cache, advance=stay, prior=prior)[:, 0]
+
+    @torch.no_grad()
+    def step(self, temperature=1.0, top_k=None, top_p=None, generator=None, force=None):
+        """One byte per row; force (B,) appends those bytes instead of sampling (teacher-forced scoring)."""
+        m, rows, B = self.model, self.rows, len(self.rows)
+        log_e, prior = self.log_e, m.has_prior
+        at_once = log_e[:, 1] > log_e[:, 0]
+        sure = torch.isinf(log_e).any(1) | (log_e.min(1).values < math.log(self.eps) if self.eps > 0 else False)
+        weight = torch.where(sure[:, None], torch.stack([~at_once, at_once], 1).float().log(), log_e)
+        logits = torch.zeros(B, 2, 512, device=log_e.device)
+        logp = torch.full((B, 2, 256), -math.inf, device=log_e.device)  # -inf where a hypothesis is not needed
+        # "ends" first, so that the decoder slot of a row that needs both is left holding "continues"
+        r1 = (~sure | at_once).nonzero()[:, 0]
+        cum1, node1 = None, None
+        if len(r1):
+            cache = self.main_cache if len(r1) == B else self.main_cache.select(r1)
+            y1 = m.main.run_blocks(self.h_last[r1, None], cache=cache, advance=torch.zeros_like(r1))[:, 0]
+            if prior:
+                cum1, node1 = m.prior_cumulative(y1), torch.zeros_like(r1)
+            logits[r1, 1] = self._decoder_at(r1, y1, cum1, torch.arange(len(r1), device=r1.device), node1).float()
+            logp[r1, 1] = byte_logprobs(logits[r1, 1])
+        r0 = (~sure | ~at_once).nonzero()[:, 0]
+        if len(r0):
+            node0 = m.vocab.trie.step(self.node[r0], self.x[r0, self.lens[r0] - 1]) if prior else None
+            logits[r0, 0] = self._decoder_at(r0, self.y_cur[r0], self.cum if prior else None, r0, node0).float()
+            logp[r0, 0] = byte_logprobs(logits[r0, 0])
+        mixed = torch.logsumexp(weight[:, :, None] + logp, 1)
+        if force is not None:
+            new = force.to(mixed.device)
+        elif temperature == 0:
+            new = mixed.argmax(-1)
+        else:
+            new = sample_from_logits(mixed, temperature, top_k, top_p, generator)[:, 0]
+        joint = weight + logp.gather(2, new[:, None, None].expand(-1, 2, 1))[..., 0]
+        e = torch.where(sure, at_once, joint[:, 1] > joint[:, 0])  # byte t's flag, now that byte t+1 is known
+        # keep the decided hypothesis: the main network's step for the rows whose patch ended
+        self.main_cache.advance(e.long())
+        kept = e[r1]
+        if len(r1):
+            self.y_cur[r1[kept]] = y1[kept]
+            if prior:
+                self.cum[r1[kept]] = cum1[kept]
+        if prior:
+            if len(r0):
+                self.node[r0] = node0
+            self.node[e] = 0
+        redo = r1[kept & ~sure[r1]]  # rows that needed both and ended: their decoder slot holds "continues"
+        if len(redo):
+            self._decoder_at(redo, self.y_cur[redo], self.cum if prior else None, redo,
+                             torch.zeros_like(redo) if prior else None)
+        self.dec_cache.advance(torch.ones_like(rows))
+        t = self.lens - 1
+        self.ends[rows, t] = e
+        chosen = logits[rows, e.long()]
+        self.log_e = torch.log_softmax(torch.stack([chosen[rows, new], chosen[rows, new + 256]], 1), 1)
+        self.done |= new == BOS_BYTE
+        self.x[rows, t + 1] = new
+        self.lens = t + 2
+        sub = m.vocab.subword_newest(self.x, self.lens) if m.scfg.subword else None
+        self.h_last = m.encode(new[:, None], cache=self.enc_cache, sub=sub)[:, 0]
+        return new, mixed
