@@ -10,15 +10,15 @@ cute_spell, cute_count, cute_reverse, cute_contains; the tags blm_local (all six
 Needs lm-eval (bash setup.sh installs it); nothing else in the repo imports it.
 
 How each request is scored (text is normalised by the teacher's tokenizer first, as the training text was):
-  byte student  the late-flag byte model (model.LateFlagGeneration: each flag decided once the next byte is known),
-                or with --flags=greedy the greedy-flag one (model.ByteGeneration: each flag decided with its byte).
+  byte student  the late-flag byte model (decoding.LateFlagGeneration: each flag decided once the next byte is known),
+                or with --flags=greedy the greedy-flag one (decoding.ByteGeneration: each flag decided with its byte).
                 loglikelihood: the continuation's proper likelihood given the context bytes: generation's prefill on
                 [0xFE] + context (the patcher decides the context's boundaries except its last byte's, which the
                 model decides: late, or greedy as the likelier half of the head), then each continuation byte
                 teacher-forced. is_greedy: every continuation byte was the likeliest byte.
                 loglikelihood_rolling: bench/fidelity.py's windows: the text tokenised once by the teacher, cut into
                 runs of --window - 1 tokens, each run's bytes scored from a fresh document start
-                (model.late_flag_logprobs, or greedy_flag_logprobs): bench/fidelity.py's student_bpb (greedy:
+                (decoding.late_flag_logprobs, or greedy_flag_logprobs): bench/fidelity.py's student_bpb (greedy:
                 student_bpb_greedy).
                 generate_until: cached greedy generation, stopped at the first stop string (cut before it), at 0xFE
                 (a new document) or after 4 bytes per max_gen_toks (a token of English is 3 to 4 bytes).
@@ -36,8 +36,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+import checkpoint
+import cli
+import decoding
 import model as byte_model
-import train
 from teacher import check_device, load_teacher, resolve_teacher_dir
 from tokenizer import align_document, load_tokenizer
 
@@ -127,7 +129,7 @@ class StudentLM(LM):
 
     @classmethod
     def load(cls, ckpt, device="cpu", dtype="float32", batch_size=16, window=512, flags="late"):
-        student, meta = byte_model.load_student(ckpt, check_device(device), getattr(torch, dtype))
+        student, meta = checkpoint.load_student(ckpt, check_device(device), getattr(torch, dtype))
         return cls(student, load_tokenizer(resolve_teacher_dir(meta["teacher"])), int(batch_size), int(window), flags)
 
     @classmethod
@@ -152,10 +154,10 @@ class StudentLM(LM):
                 forced[row, :len(c)] = torch.tensor(list(c), dtype=torch.long)
             logp, greedy = torch.zeros(len(chunk), n), torch.zeros(len(chunk), n, dtype=torch.bool)
             if self.flags == "late":  # rows in lockstep
-                gen = byte_model.LateFlagGeneration(self.model, ctxs, n)
+                gen = decoding.LateFlagGeneration(self.model, ctxs, n)
                 steps = ((gen.rows, torch.full_like(gen.rows, t), *gen.step(force=forced[:, t])) for t in range(n))
             else:  # rows out of step (ByteGeneration.run)
-                gen = byte_model.ByteGeneration(self.model, ctxs, n)
+                gen = decoding.ByteGeneration(self.model, ctxs, n)
                 lengths = torch.tensor([len(c) for c in conts], device=gen.x.device)
                 steps = ((rows, t, new, byte_model.byte_logprobs(logits))
                          for rows, t, new, logits in gen.run(lengths, force=forced))
@@ -179,8 +181,8 @@ class StudentLM(LM):
         for chunk in batches(segs, self.batch_size, "byte student: rolling"):
             try:
                 texts = [s for _, s in chunk]
-                scored = (byte_model.late_flag_logprobs(self.model, texts) if self.flags == "late"
-                          else byte_model.greedy_flag_logprobs(self.model, texts, self.batch_size))
+                scored = (decoding.late_flag_logprobs(self.model, texts) if self.flags == "late"
+                          else decoding.greedy_flag_logprobs(self.model, texts, self.batch_size))
             except ValueError as e:  # more patches in one window than the main network's context holds
                 raise ValueError(f"{e}: the student closed more patches in a window of {self.window} tokens than the "
                                  f"teacher's context ({self.model.tcfg.max_seq_len}) holds; use a smaller --window") from None
@@ -207,10 +209,10 @@ class StudentLM(LM):
         prompts = [keep_last(p, self.max_bytes - max_new_bytes) for p in prompts]
         outs, live = [bytearray() for _ in prompts], [True] * len(prompts)
         if self.flags == "late":  # rows in lockstep until every row is finished
-            gen = byte_model.LateFlagGeneration(self.model, prompts, max_new_bytes)
+            gen = decoding.LateFlagGeneration(self.model, prompts, max_new_bytes)
             steps = ((gen.rows, gen.step(temperature)[0]) for _ in range(max_new_bytes))
         else:  # rows out of step; a finished row stops (gen.live)
-            gen = byte_model.ByteGeneration(self.model, prompts, max_new_bytes)
+            gen = decoding.ByteGeneration(self.model, prompts, max_new_bytes)
             steps = ((rows, new) for rows, _, new, _ in gen.run(max_new_bytes, temperature))
         for rows, new in steps:
             for row, b in zip(rows.tolist(), new.tolist()):
@@ -372,7 +374,7 @@ def print_side_by_side(teacher_results, student_results, teacher_name, ckpt):
 
 
 def main(argv):
-    cfg = train.parse_args(Config, argv)
+    cfg = cli.parse_args(Config, argv)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices would bury the tables
     if not cfg.ckpt and not cfg.teacher:
         raise ValueError("give --ckpt=FOLDER (a byte student), --teacher=NAME|FOLDER, or both with --compare")
@@ -383,7 +385,7 @@ def main(argv):
     manager, runs = task_manager(cfg), {}
     kwargs = dict(device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size, window=cfg.window)
     if cfg.ckpt:
-        teacher_name = cfg.teacher or byte_model.read_student_config(cfg.ckpt)[0]["teacher"]
+        teacher_name = cfg.teacher or checkpoint.read_student_config(cfg.ckpt)[0]["teacher"]
         print(f"== byte student {cfg.ckpt}", flush=True)
         runs["student"] = evaluate(StudentLM.load(cfg.ckpt, **kwargs, flags=cfg.flags), cfg, manager)
         print(make_table(runs["student"]), flush=True)

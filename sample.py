@@ -6,9 +6,9 @@
 
 Output streams as it is generated (batch of one), decoded incrementally as UTF-8 with invalid sequences shown as
 U+FFFD; --raw writes the raw bytes instead. A batch of several prompts/samples prints each sample when done.
-The student samples from its late-flag model by default (model.LateFlagGeneration: each boundary flag decided once
+The student samples from its late-flag model by default (decoding.LateFlagGeneration: each boundary flag decided once
 the next byte is known; the model bench/fidelity.py's headline scores); --flags=greedy samples the greedy-flag model
-(model.ByteGeneration: each flag decided with its byte, fewer main-network steps, rows out of step in a batch).
+(decoding.ByteGeneration: each flag decided with its byte, fewer main-network steps, rows out of step in a batch).
 """
 import codecs
 import sys
@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+import checkpoint
+from cli import parse_args
+import decoding
 import model
 from teacher import check_device, load_teacher, resolve_teacher_dir, sample_from_logits
-from train import inference_dtype, parse_args
+from train import inference_dtype
 
 
 @dataclass
@@ -84,16 +87,16 @@ def emit(stream, data, cfg, final=False):
 
 
 def sample_student(cfg, prompts, dtype=torch.float32):
-    student, meta = model.load_student(cfg.ckpt, cfg.device, dtype)
+    student, meta = checkpoint.load_student(cfg.ckpt, cfg.device, dtype)
     tok = tokenizer_for(meta.get("teacher", ""))
     texts = [(tok.normalize(p) if tok else p).encode("utf-8") for p in prompts]
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     settings = (cfg.temperature, cfg.top_k or None, cfg.top_p, gen)
     if cfg.flags == "late":  # rows in lockstep, every row one byte per step
-        run = model.LateFlagGeneration(student, texts, cfg.max_bytes)
+        run = decoding.LateFlagGeneration(student, texts, cfg.max_bytes)
         steps = ((run.rows, run.step(*settings)[0]) for _ in range(cfg.max_bytes))
     else:  # rows out of step (ByteGeneration.run): one main-network call serves many rows
-        run = model.ByteGeneration(student, texts, cfg.max_bytes)
+        run = decoding.ByteGeneration(student, texts, cfg.max_bytes)
         steps = ((rows, new) for rows, _, new, _ in run.run(cfg.max_bytes, *settings))
     streams = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in texts]
     outputs, live = [bytearray() for _ in texts], [True] * len(texts)

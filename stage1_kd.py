@@ -20,12 +20,14 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+import cli
 import data
-import model
-import train
-from teacher import load_teacher, resolve_teacher_dir
+import distributed
 from kernels import byte_cross_entropy, chunked_reverse_kl
+import model
 from targets import ByteTrie, exact_byte_targets, next_token_nodes
+from teacher import load_teacher, resolve_teacher_dir
+import train
 
 
 @dataclass
@@ -207,7 +209,7 @@ def add_sums(total, stats):
 # ----------------------------------------------------------------------------------------------------------------
 
 def main(argv):
-    cfg = train.parse_args(Config, argv)
+    cfg = cli.parse_args(Config, argv)
     if cfg.phase not in ("all", *PHASES, "decoder"):
         raise ValueError(f"--phase must be all, align, distill, boundary or decoder, not {cfg.phase!r}")
     if cfg.phase == "decoder" and cfg.decoder_bytes <= 0:
@@ -220,11 +222,11 @@ def main(argv):
     if cfg.phase in ("distill", "boundary", "decoder") and not cfg.resume:
         raise ValueError(f"--phase={cfg.phase} continues from the earlier phases: add --resume (it loads "
                          f"the checkpoint in {cfg.out_dir}), or run --phase=all")
-    rank, world, device = train.setup_distributed(cfg.device)
+    rank, world, device = distributed.setup_distributed(cfg.device)
     cfg.dtype, dtype_line = train.resolve_dtype(cfg.dtype, device)
     master = rank == 0
     if master:
-        train.print_config(cfg)
+        cli.print_config(cfg)
     torch.manual_seed(cfg.seed)
     t_start = time.time()
 
@@ -257,7 +259,7 @@ def main(argv):
     student.init_weights(teacher)
     if cfg.prior or cfg.subword:
         student.attach_prior(teacher.head_weight, tok.id_to_bytes, teacher.embed_tokens.weight, tok.doc_start_id)
-    train.broadcast_params(student)
+    distributed.broadcast_params(student)
     embed = teacher.embed_tokens.weight.detach()
     embed_var = (embed.float() - embed.float().mean(0)).pow(2).mean().item()  # align's loss scale
     if master:
@@ -275,7 +277,7 @@ def main(argv):
         for _ in range(cfg.eval_batches):
             add_sums(sums, step_fn({k: v.to(device) for k, v in loader.next_batch().items()})[1])
         keys = sorted(sums)
-        return dict(zip(keys, train.all_reduce_sum([sums[k] for k in keys], device)))
+        return dict(zip(keys, distributed.all_reduce_sum([sums[k] for k in keys], device)))
 
     align = lambda batch: align_step(student, batch, embed, embed_var)  # noqa: E731
     distill = lambda batch, nll=False: distill_step(student, teacher, batch, cfg.kl_chunk_rows, nll)  # noqa: E731
@@ -305,7 +307,7 @@ def main(argv):
     results, stopped = train.run_phases(1, phases, student, cfg, meta, make_loader, device, frozen=teacher)
     if master and not stopped:
         train.print_results(1, results, time.time() - t_start)
-    train.cleanup_distributed()
+    distributed.cleanup_distributed()
     return results
 
 

@@ -18,12 +18,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import checkpoint
+import cli
 import data
+import distributed
+from kernels import byte_cross_entropy
 import model
-import train
 from teacher import resolve_teacher_dir
 from tokenizer import load_tokenizer
-from kernels import byte_cross_entropy
+import train
 
 
 @dataclass
@@ -93,21 +96,21 @@ def summarize(sums):
 
 
 def main(argv):
-    cfg = train.parse_args(Config, argv)
+    cfg = cli.parse_args(Config, argv)
     if cfg.phase not in ("all", "warmup", "e2e"):
         raise ValueError(f"--phase must be all, warmup or e2e, not {cfg.phase!r}")
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         raise ValueError(f"--dtype must be auto, bfloat16 or float32, not {cfg.dtype!r}")
-    rank, world, device = train.setup_distributed(cfg.device)
+    rank, world, device = distributed.setup_distributed(cfg.device)
     cfg.dtype, dtype_line = train.resolve_dtype(cfg.dtype, device)
     master = rank == 0
     if master:
-        train.print_config(cfg)
+        cli.print_config(cfg)
     torch.manual_seed(cfg.seed)
     t_start = time.time()
 
     # -- the stage-1 student; stage 2 needs only the teacher's tokenizer (for token-end labels), not its weights --
-    student, meta = model.load_student(cfg.init, device)
+    student, meta = checkpoint.load_student(cfg.init, device)
     if meta.get("stage") not in (1, 2):
         raise ValueError(f"{cfg.init} is not a stage-1 checkpoint")
     student.train()
@@ -122,7 +125,7 @@ def main(argv):
         data.prepare(teacher_dir, None, data_dir)
     if world > 1:
         torch.distributed.barrier()
-    train.broadcast_params(student)
+    distributed.broadcast_params(student)
     if master:
         print(f"student from {cfg.init} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters, "
               f"teacher {teacher_name}) | device {device}, {world} rank(s), {dtype_line}")
@@ -138,7 +141,7 @@ def main(argv):
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
         keys = sorted(sums)
-        return summarize(dict(zip(keys, train.all_reduce_sum([sums[k] for k in keys], device))))
+        return summarize(dict(zip(keys, distributed.all_reduce_sum([sums[k] for k in keys], device))))
 
     everything = ("",)  # every parameter name starts with ""
     phases = [
@@ -154,7 +157,7 @@ def main(argv):
     results, stopped = train.run_phases(2, phases, student, cfg, meta_out, make_loader, device)
     if master and not stopped:
         train.print_results(2, results, time.time() - t_start)
-    train.cleanup_distributed()
+    distributed.cleanup_distributed()
     return results
 
 

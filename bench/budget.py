@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import train  # noqa: E402
+import cli  # noqa: E402
 
 HEADS = {"prior": [], "pure": ["--prior=False"], "pure_exact": ["--prior=False"]}
 VARIANTS = {**HEADS, **{f"{k}_nosub": [*v, "--subword=False"] for k, v in HEADS.items()}}
@@ -94,7 +94,7 @@ def one_run(cfg, variant, scale, folder=None):
 
 
 def main(argv):
-    cfg = train.parse_args(Config, argv)
+    cfg = cli.parse_args(Config, argv)
     variants = [v for v in cfg.variants.split(",") if v]
     for v in variants + [k.split(":")[0] for k in cfg.known.split(",") if k]:
         if v not in VARIANTS:

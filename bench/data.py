@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo's data.py, not this file
+import cli  # noqa: E402
 import data  # noqa: E402
-import train  # noqa: E402
 from teacher import resolve_teacher_dir  # noqa: E402
 from tokenizer import align_document, load_tokenizer  # noqa: E402
 
@@ -65,7 +65,7 @@ def time_loader(shard_dir, tok, cfg):
 
 
 def main(argv):
-    cfg = train.parse_args(Config, argv)
+    cfg = cli.parse_args(Config, argv)
     folder = resolve_teacher_dir(cfg.teacher)
     tok = load_tokenizer(folder)
     text_bytes, prepare_s, align_s = time_prepare(folder)

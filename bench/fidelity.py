@@ -20,12 +20,12 @@ The figures, per text:
   student_bpb_true_patches the student's head at the true patches: -log2 p(byte, true flag) (joint, so it cannot
                            profit from the true flags' lookahead)
   student_bpb              THE HEADLINE: the proper likelihood of the late-flag byte model, the one sample.py draws
-                           from (model.late_flag_logprobs, LateFlagGeneration): each flag decided once the next byte
+                           from (decoding.late_flag_logprobs, LateFlagGeneration): each flag decided once the next byte
                            is known, that byte's probability summed over both flags of the byte before (a flag the
                            head is sure of, its other value below --eps, decided at once); ratio = student_bpb /
                            teacher_bpb
   student_bpb_greedy       with --greedy=True (the default): the proper likelihood of the greedy-flag model
-                           (model.greedy_flag_logprobs; sample.py --flags=greedy), every flag decided as soon as its
+                           (decoding.greedy_flag_logprobs; sample.py --flags=greedy), every flag decided as soon as its
                            byte is drawn, the byte's probability summed over both halves; ratio_greedy beside it. A
                            flag the next byte contradicts is a dead end here
   student_bpb_greedy_joint -log2 p(byte, flag used) along the greedy flags: an upper bound (flags as a latent variable)
@@ -56,12 +56,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import checkpoint  # noqa: E402
+import cli  # noqa: E402
 import data  # noqa: E402
+import decoding  # noqa: E402
+from decoding import greedy_flag_logprobs, late_flag_logprobs  # noqa: E402
 import model  # noqa: E402
-from model import greedy_flag_logprobs, late_flag_logprobs  # noqa: E402
-import train  # noqa: E402
-from teacher import load_teacher  # noqa: E402
 from targets import ByteTrie, exact_byte_targets, next_token_nodes, teacher_greedy_logprobs  # noqa: E402
+from teacher import load_teacher  # noqa: E402
 from tokenizer import align_document  # noqa: E402
 
 
@@ -123,13 +125,13 @@ def parallel_figures(student, teacher, trie, tok, seg):
     return {k: float(v) for k, v in nats.items()}, patcher_ends[0, 1:]
 
 
-def score(student, teacher, tok, trie, text, window, greedy=True, eps=model.LATE_EPS):
+def score(student, teacher, tok, trie, text, window, greedy=True, eps=decoding.LATE_EPS):
     """One text's figures (see score_texts)."""
     return score_texts(student, teacher, tok, trie, {"text": text}, window, greedy, eps)["text"]
 
 
 @torch.no_grad()
-def score_texts(student, teacher, tok, trie, texts, window, greedy=True, eps=model.LATE_EPS):
+def score_texts(student, teacher, tok, trie, texts, window, greedy=True, eps=decoding.LATE_EPS):
     """texts {name: str} -> {name: figures}. The byte-by-byte passes (the teacher's greedy flags, the student's late
     and greedy flags) run over the segments of all texts in one batch: a step costs about the same for 10 rows as for
     40 on a CPU."""
@@ -226,7 +228,7 @@ class Config:
     window: int = 512           # tokens per segment, the document-start token included (capped at the teacher's)
     greedy: bool = True         # also the greedy-flag passes: the student's (student_bpb_greedy) and the teacher's
                                 # (teacher_byte_bpb_greedy): where dead ends cost; two more byte-by-byte passes
-    eps: float = model.LATE_EPS  # the late-flag model decides a flag at once when its other value is less likely
+    eps: float = decoding.LATE_EPS  # the late-flag model decides a flag at once when its other value is less likely
     prior_rows: int = 0         # > 0: the student's prior restricted to this many entries (see the docstring)
     shards: str = ""            # where --prior_rows counts token frequencies; default shards/<tokenizer name>
     json: str = ""
@@ -248,7 +250,7 @@ def restrict_prior(student, tok, shard_dir, rows):
         if shard.header["tokenizer_hash"] != tok.hash:
             raise ValueError(f"--prior_rows: {path} was tokenized by another tokenizer than this checkpoint's teacher")
         counts += torch.bincount(torch.from_numpy(shard.token_ids.astype("int64")), minlength=tok.n_vocab).double()
-    entries = student.vocabulary()
+    entries = student.vocab.entries
     index = {entry: i for i, entry in enumerate(entries)}
     freq = torch.zeros(len(entries), dtype=torch.float64)
     for token_id, spelled in enumerate(tok.id_to_bytes):
@@ -257,16 +259,16 @@ def restrict_prior(student, tok, shard_dir, rows):
     keep = torch.tensor([len(e) == 1 for e in entries])
     keep[torch.argsort(-freq, stable=True)[:rows]] = True
     bias = torch.where(keep, 0.0, float("-inf"))
-    trie = student.trie
+    trie = student.vocab.trie
     cumulative = trie.cumulative
     trie.cumulative = lambda sorted_logits: cumulative(sorted_logits + bias.to(sorted_logits.device))
     return int(keep.sum()), float(freq[keep].sum() / freq.sum().clamp(min=1))
 
 
 def main(argv):
-    cfg = train.parse_args(Config, argv)
+    cfg = cli.parse_args(Config, argv)
     files = cfg.text
-    student, meta = model.load_student(cfg.ckpt)
+    student, meta = checkpoint.load_student(cfg.ckpt)
     teacher, tok = load_teacher(meta["teacher"])
     if files:
         texts = {}

@@ -26,8 +26,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton` (inside kernels.py)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[0] = REPO  # this file is also called kernels.py: make `import kernels` find the repo's module
+import cli  # noqa: E402
 import kernels  # noqa: E402
-import train  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
@@ -205,7 +205,7 @@ def bench_kl(config, device):
 # ----------------------------------------------------------------------------------------------------------------
 
 def main():
-    config = train.parse_args(Config, sys.argv[1:])
+    config = cli.parse_args(Config, sys.argv[1:])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config.kl_rows = config.kl_rows or (8192 if device == "cuda" else 1024)
     config.kl_width = config.kl_width or (2048 if device == "cuda" else 256)

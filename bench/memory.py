@@ -8,7 +8,7 @@ Per GPU, for the two phases that hold the most: stage 1 distill with the main ne
 the frozen teacher is there too) and stage 2 e2e (everything trained, no teacher).
   without FSDP  every GPU holds the fp32 student, fp32 gradients and AdamW's two fp32 moments (+ a step) of the
                 parameters the phase trains, and the bf16 teacher: 16 bytes per trained parameter, 4 per frozen one
-  with FSDP     each GPU holds 1/gpus of the units train.shard_student / shard_frozen make, and whole what stays
+  with FSDP     each GPU holds 1/gpus of the units distributed.shard_student / shard_frozen make, and whole what stays
                 whole (the student's dechunk null vector, the teacher's embedding and final norm), plus what is
                 gathered for a moment: two units' bf16 weights (the one running and the next, prefetched) and one
                 unit's fp32 gradient before its reduce-scatter
@@ -37,9 +37,10 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import cli  # noqa: E402
+import distributed  # noqa: E402
 import model  # noqa: E402
 import teacher as teachers  # noqa: E402
-import train  # noqa: E402
 
 # bench/generate.py's weight counts, loaded by path (bench/ holds data.py and teacher.py: never put it on sys.path)
 _spec = importlib.util.spec_from_file_location("bench_generate", os.path.join(REPO, "bench", "generate.py"))
@@ -105,13 +106,13 @@ def per_gpu(student, teacher, trained, gpus):
     student_whole = numel(student.parameters(recurse=False))  # outside every unit: stays whole
     teacher_all = numel(teacher.parameters()) if teacher is not None else 0
     teacher_blocks = numel(teacher.layers.parameters()) if teacher is not None else 0
-    adam_steps = train.ADAMW_STATE_BYTES * tensors_trained
+    adam_steps = distributed.ADAMW_STATE_BYTES * tensors_trained
     buffers = sum(b.numel() * b.element_size() for b in student.buffers())
     ddp = 4 * n_all + 12 * n_trained + adam_steps + 2 * teacher_all + buffers
     # trained parameters are spread like the rest; the null vector (trained in e2e) is a rounding error here
     sharded = (4 * (n_all - student_whole) + 12 * n_trained) / gpus + 4 * student_whole + adam_steps
     frozen = 2 * (teacher_blocks / gpus + teacher_all - teacher_blocks)
-    largest = max(own_numel(u) for u in train.fsdp_units(student))
+    largest = max(own_numel(u) for u in distributed.fsdp_units(student))
     largest_teacher = max((numel(b.parameters()) for b in teacher.layers), default=0) if teacher is not None else 0
     gathered = 2 * 2 * largest + 4 * largest + 2 * 2 * largest_teacher
     return ddp / GIB, (sharded + frozen + gathered + buffers) / GIB
@@ -149,7 +150,7 @@ def rows(cfg):
 
 
 def main(argv):
-    cfg = train.parse_args(Config, argv)
+    cfg = cli.parse_args(Config, argv)
     table = rows(cfg)
     print(f"GiB per GPU, arithmetic from the configurations (not measured): weights, gradients and AdamW state; "
           f"activations not included. Student byte blocks {cfg.n_enc}+{cfg.n_dec}; FSDP over {cfg.gpus} GPUs.")

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
+import cli  # noqa: E402
 
 # bench/fidelity.py's figures, in the order its docstring explains them (teacher side, then student side)
 FIDELITY_BARS = ("teacher_bpb", "teacher_byte_bpb", "teacher_byte_bpb_greedy", "student_token_bpb",
@@ -136,7 +136,7 @@ class Config:
 
 
 def main(argv):
-    cfg = train.parse_args(Config, argv)
+    cfg = cli.parse_args(Config, argv)
     runs = [r for r in cfg.runs.split(",") if r] or sorted(
         os.path.join(cfg.out, d) for d in os.listdir(cfg.out) if os.path.isfile(os.path.join(cfg.out, d, "metrics.jsonl")))
     fidelity = cfg.fidelity or (os.path.join(cfg.out, "fidelity.json") if os.path.exists(os.path.join(cfg.out, "fidelity.json")) else "")

@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train  # noqa: E402
+import cli  # noqa: E402
 
 
 def load(path):
@@ -26,7 +26,7 @@ class Config:
 
 
 def main(argv):
-    out = train.parse_args(Config, argv).out
+    out = cli.parse_args(Config, argv).out
     s1, s2 = load(f"{out}/stage1/config.json"), load(f"{out}/stage2/config.json")  # the byte-model folders' JSON
     fidelity, generate = load(f"{out}/fidelity.json"), load(f"{out}/generate.json")
     print(f"\n== summary: teacher {fidelity['teacher']}, student {fidelity['ckpt']}")

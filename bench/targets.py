@@ -17,8 +17,8 @@ from dataclasses import dataclass
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
+import cli  # noqa: E402
 import data  # noqa: E402
-import train  # noqa: E402
 from targets import ByteTrie, exact_byte_targets, next_token_nodes  # noqa: E402
 from teacher import load_teacher, resolve_teacher_dir  # noqa: E402
 
@@ -79,7 +79,7 @@ def qwen_batch(cfg):
 
 
 def main(argv):
-    cfg = train.parse_args(Config, argv)
+    cfg = cli.parse_args(Config, argv)
     torch.manual_seed(0)
     teacher, tok = load_teacher("smollm2")
     shards = data.default_shard_dir(tok.name)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
-import train  # noqa: E402
+import cli  # noqa: E402
 from safetensors_io import read_checkpoint  # noqa: E402
 from teacher import load_teacher, resolve_teacher_dir  # noqa: E402
 
@@ -72,7 +72,7 @@ class Config:
 
 
 def main(argv):
-    cfg = train.parse_args(Config, argv)
+    cfg = cli.parse_args(Config, argv)
     texts = cfg.text
     folder = resolve_teacher_dir(cfg.teacher)
     t0 = time.perf_counter()

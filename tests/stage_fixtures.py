@@ -37,7 +37,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run as a script under torchrun: the repo's modules are top-level imports
     sys.path.insert(0, REPO)
 
+import cli  # noqa: E402
 import data  # noqa: E402
+import distributed  # noqa: E402
 import safetensors_io  # noqa: E402
 import teacher as teachers  # noqa: E402
 
@@ -291,15 +293,15 @@ def _torchrun_entry(argv):
             group = []
         else:
             group.append(arg)
-    run_phases, cleanup = train.run_phases, train.cleanup_distributed
-    train.cleanup_distributed = lambda: None
+    run_phases, cleanup = train.run_phases, distributed.cleanup_distributed
+    distributed.cleanup_distributed = lambda: None
     for args in groups:
-        out_dir = train.parse_args(module.Config, args).out_dir
+        out_dir = cli.parse_args(module.Config, args).out_dir
 
         def run_and_save(stage, phases, student, *rest, _out_dir=out_dir, **kwargs):
             out = run_phases(stage, phases, student, *rest, **kwargs)
             rank = int(os.environ.get("RANK", 0))
-            state = train.gather_full(student.state_dict())  # whole tensors, also of FSDP shards (a collective)
+            state = distributed.gather_full(student.state_dict())  # whole tensors, also of FSDP shards (a collective)
             safetensors_io.write_safetensors(state, rank_state_path(_out_dir, rank))
             return out
         train.run_phases = run_and_save

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-import model
+import checkpoint
 import safetensors_io
 import stage_fixtures as sf
-import train
 from test_student import SCFG, TCFG, build_student, build_teacher
+import train
 
 RESUME_FILES = ("model.safetensors", "config.json", "resume/optimizer.safetensors", "resume/state.json")
 META = {"stage": 1, "config": {"lr": 1e-3}, "teacher": "/no/such/teacher", "phase": "align", "step": 5,
@@ -63,7 +63,7 @@ def stopped_run():
 
 
 def saved(folder, student):
-    model.save_student(str(folder), student, META)
+    checkpoint.save_student(str(folder), student, META)
     return str(folder)
 
 
@@ -75,7 +75,7 @@ def test_the_payload_runs_when_unpickled(tmp_path):
         marker = tmp_path / f"marker{zipped}"
         path = write_payload(tmp_path / f"payload{zipped}.pt", str(marker), zipped)
         if zipped:
-            torch.load(path, weights_only=False)  # what model.load_student and train.py used to call
+            torch.load(path, weights_only=False)  # what checkpoint.load_student and train.py used to call
         else:
             with open(path, "rb") as f:
                 pickle.load(f)
@@ -151,13 +151,13 @@ def test_source_never_unpickles():
 def test_save_and_load_round_trip(student, tmp_path):
     folder = saved(tmp_path / "s", student)
     assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]  # no staging folders left behind
-    loaded, meta = model.load_student(folder)
+    loaded, meta = checkpoint.load_student(folder)
     assert not loaded.training and loaded.scfg == SCFG and loaded.tcfg == TCFG
-    assert {k: meta[k] for k in META} == META and meta["format"] == model.FORMAT
+    assert {k: meta[k] for k in META} == META and meta["format"] == checkpoint.FORMAT
     assert meta["student_config"] == asdict(SCFG) and meta["teacher_config"] == asdict(TCFG)
     for (name, a), (name_b, b) in zip(student.state_dict().items(), loaded.state_dict().items()):
         assert name == name_b and a.dtype == b.dtype and torch.equal(a, b), name
-    half, _ = model.load_student(folder, dtype=torch.bfloat16)
+    half, _ = checkpoint.load_student(folder, dtype=torch.bfloat16)
     assert half.head.weight.dtype == torch.bfloat16
     assert torch.equal(half.head.weight, student.head.weight.to(torch.bfloat16))
 
@@ -171,17 +171,17 @@ def test_a_save_interrupted_before_or_after_its_commit(student, tmp_path):
     os.makedirs(os.path.join(folder, ".saving"))
     with open(os.path.join(folder, ".saving", "model.safetensors"), "wb") as f:
         f.write(b"half a file")
-    assert torch.equal(model.load_student(folder)[0].head.weight, old_head)
+    assert torch.equal(checkpoint.load_student(folder)[0].head.weight, old_head)
 
     other = build_student(build_teacher(), seed=7)
     new = saved(tmp_path / "new", other)
     shutil.copytree(new, os.path.join(folder, ".saved"))  # committed, then a crash while moving it into place
     os.replace(os.path.join(folder, ".saved", "model.safetensors"), os.path.join(folder, "model.safetensors"))
     with pytest.raises(ValueError, match="come from different saves"):
-        model.load_student(folder)
-    model.finish_save(folder)
-    assert torch.equal(model.load_student(folder)[0].head.weight, other.head.weight)
-    model.save_student(folder, student, META)  # the next save clears the stale .saving
+        checkpoint.load_student(folder)
+    checkpoint.finish_save(folder)
+    assert torch.equal(checkpoint.load_student(folder)[0].head.weight, other.head.weight)
+    checkpoint.save_student(folder, student, META)  # the next save clears the stale .saving
     assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
 
 
@@ -213,7 +213,7 @@ def test_malformed_config_json_is_a_clear_error(student, tmp_path, key, value, m
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f)
     with pytest.raises(ValueError, match="not a byte-student checkpoint") as error:
-        model.load_student(folder)
+        checkpoint.load_student(folder)
     assert re.search(match, str(error.value)) and "\n" not in str(error.value), str(error.value)
 
 
@@ -231,7 +231,7 @@ def test_sizes_that_disagree_with_the_weights(student, tmp_path, section, change
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f)
     with pytest.raises(ValueError, match="weights do not fit config.json"):
-        model.load_student(folder)
+        checkpoint.load_student(folder)
 
 
 def test_weights_that_lie_or_do_not_fit(student, tmp_path):
@@ -249,20 +249,20 @@ def test_weights_that_lie_or_do_not_fit(student, tmp_path):
     with open(path, "wb") as f:
         f.write(raw[:8] + text + raw[start:])
     with pytest.raises(ValueError, match="not a valid safetensors file: tensor 'head.weight' spans"):
-        model.load_student(folder)
+        checkpoint.load_student(folder)
 
     state = {k: v.clone() for k, v in student.state_dict().items()}
     state["head.weight"] = state["head.weight"].to(torch.int32)
     safetensors_io.write_safetensors(state, path, {"save_id": save_id})
     with pytest.raises(ValueError, match="do not fit config.json: head.weight is I32"):
-        model.load_student(folder)
+        checkpoint.load_student(folder)
     safetensors_io.write_safetensors(student.state_dict(), path, {"save_id": "another"})
     with pytest.raises(ValueError, match="come from different saves"):
-        model.load_student(folder)
+        checkpoint.load_student(folder)
     with open(os.path.join(folder, "config.json"), "w") as f:
         f.write("[1, 2, 3]")
     with pytest.raises(ValueError, match="not a JSON object"):
-        model.load_student(folder)
+        checkpoint.load_student(folder)
 
 
 # ----------------------------------------------------------------------------------------------------------------

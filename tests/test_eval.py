@@ -1,7 +1,7 @@
 """eval.py's lm-evaluation-harness models, the local tasks (tasks/) and bench/plot.py.
 
 Oracles: a full forward of the byte student with the boundaries the adapter used (and those boundaries checked
-against the rules: patcher flags in the context, the likelier half of the head after it); model.greedy_flag_logprobs
+against the rules: patcher flags in the context, the likelier half of the head after it); decoding.greedy_flag_logprobs
 for an empty context; bench/fidelity.py's scorer for the rolling likelihood; the teacher's plain forward for its token
 log-probabilities; plain greedy generation for the stop strings; the play text and the probes' definitions for the task
 files; metrics.jsonl for the plotted curves. The models are tiny and random (tests/stage_fixtures.py's teacher, with a
@@ -17,6 +17,8 @@ import pytest
 import torch
 
 pytest.importorskip("lm_eval")
+import checkpoint  # noqa: E402
+import decoding  # noqa: E402
 import eval as ev  # noqa: E402
 import model  # noqa: E402
 import stage_fixtures as sf  # noqa: E402
@@ -101,7 +103,7 @@ def test_loglikelihood_empty_context_is_the_proper_likelihood(flags, student, te
     conts = ["If it were done", " when", "'tis done, then 'twere well", "\u00e9t\u00e9", "x"]
     got = ev.StudentLM(student, teacher_and_tok[1], batch_size=3, flags=flags).loglikelihood(
         requests(*[("", c) for c in conts]))
-    scorer = model.late_flag_logprobs if flags == "late" else model.greedy_flag_logprobs
+    scorer = decoding.late_flag_logprobs if flags == "late" else decoding.greedy_flag_logprobs
     want = scorer(student, [c.encode() for c in conts])
     for (ll, _), (logp, *_) in zip(got, want):
         assert ll == pytest.approx(float(logp.double().sum()), abs=1e-4)
@@ -131,7 +133,7 @@ def test_late_loglikelihood_equals_the_late_oracle(student64, teacher_and_tok):
     for (ctx, cont), (logp, greedy, x, ends) in zip(pairs, lm.score(pairs)):
         L = len(ctx) + 1
         assert bytes(x[1:].tolist()) == ctx + cont
-        want, flags, _ = late_reference(student64, cont, model.LATE_EPS, ctx, ends[:L - 1].tolist())
+        want, flags, _ = late_reference(student64, cont, decoding.LATE_EPS, ctx, ends[:L - 1].tolist())
         assert max_abs(logp.double(), want) < 1e-6
         first = L - 1 if ctx else L
         assert ends[first:L + len(cont) - 1].tolist() == flags.tolist()
@@ -188,7 +190,7 @@ def test_generate_until_cuts_before_the_first_stop_string(flags, student, teache
     prompts = [b"**MACBETH**  \n", b"If it"]
     full = []
     for p in prompts:
-        gen = (model.LateFlagGeneration if flags == "late" else model.ByteGeneration)(student_lm.model, [p], 40)
+        gen = (decoding.LateFlagGeneration if flags == "late" else decoding.ByteGeneration)(student_lm.model, [p], 40)
         out = bytes(gen.step(0.0)[0].tolist()[0] for _ in range(40))
         full.append(out.split(bytes([model.BOS_BYTE]))[0])  # 0xFE would start a new document: the text ends
     stops = []
@@ -287,7 +289,7 @@ def test_cli_compare_runs_local_tasks_end_to_end(student, student_lm, teacher_lm
     likelihood of the first documents (checked on the teacher, whose rolling is cheap; the student's is checked
     against bench/fidelity.py above)."""
     ckpt = str(tmp_path / "ckpt")
-    model.save_student(ckpt, student, {"stage": 2, "teacher": sf.teacher_dir(), "config": {}, "phase": "e2e",
+    checkpoint.save_student(ckpt, student, {"stage": 2, "teacher": sf.teacher_dir(), "config": {}, "phase": "e2e",
                                        "step": 0, "phase_done": True, "results": {}})
     out = tmp_path / "results.json"
     ev.main(["--compare", f"--ckpt={ckpt}", "--tasks=shakespeare_cloze,shakespeare_bpb,cute_spell", "--limit=3",

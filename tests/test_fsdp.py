@@ -15,11 +15,13 @@ import sys
 import pytest
 import torch
 
+import checkpoint
+import distributed
 import model
 import safetensors_io
+import stage_fixtures as sf
 import teacher as teachers
 import train
-import stage_fixtures as sf
 
 # TINY_STAGE1's budgets at 256 bytes a step: 10 align, 5 distill, 5 boundary steps; distill trains the main network.
 STAGE1 = ("--distill_main_lr=1e-3",)
@@ -109,7 +111,7 @@ def test_every_rank_ends_with_the_saved_weights(stage1):
 
 def test_the_fsdp_checkpoint_is_the_folder_one_process_writes(stage1):
     """The same tensors (names, dtypes, shapes) in model.safetensors and resume/optimizer.safetensors, whole (the
-    moments of AdamW gathered from the shards: equal to one process's), and model.load_student reads it."""
+    moments of AdamW gathered from the shards: equal to one process's), and checkpoint.load_student reads it."""
     for name in ("model.safetensors", os.path.join("resume", "optimizer.safetensors")):
         headers = [safetensors_io.read_safetensors_header(os.path.join(stage1[run], name))[0]
                    for run in ("fsdp", "single")]
@@ -117,7 +119,7 @@ def test_the_fsdp_checkpoint_is_the_folder_one_process_writes(stage1):
     moments = [safetensors_io.read_safetensors(os.path.join(stage1[run], "resume", "optimizer.safetensors"))
                for run in ("fsdp", "single")]
     assert sf.max_param_diff(*moments) < 1e-6
-    student, meta = model.load_student(stage1["fsdp"])
+    student, meta = checkpoint.load_student(stage1["fsdp"])
     assert meta["phase"] == "boundary" and meta["phase_done"] and meta["world_size"] == 2
     assert_params_close(student.state_dict(), sf.load_params(stage1["single"]))
 
@@ -167,7 +169,7 @@ def test_memory_bytes_is_what_adamw_allocates():
     student = model.ByteLM(model.StudentConfig(d_local=32, n_enc=1, n_dec=1, n_local_heads=2, proj_hidden=0), tcfg)
     params = train.select_params(student, model.ByteLM.ENCODER_SIDE)
     trainable = [p for _, p in params]
-    figures = train.memory_bytes(student, trainable)
+    figures = distributed.memory_bytes(student, trainable)
     optimizer = train.make_optimizer(params, 1e-3, 0.1)
     sum(p.sum() for p in trainable).backward()
     optimizer.step()

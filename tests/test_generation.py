@@ -9,7 +9,7 @@ out that SDPA replaced); in fp64 they agree to ~1e-15, so any leak between rows 
 import pytest
 import torch
 
-from model import ByteGeneration
+from decoding import ByteGeneration
 from test_student import build_student, build_teacher, max_diff
 
 PROMPTS = [b"", b"Hi", b"To be, or not to be: that is", b"\xc3\xa9t\xc3\xa9"]  # lengths 0..29, one past the window

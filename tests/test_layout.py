@@ -8,7 +8,7 @@ from dataclasses import fields
 
 import pytest
 
-import train
+import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"stage1_kd", "stage2_sft", "sample"}  # entry points: nothing may import them
@@ -68,8 +68,8 @@ def test_help_lists_every_option(script):
 
 def test_help_text_reads_the_comments_beside_fields():
     import stage1_kd
-    text = train.help_text(stage1_kd.Config)
-    comments, sections = train.field_comments(stage1_kd.Config)
+    text = cli.help_text(stage1_kd.Config)
+    comments, sections = cli.field_comments(stage1_kd.Config)
     assert comments["phase"] == "all | align | distill | boundary | decoder"
     assert "student size" in sections["d_local"]
     for f in fields(stage1_kd.Config):

@@ -9,7 +9,9 @@ import random
 import pytest
 import torch
 
-from model import ByteGeneration, ByteLM, StudentConfig, load_student, prior_vocabulary, save_student
+from checkpoint import load_student, save_student
+from decoding import ByteGeneration
+from model import ByteLM, StudentConfig, prior_vocabulary
 from targets import ByteTrie, exact_byte_targets, next_token_nodes, patch_prefix_nodes
 from test_student import TCFG, build_teacher, max_diff
 

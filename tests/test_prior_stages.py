@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import model
 import stage_fixtures as sf
 from teacher import load_teacher
@@ -40,16 +41,16 @@ def full(stage1):
 def test_the_prior_is_the_teachers_output_layer_and_no_phase_trains_it(stage1, full):
     teacher, tok = load_teacher(sf.teacher_dir())
     entries, ids = model.prior_vocabulary(tok.id_to_bytes)
-    student, meta = model.load_student(full[0])
+    student, meta = checkpoint.load_student(full[0])
     assert meta["student_config"]["prior_vocab"] == len(entries) > 0
     assert torch.equal(student.prior_head, teacher.head_weight.float()[torch.tensor(ids)])
     assert bytes(student.prior_vocab_bytes.tolist()) == b"".join(entries)
-    assert student.trie.n_nodes > len(entries) // 2
+    assert student.vocab.trie.n_nodes > len(entries) // 2
     assert "prior_head" not in dict(student.named_parameters())  # a buffer: never in an optimizer
     assert student.scfg.subword  # the default: the input embedding rows of the same entries, then the start token's
     rows = torch.tensor(ids + [tok.doc_start_id])
     assert torch.equal(student.subword_embed, teacher.embed_tokens.weight.float()[rows])
-    first = model.load_student(os.path.join(stage1, "align"))[0]
+    first = checkpoint.load_student(os.path.join(stage1, "align"))[0]
     assert first.prior_scale.item() == 1.0 and student.prior_scale.item() != 1.0  # learned in the output-side phases
     assert full[1]["warmup"]["val"]["bpb_joint"] < 8.0
 
@@ -97,9 +98,9 @@ def test_fidelity_prior_rows_restricts_the_prior(full, tmp_path):
     assert every["student_bpb"] == full_prior["student_bpb"]
     assert bytes_only["teacher_bpb"] == full_prior["teacher_bpb"]
     assert bytes_only["student_bpb"] != pytest.approx(full_prior["student_bpb"], rel=1e-4)
-    student = model.load_student(out)[0]
+    student = checkpoint.load_student(out)[0]
     tok = load_teacher(sf.teacher_dir())[1]
-    singles = sum(len(e) == 1 for e in student.vocabulary())
+    singles = sum(len(e) == 1 for e in student.vocab.entries)
     kept, share = fidelity.restrict_prior(student, tok, sf.shard_dir(), 5)
     assert singles < kept <= singles + 5 and 0.0 < share < 1.0
     with pytest.raises(FileNotFoundError, match="no training shards"):

@@ -12,9 +12,11 @@ import sys
 import pytest
 import torch
 
-import teacher as teachers
+from checkpoint import load_student, save_student
+from decoding import ByteGeneration, LateFlagGeneration
+from model import BOS_BYTE
 import sample
-from model import BOS_BYTE, ByteGeneration, LateFlagGeneration, load_student, save_student
+import teacher as teachers
 from test_student import build_student, build_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,11 +1,12 @@
-"""The student's proper likelihood (model.greedy_flag_logprobs): flags decided causally as greedy generation decides
+"""The student's proper likelihood (decoding.greedy_flag_logprobs): flags decided causally as greedy generation decides
 them. Oracles: a full forward per prefix with the flags decided so far, and generation at temperature 0."""
 import math
 
 import pytest
 import torch
 
-from model import ByteGeneration, LateFlagGeneration, byte_logprobs, greedy_flag_logprobs, late_flag_logprobs
+from decoding import ByteGeneration, LateFlagGeneration, greedy_flag_logprobs, late_flag_logprobs
+from model import byte_logprobs
 from test_student import build_student, build_teacher, max_diff
 from tokenizer import DOC_START_BYTE
 
@@ -108,7 +109,7 @@ def check_late(student, texts, tol, eps=0.0):
 
 
 def test_late_flags_equal_full_forward_oracle(student):
-    """Late flags (model.late_flag_logprobs) in one batch equal the oracle (an fp64 model)."""
+    """Late flags (decoding.late_flag_logprobs) in one batch equal the oracle (an fp64 model)."""
     check_late(build_student(build_teacher()).double(), TEXTS, 1e-6)  # flags exact; log-probs come back fp32
 
 

@@ -11,11 +11,12 @@ import shutil
 import pytest
 import torch
 
+import checkpoint
 import data
 import model
-import teacher as teachers
 import stage1_kd
 import stage_fixtures as sf
+import teacher as teachers
 
 # Test 1's budgets: ~230 align, ~60 distill, ~80 boundary steps of 256 bytes (about 8 s on one thread).
 LEARNING_RUN = ["--align_bytes=60000", "--align_lr=1e-2", "--distill_bytes=16000", "--distill_lr=3e-3",
@@ -34,7 +35,7 @@ def learning_run():
 def distill_val_kl(folder, eval_batches=8):
     """The distill evaluation of stage1_kd (same validation batches, same sums) for the student in folder; the
     loader's sizes are TINY_STAGE1's, eval_batches LEARNING_RUN's."""
-    student, _ = model.load_student(folder)
+    student, _ = checkpoint.load_student(folder)
     teacher, tok = teachers.load_teacher(sf.teacher_dir())
     loader = data.ShardLoader(sf.shard_dir(), "val", tok, batch_size=4, seq_len=64, seed=0,
                               max_tokens=teacher.cfg.max_seq_len)
@@ -108,7 +109,7 @@ def test_checkpoints_hold_what_each_phase_trained(learning_run):
     assert sidecar["results"]["boundary"]["val"] == pytest.approx(results["boundary"]["val"])
     assert "stage 1 finished" in log and "| boundary |" in log
 
-    student, meta = model.load_student(out)
+    student, meta = checkpoint.load_student(out)
     final = sf.load_params(out)
     assert_params(student.state_dict(), final)
     assert meta["phase"] == "boundary" and meta["phase_done"]

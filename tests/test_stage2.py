@@ -18,9 +18,11 @@ import sys
 import pytest
 import torch
 
+import checkpoint
+import decoding
 import model
-import teacher as teachers
 import stage_fixtures as sf
+import teacher as teachers
 
 STAGE1 = ("--align_bytes=8192", "--align_lr=1e-2", "--distill_bytes=1024", "--boundary_bytes=8192",
           "--boundary_lr=1e-2")
@@ -119,7 +121,7 @@ def test_sft_step_loss_against_a_direct_computation(stage1):
     import data
     import stage2_sft
     import tokenizer
-    student, meta = model.load_student(stage1)
+    student, meta = checkpoint.load_student(stage1)
     tok = tokenizer.load_tokenizer(meta["teacher"])
     batch = data.ShardLoader(sf.shard_dir(), "train", tok, BATCH, SEQ, seed=5).next_batch()
     x, end = batch["bytes"], batch["token_end"]
@@ -312,9 +314,9 @@ def test_fidelity_json_against_teacher_and_student_oracles(full, tmp_path):
                                                     rel=1e-4)
     # the headline: the late-flag model's proper likelihood, and the greedy-flag model's beside it (both tested
     # against full-forward oracles in test_scoring.py)
-    student, _ = model.load_student(ckpt)
-    late_logp, late_flags = model.late_flag_logprobs(student, [SHORT_TEXT.encode()], model.LATE_EPS)[0]
-    greedy_logp, greedy_joint, _ = model.greedy_flag_logprobs(student, [SHORT_TEXT.encode()])[0]
+    student, _ = checkpoint.load_student(ckpt)
+    late_logp, late_flags = decoding.late_flag_logprobs(student, [SHORT_TEXT.encode()], decoding.LATE_EPS)[0]
+    greedy_logp, greedy_joint, _ = decoding.greedy_flag_logprobs(student, [SHORT_TEXT.encode()])[0]
     n_bytes = len(SHORT_TEXT.encode())
     assert got["student_bpb"] == pytest.approx(-late_logp.double().sum().item() / math.log(2) / n_bytes, rel=1e-5)
     assert got["student_bpb_greedy"] == pytest.approx(-greedy_logp.double().sum().item() / math.log(2) / n_bytes,

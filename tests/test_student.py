@@ -12,8 +12,9 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from model import (BOS_BYTE, ByteGeneration, ByteLM, StudentConfig, byte_logprobs, load_student, patch_order,
-                   save_student)
+from checkpoint import load_student, save_student
+from decoding import ByteGeneration
+from model import BOS_BYTE, ByteLM, StudentConfig, byte_logprobs, patch_order
 from safetensors_io import write_safetensors
 from teacher import Teacher, TeacherConfig, sample_from_logits
 

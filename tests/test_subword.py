@@ -11,7 +11,9 @@ import random
 import pytest
 import torch
 
-from model import BOS_BYTE, ByteGeneration, ByteLM, StudentConfig, load_student, prior_vocabulary, save_student
+from checkpoint import load_student, save_student
+from decoding import ByteGeneration
+from model import BOS_BYTE, ByteLM, StudentConfig, prior_vocabulary
 from test_prior import ALPHABET, perturbed, tokenize, vocabulary
 from test_student import TCFG, build_teacher, max_diff
 
@@ -59,14 +61,14 @@ def test_rows_are_the_longest_entry_ending_at_each_byte(student):
     rng = random.Random(0)
     seqs = [[BOS_BYTE] + [rng.choice(ALPHABET + b"xyz") for _ in range(80)] for _ in range(3)]
     seqs[1][40] = BOS_BYTE  # a second document starts mid-row: no entry reaches back past it
-    rows = student.subword_rows(torch.tensor(seqs))
+    rows = student.vocab.subword_rows(torch.tensor(seqs))
     expected = [brute_force_rows(s) for s in seqs]
     assert rows.tolist() == expected
     flat = sum(expected, [])
     assert flat.count(-1) > 5 and len({r for r in flat if r >= 0}) > 20  # bytes off the vocabulary, and many entries
     # generation's path: at each row's newest byte, from the bytes so far
     x, lens = torch.tensor(seqs), torch.tensor([81, 57, 13])
-    assert student.subword_newest(x, lens)[:, 0].tolist() == [expected[i][n - 1] for i, n in enumerate(lens.tolist())]
+    assert student.vocab.subword_newest(x, lens)[:, 0].tolist() == [expected[i][n - 1] for i, n in enumerate(lens.tolist())]
 
 
 def test_zero_learned_part_is_the_teacher_where_the_entry_is_the_token(teacher):
@@ -81,7 +83,7 @@ def test_zero_learned_part_is_the_teacher_where_the_entry_is_the_token(teacher):
         x = torch.cat([torch.tensor([BOS_BYTE]), x])[None]
         ends = torch.cat([torch.tensor([True]), ends])[None]
         ids = torch.cat([torch.tensor([START_ID]), ids])
-        rows = student.subword_rows(x)[0][ends[0]]
+        rows = student.vocab.subword_rows(x)[0][ends[0]]
         _, entry_ids = prior_vocabulary(vocab)
         if [entry_ids[r] for r in rows[1:].tolist()] != ids[ids >= 0].tolist()[1:]:
             continue  # somewhere a longer entry spans the token boundary: the learned part's job
