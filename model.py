@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from targets import ByteTrie, exact_byte_targets, patch_prefix_nodes
+from targets import ByteTrie, at_least_fp32, exact_byte_targets, patch_prefix_nodes
 from teacher import Teacher, TeacherConfig
 from tokenizer import DOC_START_BYTE
 
@@ -236,11 +236,11 @@ class ByteLM(nn.Module):
         """The byte-head prior: at each patch the main network's output y through the teacher's output layer is a
         next-token distribution, and the exact-target rule (targets.py) turns it into a 512-way distribution q for
         every byte of the patch, from the bytes the patch holds so far (the trie node). -> max(log q, log floor),
-        (N, 512) fp32; a position with no patch yet or off the vocabulary (node -1) gets the floor everywhere, a
+        (N, 512) fp32 (fp64 in an fp64 model); a position with no patch yet or off the vocabulary (node -1) gets the floor everywhere, a
         constant the softmax ignores: there the learned part alone speaks. y (P, D) patch outputs, cum_rows (N,) each
         position's row of y. No gradient: the prior is a fixed function of the main network's output."""
         log_floor = math.log(self.scfg.prior_floor)
-        out = torch.full((len(nodes), 512), log_floor, device=y.device)
+        out = torch.full((len(nodes), 512), log_floor, device=y.device, dtype=at_least_fp32(y.dtype))
         has = nodes >= 0
         if has.any():
             q = exact_byte_targets(self.vocab.trie, y.detach(), self.prior_head, cum_rows[has], nodes[has])
@@ -256,10 +256,11 @@ class ByteLM(nn.Module):
     @torch.no_grad()
     def prior_at(self, cum, rows, nodes):
         """Generation, once per byte: log_prior from prefix sums, each position's row of cum and its node -> (N, 512)."""
-        out = torch.full((len(nodes), 512), math.log(self.scfg.prior_floor), device=cum.device)
+        dtype = at_least_fp32(self.prior_head.dtype)
+        out = torch.full((len(nodes), 512), math.log(self.scfg.prior_floor), device=cum.device, dtype=dtype)
         has = nodes >= 0
         if has.any():
-            out[has] = self.vocab.trie.targets(cum, rows[has], nodes[has]).float().clamp(min=self.scfg.prior_floor).log()
+            out[has] = self.vocab.trie.targets(cum, rows[has], nodes[has]).to(dtype).clamp(min=self.scfg.prior_floor).log()
         return out
 
     def forward(self, x, ends=None):

@@ -99,9 +99,9 @@ class ByteTrie:
 
     def cumulative(self, sorted_logits):
         """(R, n_sorted) logits of the spelled ids in sorted order -> (R, n_sorted + 1) float64 prefix sums of p.
-        The softmax is fp32 (each p to 1e-7 of itself); the sums are fp64, so P(x) = C[hi] - C[lo] stays exact to
+        The softmax is fp32 (each p to 1e-7 of itself; fp64 for fp64 logits); the sums are fp64, so P(x) = C[hi] - C[lo] stays exact to
         ~1e-16 even for rare prefixes."""
-        p = torch.softmax(sorted_logits.float(), dim=-1).double()
+        p = torch.softmax(sorted_logits.to(at_least_fp32(sorted_logits.dtype)), dim=-1).double()
         return torch.nn.functional.pad(p.cumsum(-1), (1, 0))
 
     def targets(self, cum, rows, nodes):
@@ -163,18 +163,25 @@ def patch_prefix_nodes(trie, x, ends):
 def exact_byte_targets(trie, hidden, head_weight, rows, nodes, chunk_rows=32):
     """Teacher-exact 512-way targets for N byte positions: hidden (P, D) final hidden states at the patches (token
     ends), head_weight (V, D) the teacher's output layer, rows (N,) the patch of each position, nodes (N,) its trie
-    node. Chunked over patches, so at most chunk_rows x V probabilities exist at once. -> (N, 512) float32."""
-    out = torch.zeros(len(rows), 512, dtype=torch.float32, device=hidden.device)
+    node. Chunked over patches, so at most chunk_rows x V probabilities exist at once. -> (N, 512) float32 (float64 for
+    a float64 hidden)."""
+    dtype = at_least_fp32(hidden.dtype)
+    out = torch.zeros(len(rows), 512, dtype=dtype, device=hidden.device)
     order = torch.argsort(rows, stable=True)
-    sorted_rows, head = rows[order], trie.sorted_head(head_weight).float()
+    sorted_rows, head = rows[order], trie.sorted_head(head_weight).to(dtype)
     for first in range(0, len(hidden), chunk_rows):
         lo, hi = torch.searchsorted(sorted_rows, torch.tensor([first, first + chunk_rows], device=rows.device)).tolist()
         if lo == hi:
             continue
         pick = order[lo:hi]
-        cum = trie.cumulative(hidden[first:first + chunk_rows].float() @ head.T)
-        out[pick] = trie.targets(cum, rows[pick] - first, nodes[pick]).float()
+        cum = trie.cumulative(hidden[first:first + chunk_rows].to(dtype) @ head.T)
+        out[pick] = trie.targets(cum, rows[pick] - first, nodes[pick]).to(dtype)
     return out
+
+
+def at_least_fp32(dtype):
+    """bf16/fp16/fp32 -> fp32, fp64 -> fp64: the precision the targets are computed in."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def longest_match(trie, text):

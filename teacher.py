@@ -206,6 +206,16 @@ class KVCache:
         self.pos += n
         self._end, self._lo, self._mask = int(self.pos.max()), int(self.pos.min()), None
 
+    def copy_rows(self, dst, src, source=None):
+        """Rows dst (R,) take the entries and positions of rows src (R,) of `source` (default: this cache), so that a
+        hypothesis can fork (marginal.py's beams). Copies only the slots the source has written."""
+        source = self if source is None else source
+        end = int(source.pos[src].max()) if len(src) else 0
+        for mine, theirs in zip(self.k + self.v, source.k + source.v):
+            mine[dst, :, :end] = theirs[src, :, :end]
+        self.pos[dst] = source.pos[src]
+        self.advance(0)
+
 
 class CacheRows(KVCache):
     """Some rows of a KVCache (indices (R,), distinct) as a cache of their own, sharing its buffers: a step through it

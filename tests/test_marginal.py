@@ -1,0 +1,184 @@
+"""The byte marginal over patchings (marginal.py), for the student and for the teacher.
+
+Oracles: brute force over every flag sequence (the student: a full forward per sequence, with those flags) and over
+every tokenization of a tiny vocabulary (the teacher: a full forward per token sequence); the greedy-flag joint
+(decoding.greedy_flag_logprobs) for K = 1."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from decoding import ByteGeneration, greedy_flag_logprobs
+from marginal import marginal_logprobs, teacher_marginal_logprobs
+from model import BOS_BYTE
+from targets import ByteTrie
+from test_prior import vocabulary
+from test_student import build_teacher
+from test_subword import START_ID, subword_student
+
+TEXTS = [b"the ston", b"a note", b"ring", b"t"]  # at most 8 bytes: 2^8 flag sequences at most
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return build_teacher().double()
+
+
+@pytest.fixture(scope="module")
+def student(teacher):
+    return subword_student(teacher).double()
+
+
+@torch.no_grad()
+def student_paths(student, text, prompt=b""):
+    """{flag sequence: log p(text, flags)} over every flag sequence, by one full forward per sequence (fp64). From a
+    fresh document start the flags are one per byte of text; after a prompt, whose flags are the patcher's, the
+    prompt's last byte's flag comes first, weighted by the head's two halves for that byte (renormalised)."""
+    x = torch.tensor([[BOS_BYTE, *prompt, *text]])
+    n_p = len(prompt)
+    fixed = [True]  # a lone document start is its own patch; before a prompt, the patcher decides (as for the rest)
+    if n_p:
+        fixed = (student.boundary_probs(student.encode(x[:, :n_p + 1]))[0, :n_p] > student.scfg.boundary_threshold).tolist()
+    out = {}
+    for flags in itertools.product((False, True), repeat=len(text) + (1 if n_p else 0)):
+        ends = fixed + list(flags)
+        logits, _, _ = student(x, ends=torch.tensor([ends + [False] * (x.shape[1] - len(ends))]))
+        w = 0.0
+        if n_p:
+            prev, last = logits[0, n_p - 1], int(x[0, n_p])
+            w += float(torch.log_softmax(torch.stack([prev[last], prev[last + 256]]), 0)[int(ends[n_p])])
+        logp = torch.log_softmax(logits[0], -1)
+        for t in range(n_p, x.shape[1] - 1):  # position t predicts byte t + 1 and its flag
+            w += float(logp[t, int(x[0, t + 1]) + 256 * ends[t + 1]])
+        out[flags] = w
+    return out
+
+
+def logsumexp(values):
+    m = max(values)
+    return m + math.log(sum(math.exp(v - m) for v in values))
+
+
+def beam_sum(shares):
+    return float(shares.sum())
+
+
+def test_full_width_equals_the_sum_over_every_flag_sequence(student):
+    shares = marginal_logprobs(student, TEXTS, beam=256, floor=math.inf)
+    for text, s in zip(TEXTS, shares):
+        exact = logsumexp(list(student_paths(student, text).values()))
+        assert abs(beam_sum(s) - exact) < 1e-9, (text, beam_sum(s), exact)
+
+
+def test_small_beams_are_upper_bounds_on_the_bits(student):
+    exact = [logsumexp(list(student_paths(student, t).values())) for t in TEXTS]
+    for beam, floor in [(1, math.inf), (2, math.inf), (3, 2.0), (4, 0.5), (8, math.log(1e6))]:
+        for text, s, want in zip(TEXTS, marginal_logprobs(student, TEXTS, beam=beam, floor=floor), exact):
+            assert beam_sum(s) <= want + 1e-12, (beam, floor, text)
+    wide = marginal_logprobs(student, TEXTS[:1], beam=16)[0]
+    narrow = marginal_logprobs(student, TEXTS[:1], beam=1)[0]
+    assert beam_sum(narrow) < beam_sum(wide) - 1e-3  # the bound is not trivially the same: K matters here
+
+
+def test_width_one_is_the_greedy_flag_joint(student):
+    shares = marginal_logprobs(student, TEXTS, beam=1)
+    for s, (_, joint, _) in zip(shares, greedy_flag_logprobs(student, TEXTS)):
+        assert torch.allclose(s, joint.double(), atol=1e-5), (s, joint)
+
+
+def test_shares_are_causal(student):
+    """Changing byte t+1 never changes the kept sums up to byte t; the shares add up to the figure."""
+    base = b"the stone then"
+    for t in (3, 7, 12):
+        changed = base[:t + 1] + bytes([base[t + 1] ^ 1]) + base[t + 2:]
+        a, b = marginal_logprobs(student, [base, changed], beam=4)
+        assert torch.equal(a[:t + 1], b[:t + 1])
+        assert not torch.equal(a[t + 1], b[t + 1])
+
+
+def test_after_a_prompt_equals_the_sum_over_the_continuations_flags(student):
+    """eval.py's case: the prompt's flags from the patcher, its last byte's flag summed over."""
+    prompts, texts = [b"the", b"a no", b"ri"], [b" sto", b"te", b"ng"]
+    shares = marginal_logprobs(student, texts, beam=64, floor=math.inf, prompts=prompts)
+    for prompt, text, s in zip(prompts, texts, shares):
+        exact = logsumexp(list(student_paths(student, text, prompt).values()))
+        assert abs(beam_sum(s) - exact) < 1e-9, (prompt, text)
+
+
+# -- the teacher: a beam over tokenizations --
+
+def entries_by_bytes():
+    """{bytes: [ids that spell them]} of the tiny vocabulary (one entry, "to", has two ids: targets.py's rule sums
+    their probabilities and continues with the first)."""
+    out = {}
+    for i, b in enumerate(vocabulary()):
+        if b:
+            out.setdefault(b, []).append(i)
+    return out
+
+
+@torch.no_grad()
+def teacher_paths(teacher, text):
+    """{flag sequence: log p(text, flags)} over every tokenization, by a full forward per token sequence (fp64): a flag
+    ends a token; complete tokens must be entries, the bytes after the last end a prefix of a longer entry; the
+    probability is the softmax over the ids that spell bytes (the exact targets' normalisation)."""
+    spelled = entries_by_bytes()
+    ids = [i for i, b in enumerate(vocabulary()) if b]
+    out = {}
+    for flags in itertools.product((False, True), repeat=len(text)):
+        pieces, start = [], 0
+        for t, e in enumerate(flags):
+            if e:
+                pieces.append(text[start:t + 1])
+                start = t + 1
+        tail = text[start:]
+        if any(p not in spelled for p in pieces):
+            continue
+        longer = [i for b, js in spelled.items() if len(b) > len(tail) and b.startswith(tail) for i in js]
+        if tail and not longer:
+            continue
+        tokens = [START_ID] + [spelled[p][0] for p in pieces]
+        logp = torch.full((len(tokens), len(vocabulary())), -math.inf, dtype=torch.float64)
+        logp[:, ids] = torch.log_softmax(teacher(torch.tensor([tokens]))[0][:, ids], -1)
+        w = sum(float(torch.logsumexp(logp[i, spelled[p]], 0)) for i, p in enumerate(pieces))
+        if tail:
+            w += float(torch.logsumexp(logp[len(pieces), longer], 0))
+        out[flags] = w
+    return out
+
+
+def teacher_beam(teacher, texts, **kw):
+    return teacher_marginal_logprobs(teacher, ByteTrie(vocabulary()), START_ID, texts, **kw)
+
+
+def test_teacher_full_width_equals_the_sum_over_every_tokenization(teacher):
+    for text, s in zip(TEXTS, teacher_beam(teacher, TEXTS, beam=256, floor=math.inf)):
+        exact = logsumexp(list(teacher_paths(teacher, text).values()))
+        assert abs(beam_sum(s) - exact) < 1e-9, (text, beam_sum(s), exact)
+
+
+def test_teacher_small_beams_are_upper_bounds_and_width_one_is_greedy(teacher):
+    finite = 0
+    for text in TEXTS:
+        exact = logsumexp(list(teacher_paths(teacher, text).values()))
+        for beam, floor in [(1, math.inf), (2, math.inf), (3, 1.0), (8, math.log(1e6))]:
+            assert beam_sum(teacher_beam(teacher, [text], beam=beam, floor=floor)[0]) <= exact + 1e-12
+        flags, greedy = (), None  # the oracle's greedy path: the heavier child at every byte, ties "continues"
+        for t in range(1, len(text) + 1):
+            prefix = teacher_paths(teacher, text[:t])
+            w0, w1 = prefix.get(flags + (False,), -math.inf), prefix.get(flags + (True,), -math.inf)
+            flags, greedy = (flags + (True,), w1) if w1 > w0 else (flags + (False,), w0)
+        got = beam_sum(teacher_beam(teacher, [text], beam=1)[0])
+        assert got == greedy or abs(got - greedy) < 1e-9, text  # -inf both where greedy flags reach a dead end
+        finite += math.isfinite(greedy)
+    assert 0 < finite < len(TEXTS)  # some greedy paths live, and one dies ("the ston": a "not end" no byte continues)
+
+
+def test_teacher_shares_are_causal(teacher):
+    base = b"the stone then"
+    for t in (3, 7, 12):
+        changed = base[:t + 1] + b"x" + base[t + 2:]
+        a, b = teacher_beam(teacher, [base, changed], beam=4)
+        assert torch.equal(a[:t + 1], b[:t + 1])
+        assert not torch.equal(a[t + 1], b[t + 1])
