@@ -29,13 +29,14 @@ import torch
 from decoding import ByteGeneration
 from targets import at_least_fp32
 
-BEAM = 8              # the default beam width (bench/fidelity.py's study picks it)
-FLOOR = math.log(1e6)  # the default floor: children 10^6 times lighter than their text's heaviest are dropped
+BEAM = 4               # the default beam width (bench/fidelity.py's study picks it)
+FLOOR = math.log(1e3)  # the default floor: children 10^3 times lighter than their text's heaviest are dropped
 
 
 class Beam:
     """The bookkeeping the two beams share: n texts with K slots each (slot s belongs to text s // K), each slot's
-    weight (float64, -inf: the slot is free), and the running log A_t of every text."""
+    weight (float64, -inf: the slot is free), the running log A_t of every text, and which slot holds the path that
+    `keep` flags force into the beam (forced; only the first slot to start with)."""
 
     def __init__(self, n, K, floor, device):
         self.n, self.K, self.floor = n, K, floor
@@ -43,25 +44,32 @@ class Beam:
         self.w[::K] = 0.0  # one hypothesis per text to start from
         self.owner = torch.arange(n * K, device=device) // K
         self.log_sum = torch.zeros(n, dtype=torch.float64, device=device)
+        self.forced = self.w == 0.0
 
     @property
     def alive(self):
         return self.w > -math.inf
 
-    def choose(self, child, active):
+    def choose(self, child, active, force=None):
         """child (S, 2): log p(new byte, flag e | the slot's hypothesis) for e = 0, 1 (-inf where not computed);
-        active (n,): the texts that take a byte now (the others keep their slots as they are).
+        active (n,): the texts that take a byte now (the others keep their slots as they are); force (n,) long or
+        None: the flag the forced path takes at this byte (-1: none), its child kept whatever its weight.
         -> (each slot's flag (S,) bool, forks (src, dst): a slot whose two children are kept keeps "continues" and its
         "ends" child goes to slot dst, a copy of src; each text's share log A_t - log A_{t-1} (n,))."""
         n, K, S = self.n, self.K, self.n * self.K
         W = (self.w[:, None] + child.to(torch.float64)).view(n, K, 2)
         W = torch.where(active[:, None, None], W, -math.inf)
-        flat = W.transpose(1, 2).reshape(n, 2 * K)  # every "continues" child first: a stable sort prefers it on ties
+        key = W
+        if force is not None:  # the forced child ranks first
+            e = torch.arange(2, device=W.device)
+            pick = self.forced.view(n, K, 1) & (e == force.to(W.device)[:, None, None]) & (W > -math.inf)
+            key = torch.where(pick, math.inf, W)
+        flat = key.transpose(1, 2).reshape(n, 2 * K)  # every "continues" child first: a stable sort prefers it on ties
         ranked = torch.sort(flat, dim=1, descending=True, stable=True)
-        best = ranked.values[:, :1]
-        kept_ranked = (torch.arange(2 * K, device=W.device) < K) & (ranked.values > -math.inf)
+        values = W.transpose(1, 2).reshape(n, 2 * K).gather(1, ranked.indices)
+        kept_ranked = (torch.arange(2 * K, device=W.device) < K) & (values > -math.inf)
         if self.floor < math.inf:
-            kept_ranked &= ranked.values >= best - self.floor
+            kept_ranked &= (values >= values.max(1, keepdim=True).values - self.floor) | (ranked.values == math.inf)
         kept = torch.zeros_like(kept_ranked).scatter(1, ranked.indices, kept_ranked)
         kept = kept.view(n, 2, K).transpose(1, 2).reshape(S, 2)
         W = W.reshape(S, 2)
@@ -75,11 +83,37 @@ class Beam:
         flag = kept[:, 1] & ~kept[:, 0]
         w[dst], flag[dst] = W[src, 1], True
         still = ~active[self.owner]  # texts that took no byte keep their slots
+        if force is not None:  # the forced path moves to its "ends" child's slot where that one forked
+            forced = self.forced & (key.reshape(S, 2) == math.inf).any(1)
+            moved = forced[src] & (force[self.owner[src]] == 1)
+            forced[src[moved]], forced[dst[moved]] = False, True
+            self.forced = torch.where(still, self.forced, forced)
         self.w = torch.where(still, self.w, w)
         log_sum = torch.logsumexp(self.w.view(n, K), 1)
         share = torch.where(active & (self.log_sum > -math.inf), log_sum - self.log_sum, 0.0)  # a dead text: -inf once
         self.log_sum = torch.where(active, log_sum, self.log_sum)
         return flag, (src, dst), share
+
+
+def make_room(cache, rows, cap):
+    """Grow cache (doubling, at most cap positions) so that each of rows can take one more position."""
+    need = int(cache.pos[rows].max()) + 1 if len(rows) else 0
+    if need > cache.max_len:
+        cache.grow(min(cap, max(need, 2 * cache.max_len)))
+
+
+def forced_flags(keep, texts, L, device):
+    """keep: None, or per text its flags to force into the beam (bool (len(text),), or None) -> (n, L) long, -1 where
+    nothing is forced; None when nothing is."""
+    if keep is None or all(k is None for k in keep):
+        return None
+    force = torch.full((len(texts), L), -1, dtype=torch.long, device=device)
+    for i, (k, t) in enumerate(zip(keep, texts)):
+        if k is not None:
+            if len(k) != len(t):
+                raise ValueError(f"keep: {len(k)} flags for a text of {len(t)} bytes")
+            force[i, :len(t)] = torch.as_tensor(k, dtype=torch.long, device=device)
+    return force
 
 
 def chunks(lengths, per_chunk):
@@ -89,29 +123,38 @@ def chunks(lengths, per_chunk):
 
 
 @torch.no_grad()
-def marginal_logprobs(model, texts, beam=BEAM, floor=FLOOR, prompts=None, slots=32, stats=None):
+def marginal_logprobs(model, texts, beam=BEAM, floor=FLOOR, prompts=None, keep=None, slots=128, stats=None,
+                      argmax=False):
     """The student's byte marginal over patchings, by the beam (see the module docstring). texts: byte strings, each
     scored from a fresh document start (0xFE), or after its prompt (prompts: byte strings; the prompt's flags are the
     patcher's, its last byte's flag is summed over with the head's two halves as weights). Texts go in lockstep
-    batches of at most `slots` hypotheses (slots // beam texts). -> per text, each byte's share (n,) float64, natural
-    log: their sum is log A_n, the text's figure. stats (a dict): adds main-network row steps, decoder row steps and
-    forks."""
+    batches of at most `slots` hypotheses (slots // beam texts). keep: per text, flags (len(text),) of one path that
+    the beam keeps whatever its weight (the prompt's last byte ends a patch on it), so that the figure is never worse
+    than that path's joint (bench/fidelity.py keeps the true patches); causal only if those flags are. -> per text,
+    each byte's share (n,) float64, natural log: their sum is log A_n, the text's figure; with argmax, (shares,
+    whether each byte was the likeliest under the beam's predictive distribution (n,) bool: the kept hypotheses'
+    byte probabilities, both flags summed, mixed by their weights). stats (a dict): adds main-network row steps,
+    decoder row steps and forks."""
     prompts = [b""] * len(texts) if prompts is None else prompts
+    keep = [None] * len(texts) if keep is None else keep
     out = [None] * len(texts)
     for chunk in chunks([len(t) for t in texts], max(1, slots // beam)):
-        shares = _student_beam(model, [texts[i] for i in chunk], [prompts[i] for i in chunk], beam, floor, stats)
+        shares = _student_beam(model, [texts[i] for i in chunk], [prompts[i] for i in chunk], beam, floor,
+                               [keep[i] for i in chunk], stats, argmax)
         for i, s in zip(chunk, shares):
             out[i] = s
     return out
 
 
-def _student_beam(m, texts, prompts, K, floor, stats):
+def _student_beam(m, texts, prompts, K, floor, keep, stats, argmax):
     n, L = len(texts), max(map(len, texts))
     gen = ByteGeneration(m, prompts, max(L, 1))  # the prompts' prefill: their caches, flags and newest states
     dev, prior, S = gen.x.device, m.has_prior, n * K
+    force = forced_flags(keep, texts, L, dev)
     beam = Beam(n, K, floor, dev)
     first = torch.arange(n, device=dev) * K
-    main = m.main.new_cache(S, gen.main_cache.max_len)
+    cap = gen.main_cache.max_len  # the main network's KV cache starts small and grows: most hypotheses patch sparsely
+    main = m.main.new_cache(S, min(cap, int(gen.main_cache.pos.max()) + L // 4 + 64))
     main.copy_rows(first, gen.rows, gen.main_cache)
     dec = m.decoder.new_cache(S, gen.dec_cache.max_len)
     dec.copy_rows(first, gen.rows, gen.dec_cache)
@@ -140,7 +183,8 @@ def _student_beam(m, texts, prompts, K, floor, stats):
             log_e[i * K] = torch.log_softmax(two, 0)
         else:
             log_e[i * K, 1] = 0.0
-    pending, forks, _ = beam.choose(log_e, torch.ones(n, dtype=torch.bool, device=dev))
+    pending, forks, _ = beam.choose(log_e, torch.ones(n, dtype=torch.bool, device=dev),
+                                    None if force is None else torch.where(force[:, 0] >= 0, 1, -1))
     fork(*forks)
     beam.log_sum.zero_()  # A_0 = 1: what pruning the prompt's flag loses is charged to the first byte
     target = torch.zeros(n, L, dtype=torch.long, device=dev)
@@ -148,11 +192,13 @@ def _student_beam(m, texts, prompts, K, floor, stats):
         target[i, :len(t)] = torch.tensor(list(t), dtype=torch.long)
     n_bytes = torch.tensor([len(t) for t in texts], device=dev)
     shares = torch.zeros(n, L, dtype=torch.float64, device=dev)
+    best = torch.zeros(n, L, dtype=torch.bool, device=dev)
     for t in range(L):
         active = t < n_bytes
         live = beam.alive & active[owner]
         closing = (live & pending).nonzero()[:, 0]
         if len(closing):  # hypotheses whose newest byte ends a patch: the main network takes it, in one call
+            make_room(main, closing, cap)
             y[closing] = m.main.run_blocks(h_last[owner[closing], None], cache=main.select(closing))[:, 0]
             if prior:
                 cum[closing] = m.prior_cumulative(y[closing])
@@ -169,7 +215,11 @@ def _student_beam(m, texts, prompts, K, floor, stats):
         b = target[text, t]
         child = torch.full((S, 2), -math.inf, dtype=torch.float64, device=dev)
         child[r] = torch.stack([logp.gather(1, b[:, None]), logp.gather(1, b[:, None] + 256)], 1)[..., 0].double()
-        pending, forks, shares[:, t] = beam.choose(child, active)
+        if argmax:  # the beam's next-byte distribution: each hypothesis' bytes, both flags summed, by its weight
+            mixed = torch.full((S, 256), -math.inf, dtype=torch.float64, device=dev)
+            mixed[r] = beam.w[r, None] + torch.logaddexp(logp[:, :256], logp[:, 256:]).double()
+            best[:, t] = torch.logsumexp(mixed.view(n, K, 256), 1).argmax(-1) == target[:, t]
+        pending, forks, shares[:, t] = beam.choose(child, active, None if force is None else force[:, t])
         fork(*forks)
         if stats is not None:
             stats["main_rows"] = stats.get("main_rows", 0) + len(closing)
@@ -180,34 +230,41 @@ def _student_beam(m, texts, prompts, K, floor, stats):
             lens[a] += 1
             sub = m.vocab.subword_newest(x[a], lens[a]) if m.scfg.subword else None
             h_last[a] = m.encode(target[a, t, None], cache=enc if len(a) == n else enc.select(a), sub=sub)[:, 0]
+    if argmax:
+        return [(shares[i, :len(t)].cpu(), best[i, :len(t)].cpu()) for i, t in enumerate(texts)]
     return [shares[i, :len(t)].cpu() for i, t in enumerate(texts)]
 
 
 @torch.no_grad()
-def teacher_marginal_logprobs(teacher, trie, doc_start_id, texts, beam=BEAM, floor=FLOOR, slots=32, stats=None):
+def teacher_marginal_logprobs(teacher, trie, doc_start_id, texts, beam=BEAM, floor=FLOOR, keep=None, slots=128,
+                              stats=None):
     """The teacher's byte marginal over tokenizations by the same beam: a hypothesis is a token prefix and the bytes
     of the unfinished token after it (a trie node); a byte's two children are "the token goes on" and "the token ends
     here" with the exact targets' probabilities (targets.py), and a token that ends is fed to the teacher before the
-    next byte. Each text is scored after the document-start token. -> per text, each byte's share (n,) float64,
-    natural log (as marginal_logprobs)."""
+    next byte. Each text is scored after the document-start token. keep: per text, token-end flags (len(text),) of
+    one tokenization the beam keeps (bench/fidelity.py keeps the canonical one: the figure is then never worse than
+    its exact byte targets'). -> per text, each byte's share (n,) float64, natural log (as marginal_logprobs)."""
+    keep = [None] * len(texts) if keep is None else keep
     out = [None] * len(texts)
     for chunk in chunks([len(t) for t in texts], max(1, slots // beam)):
-        shares = _teacher_beam(teacher, trie, doc_start_id, [texts[i] for i in chunk], beam, floor, stats)
+        shares = _teacher_beam(teacher, trie, doc_start_id, [texts[i] for i in chunk], beam, floor,
+                               [keep[i] for i in chunk], stats)
         for i, s in zip(chunk, shares):
             out[i] = s
     return out
 
 
-def _teacher_beam(teacher, trie, doc_start_id, texts, K, floor, stats):
+def _teacher_beam(teacher, trie, doc_start_id, texts, K, floor, keep, stats):
     n, L = len(texts), max(map(len, texts))
     dev = teacher.head_weight.device
+    force = forced_flags(keep, texts, L, dev)
     dtype = at_least_fp32(teacher.head_weight.dtype)
     head = trie.sorted_head(teacher.head_weight).to(dtype)
     lo, sorted_ids = trie.lo.to(dev), trie.sorted_ids.to(dev)
     S = n * K
     beam = Beam(n, K, floor, dev)
     owner = beam.owner
-    cache = teacher.new_cache(S, L + 2)
+    cache = teacher.new_cache(S, min(L + 2, L // 4 + 64))  # grows when a hypothesis needs more
     cum = torch.zeros(S, len(sorted_ids) + 1, dtype=torch.float64, device=dev)
     node = torch.zeros(S, dtype=torch.long, device=dev)
     token = torch.full((S,), doc_start_id, dtype=torch.long, device=dev)  # what a pending slot feeds next
@@ -222,6 +279,7 @@ def _teacher_beam(teacher, trie, doc_start_id, texts, K, floor, stats):
         live = beam.alive & active[owner]
         feeding = (live & pending).nonzero()[:, 0]
         if len(feeding):  # hypotheses whose last byte ended a token: the teacher reads it, in one call
+            make_room(cache, feeding, L + 2)
             hidden = teacher(token[feeding, None], cache=cache.select(feeding), return_hidden=True)[:, 0]
             cum[feeding] = trie.cumulative(hidden.to(dtype) @ head.T)
             node[feeding] = 0
@@ -232,7 +290,7 @@ def _teacher_beam(teacher, trie, doc_start_id, texts, K, floor, stats):
         child[r] = torch.stack([q.gather(1, b[:, None]), q.gather(1, b[:, None] + 256)], 1)[..., 0].log()
         walked = torch.zeros_like(node)
         walked[r] = trie.step(node[r], b)  # the unfinished token's bytes with b (a kept child always has one)
-        pending, (src, dst), shares[:, t] = beam.choose(child, active)
+        pending, (src, dst), shares[:, t] = beam.choose(child, active, None if force is None else force[:, t])
         if len(src):
             cache.copy_rows(dst, src)
             cum[dst], walked[dst] = cum[src], walked[src]

@@ -206,6 +206,14 @@ class KVCache:
         self.pos += n
         self._end, self._lo, self._mask = int(self.pos.max()), int(self.pos.min()), None
 
+    def grow(self, max_len):
+        """Room for max_len positions per row, the entries kept (a beam's hypotheses use different numbers)."""
+        pad = max_len - self.max_len
+        if pad > 0:
+            self.k = [F.pad(b, (0, 0, 0, pad)) for b in self.k]
+            self.v = [F.pad(b, (0, 0, 0, pad)) for b in self.v]
+            self.max_len = max_len
+
     def copy_rows(self, dst, src, source=None):
         """Rows dst (R,) take the entries and positions of rows src (R,) of `source` (default: this cache), so that a
         hypothesis can fork (marginal.py's beams). Copies only the slots the source has written."""

@@ -182,3 +182,82 @@ def test_teacher_shares_are_causal(teacher):
         a, b = teacher_beam(teacher, [base, changed], beam=4)
         assert torch.equal(a[:t + 1], b[:t + 1])
         assert not torch.equal(a[t + 1], b[t + 1])
+
+
+def test_a_cache_that_grows_keeps_its_entries(teacher):
+    """KVCache.grow (the beams start their caches small): generation across the growth equals a full forward."""
+    ids = torch.randint(2, 90, (2, 9), generator=torch.Generator().manual_seed(0))
+    cache = teacher.new_cache(2, 4)
+    first = teacher(ids[:, :4], cache=cache)
+    cache.grow(9)
+    rest = teacher(ids[:, 4:], cache=cache)
+    full = teacher(ids)
+    assert torch.allclose(torch.cat([first, rest], 1), full, atol=1e-10)
+
+
+def test_forks_copy_every_cache_row(student):
+    """Texts long enough that hypotheses fork many times and the main network's cache grows past its start: a beam
+    of width 2 equals the same beam run on each text alone, and it is never above the width-1 figure's bits."""
+    texts = [b"the stone then there, and the note is done. " * 4, b"a ring to the chair. " * 6]
+    stats = {}
+    together = marginal_logprobs(student, texts, beam=2, stats=stats)
+    assert stats["forks"] > 20
+    for text, s in zip(texts, together):
+        alone = marginal_logprobs(student, [text], beam=2)[0]
+        assert torch.allclose(s, alone, atol=1e-9)
+        assert beam_sum(s) >= beam_sum(marginal_logprobs(student, [text], beam=1)[0])
+
+
+def test_a_kept_path_is_never_pruned(student):
+    """keep forces one flag sequence into the beam: at width 1 the figure is that path's joint exactly (even the
+    lightest path), and at width 2 it lies between that path and the exact marginal."""
+    for text in TEXTS[:3]:
+        paths = student_paths(student, text)
+        exact = logsumexp(list(paths.values()))
+        lightest = min(paths, key=paths.get)
+        keep = [torch.tensor(lightest)]
+        alone = beam_sum(marginal_logprobs(student, [text], beam=1, keep=keep)[0])
+        assert abs(alone - paths[lightest]) < 1e-9, text
+        two = beam_sum(marginal_logprobs(student, [text], beam=2, floor=0.1, keep=keep)[0])
+        assert paths[lightest] - 1e-12 <= two <= exact + 1e-12 and two > alone
+    with pytest.raises(ValueError, match="flags for a text"):
+        marginal_logprobs(student, [b"ab"], keep=[torch.tensor([True])])
+
+
+def test_teacher_kept_tokenization_is_never_pruned(teacher):
+    """The same for the teacher's beam: kept, any tokenization (here the lightest one that lives) gives its own
+    weight at width 1, and the greedy path's dead end ("the ston") no longer kills the figure."""
+    for text in TEXTS:
+        paths = teacher_paths(teacher, text)
+        lightest = min(paths, key=paths.get)
+        keep = [torch.tensor(lightest)]
+        alone = beam_sum(teacher_beam(teacher, [text], beam=1, keep=keep)[0])
+        assert abs(alone - paths[lightest]) < 1e-9, text
+        two = beam_sum(teacher_beam(teacher, [text], beam=2, floor=0.1, keep=keep)[0])
+        assert paths[lightest] - 1e-12 <= two <= logsumexp(list(paths.values())) + 1e-12
+
+
+def test_joint_sampler_draws_from_the_marginal(teacher):
+    """sample.py's default (ByteGeneration(flags="joint")) at temperature 1 is ancestral sampling of the joint: with
+    the head masked to three byte values, the first 3 bytes of 20,000 samples match the marginal over every flag
+    sequence (the beam at full width; its 27 strings sum to 1) in total variation below 0.02. The greedy-flag rule,
+    which commits to a flag, is told apart."""
+    student = subword_student(teacher)
+    allowed = torch.tensor([ord("a"), ord("t"), ord(" ")])
+    mask = torch.full((512,), -math.inf, dtype=torch.float64)
+    mask[allowed], mask[allowed + 256] = 0.0, 0.0
+    decode = student.decode
+    student.decode = lambda *a, **k: decode(*a, **k) + mask.to(student.head.weight.dtype)
+    strings = [bytes(s) for s in itertools.product(allowed.tolist(), repeat=3)]
+    exact = torch.tensor([beam_sum(s) for s in marginal_logprobs(student, strings, beam=8, floor=math.inf)]).exp()
+    assert abs(float(exact.sum()) - 1) < 1e-5
+    index = {s: i for i, s in enumerate(strings)}
+
+    def tv(flags, n=20_000):
+        gen = ByteGeneration(student, [b""] * n, 3, flags=flags)
+        for _ in gen.run(3, 1.0, None, 1.0, torch.Generator().manual_seed(0)):
+            pass
+        counts = torch.bincount(torch.tensor([index[bytes(r)] for r in gen.x[:, 1:4].tolist()]), minlength=27)
+        return 0.5 * float((counts.double() / n - exact.double()).abs().sum())
+    assert tv("joint") < 0.02
+    assert tv("greedy") > 0.04
