@@ -3,7 +3,7 @@
 # Python standard library's modules) for the SmolLM2-135M teacher, stage 1 (align -> distill -> boundary; the byte
 # head gets the teacher's prior and h the subword embedding, both defaults), stage 2 (decoder warm-up -> end to
 # end), the fidelity benchmark on held-out Hamlet, held-out argparse.py and the Python reference topics (the first
-# 2,000 bytes of each, in windows of 256 tokens, by the late-flag model's proper likelihood), generation speed,
+# 2,000 bytes of each, in windows of 256 tokens, by the byte marginal over patchings), generation speed,
 # samples from the byte model next to the teacher's, a closing table and PNG plots. Budgets are cut to fit 30
 # minutes on 2 cores; every step prints progress.
 set -euo pipefail

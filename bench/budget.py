@@ -13,8 +13,8 @@ The variants (the byte head and how its decoder learns; the input side with or w
   pure_exact  --prior=False plus stage 1's decoder phase (--decoder_bytes, scaled too): the output side learns to
               spell from the teacher's hidden states at the true token ends, 10 x KL to the exact byte targets plus CE
   X_nosub     variant X with --subword=False (the encoder alone makes h)
-Each (variant, scale) runs stage1_kd.py, stage2_sft.py and bench/fidelity.py (the headline: the late-flag model's
-proper likelihood, --greedy=False) as separate processes, one after the other (two CPU-heavy processes at once on
+Each (variant, scale) runs stage1_kd.py, stage2_sft.py and bench/fidelity.py (the headline: the student's marginal over
+patchings, --greedy=False) as separate processes, one after the other (two CPU-heavy processes at once on
 2 cores slow each other down several times). --reuse=1 skips a run whose fidelity JSON already exists, so an
 interrupted study continues. --known=VARIANT:SCALE:FOLDER adds a run made earlier (demo.sh's out/ is prior:1, its
 fidelity.json at the same --max_bytes and --window); its wall time is not known here and shows as "-".
@@ -111,14 +111,14 @@ def main(argv):
             if (variant, float(s)) not in done:
                 rows.append(one_run(cfg, variant, float(s)))
     rows.sort(key=lambda r: (r["variant"], r["scale"]))
-    print("\n| variant | scale | training bytes (budget, both stages) | wall s | text | teacher bpb | student bpb "
+    print("\n| variant | scale | training bytes (budget, both stages) | wall s | text | teacher bpb | student bpb (marginal) "
           "| ratio | token-level ratio | flag F1 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         for name, t in r["texts"].items():
             wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "-"
             print(f"| {r['variant']} | {r['scale']:g} | {r['training_bytes_budget']:,} | {wall} | {name} | "
-                  f"{t['teacher_bpb']:.3f} | {t['student_bpb']:.3f} | {t['ratio']:.2f} | "
+                  f"{t['teacher_bpb']:.3f} | {t['student_bpb_marginal']:.3f} | {t['ratio']:.2f} | "
                   f"{t['student_token_bpb'] / t['teacher_bpb']:.2f} | {t['head_f1']:.3f} |")
     if cfg.json:
         with open(cfg.json, "w") as f:

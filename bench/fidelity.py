@@ -18,12 +18,21 @@ The figures, per text:
   student_token_bpb        the student's main network at the true token ends through the teacher's output layer,
                            token-level: what stage 1 achieved
   student_bpb_true_patches the student's head at the true patches: -log2 p(byte, true flag) (joint, so it cannot
-                           profit from the true flags' lookahead)
-  student_bpb              THE HEADLINE: the proper likelihood of the late-flag byte model, the one sample.py draws
-                           from (decoding.late_flag_logprobs, LateFlagGeneration): each flag decided once the next byte
-                           is known, that byte's probability summed over both flags of the byte before (a flag the
-                           head is sure of, its other value below --eps, decided at once); ratio = student_bpb /
-                           teacher_bpb
+                           profit from the true flags' lookahead): one term of the marginal's sum
+  student_bpb_marginal     THE HEADLINE: the byte marginal over patchings, -log2 sum_e p(bytes, e), of the joint model
+                           that sample.py's default draws from, by a beam of --beam flag prefixes (marginal.py; children
+                           lighter than the heaviest by more than --floor nats dropped, and the true patches always
+                           kept, so that it is never above student_bpb_true_patches): an upper bound on the exact
+                           marginal's bits; ratio = student_bpb_marginal / teacher_bpb
+  teacher_bpb_marginal     the teacher's byte marginal over tokenizations by the same beam over its exact targets
+                           (marginal.teacher_marginal_logprobs), the canonical tokenization always kept (never above
+                           teacher_byte_bpb, so never above teacher_bpb): the fair comparison; ratio_marginal =
+                           student_bpb_marginal / teacher_bpb_marginal
+  student_bpb_late         the proper likelihood of the late-flag byte model
+                           (decoding.late_flag_logprobs, LateFlagGeneration, sample.py --flags=late): each flag decided
+                           once the next byte is known, that byte's probability summed over both flags of the byte
+                           before (a flag the head is sure of, its other value below --eps, decided at once);
+                           ratio_late = student_bpb_late / teacher_bpb
   student_bpb_greedy       with --greedy=True (the default): the proper likelihood of the greedy-flag model
                            (decoding.greedy_flag_logprobs; sample.py --flags=greedy), every flag decided as soon as its
                            byte is drawn, the byte's probability summed over both halves; ratio_greedy beside it. A
@@ -31,7 +40,7 @@ The figures, per text:
   student_bpb_greedy_joint -log2 p(byte, flag used) along the greedy flags: an upper bound (flags as a latent variable)
   student_bpb_lookahead    NOT a likelihood, printed to compare with older figures: summed halves with the patcher's
                            flags, which look at the next byte (one bit of it leaks into the input)
-  F1 of the patcher's ends and of the headline model's flags against the teacher's token ends (each segment's last
+  F1 of the patcher's ends and of the late-flag model's flags against the teacher's token ends (each segment's last
   byte excluded: the patcher is forced to end it, the late model never decides it); bytes per patch under those
   flags against the teacher's bytes per token.
 With --prior_rows=K, an experiment toward a prior that reads fewer rows of the teacher's output layer per patch: the
@@ -40,6 +49,9 @@ default shards/<tokenizer>), plus every one-byte entry so that every byte stays 
 probability 0 (logits -inf before the softmax). Nothing is retrained, and scoring still reads every row: this measures
 what the restriction costs in bits per byte, not its speed (the prior would read K x d_model weights instead of the
 vocabulary's; bench/memory.py counts reads).
+With --study=1,2,4,8,16: the student's and the teacher's marginal at each beam width, with the seconds each took, by
+the beam alone (no path kept: K = 1 is the greedy-flag joint, and a teacher's beam whose every hypothesis reaches a
+dead end, a token prefix that no byte of the text continues, scores inf).
 Default texts: held-out Hamlet (a validation play, never trained on), the held-out argparse.py of the standard
 library (code; the default corpus trains on the other modules) and the Python reference topics (pydoc_data.topics,
 English and code, of a kind the corpus does not hold).
@@ -61,6 +73,8 @@ import cli  # noqa: E402
 import data  # noqa: E402
 import decoding  # noqa: E402
 from decoding import greedy_flag_logprobs, late_flag_logprobs  # noqa: E402
+import marginal  # noqa: E402
+from marginal import marginal_logprobs, teacher_marginal_logprobs  # noqa: E402
 import model  # noqa: E402
 from targets import ByteTrie, exact_byte_targets, next_token_nodes, teacher_greedy_logprobs  # noqa: E402
 from teacher import load_teacher  # noqa: E402
@@ -90,7 +104,8 @@ def segments(aligned, window):
 
 FIGURES = {"teacher": "teacher_bpb", "teacher_byte": "teacher_byte_bpb", "teacher_greedy": "teacher_byte_bpb_greedy",
            "student_token": "student_token_bpb", "student_true_patches": "student_bpb_true_patches",
-           "student": "student_bpb", "student_greedy": "student_bpb_greedy",
+           "student_marginal": "student_bpb_marginal", "teacher_marginal": "teacher_bpb_marginal",
+           "student_late": "student_bpb_late", "student_greedy": "student_bpb_greedy",
            "student_greedy_joint": "student_bpb_greedy_joint", "student_lookahead": "student_bpb_lookahead"}
 
 
@@ -125,16 +140,18 @@ def parallel_figures(student, teacher, trie, tok, seg):
     return {k: float(v) for k, v in nats.items()}, patcher_ends[0, 1:]
 
 
-def score(student, teacher, tok, trie, text, window, greedy=True, eps=decoding.LATE_EPS):
+def score(student, teacher, tok, trie, text, window, **options):
     """One text's figures (see score_texts)."""
-    return score_texts(student, teacher, tok, trie, {"text": text}, window, greedy, eps)["text"]
+    return score_texts(student, teacher, tok, trie, {"text": text}, window, **options)["text"]
 
 
 @torch.no_grad()
-def score_texts(student, teacher, tok, trie, texts, window, greedy=True, eps=decoding.LATE_EPS):
-    """texts {name: str} -> {name: figures}. The byte-by-byte passes (the teacher's greedy flags, the student's late
-    and greedy flags) run over the segments of all texts in one batch: a step costs about the same for 10 rows as for
-    40 on a CPU."""
+def score_texts(student, teacher, tok, trie, texts, window, greedy=True, eps=decoding.LATE_EPS, beam=marginal.BEAM,
+                floor=marginal.FLOOR, study=()):
+    """texts {name: str} -> {name: figures}. The byte-by-byte passes (the marginals' beams, the student's late flags,
+    with greedy the teacher's and the student's greedy flags) run over the segments of all texts in one batch: a step
+    costs about the same for 10 rows as for 40 on a CPU. study: beam widths for the K study (figures "study": {K:
+    {student_bpb_marginal, teacher_bpb_marginal, student_s, teacher_s}})."""
     segs, parts = {}, {}
     for name, text in texts.items():
         aligned = align_document(text, tok)
@@ -143,11 +160,22 @@ def score_texts(student, teacher, tok, trie, texts, window, greedy=True, eps=dec
         segs[name] = (aligned, segments(aligned, window))
     flat = [(name, bytes(seg[0].tolist())) for name, (_, ss) in segs.items() for seg in ss]
     rows = [t for _, t in flat]
+    true_ends = [torch.from_numpy(seg[1].astype(bool)) for _, ss in segs.values() for seg in ss]
     started = time.perf_counter()
 
     def progress(what):
         print(f"  {what}: {len(rows)} segments, {max(map(len, rows)):,} byte steps "
               f"({time.perf_counter() - started:.0f} s so far)", flush=True)
+
+    def beams(K, keep=None):
+        t0 = time.perf_counter()
+        s = marginal_logprobs(student, rows, beam=K, floor=floor, keep=keep)
+        t1 = time.perf_counter()
+        t = teacher_marginal_logprobs(teacher, trie, tok.doc_start_id, rows, beam=K, floor=floor, keep=keep)
+        return s, t, t1 - t0, time.perf_counter() - t1
+    progress(f"the marginals, beam {beam}")
+    student_marginal, teacher_marginal, s_time, t_time = beams(beam, true_ends)
+    timing = {"student_marginal_s": s_time, "teacher_marginal_s": t_time}
     progress("student, late flags")
     student_late = late_flag_logprobs(student, rows, eps)
     teacher_greedy, student_greedy = [None] * len(flat), [None] * len(flat)
@@ -156,20 +184,34 @@ def score_texts(student, teacher, tok, trie, texts, window, greedy=True, eps=dec
         teacher_greedy = teacher_greedy_logprobs(teacher, trie, tok.doc_start_id, rows)
         progress("student, greedy flags")
         student_greedy = greedy_flag_logprobs(student, rows, batch_size=len(flat))
+    studies = {}
+    for K in study:
+        progress(f"the study, beam {K}")
+        studies[K] = beams(K)
     progress("done")
-    for (name, _), tg, sl, sg in zip(flat, teacher_greedy, student_late, student_greedy):
-        parts.setdefault(name, []).append((tg, sl, sg))
-    return {name: text_figures(student, teacher, tok, trie, aligned, ss, parts[name])
-            for name, (aligned, ss) in segs.items()}
+    for (name, _), *passes in zip(flat, teacher_greedy, student_late, student_greedy, student_marginal,
+                                   teacher_marginal):
+        parts.setdefault(name, []).append(passes)
+    out = {}
+    for name, (aligned, ss) in segs.items():
+        out[name] = r = text_figures(student, teacher, tok, trie, aligned, ss, parts[name])
+        r.update(timing)
+        if studies:
+            own = [i for i, (n, _) in enumerate(flat) if n == name]
+            bits = lambda shares: -sum(float(shares[i].sum()) for i in own) / math.log(2) / r["bytes"]  # noqa: E731
+            r["study"] = {K: {"student_bpb_marginal": bits(sm), "teacher_bpb_marginal": bits(tm), "student_s": st,
+                              "teacher_s": tt} for K, (sm, tm, st, tt) in studies.items()}
+    return out
 
 
 def text_figures(student, teacher, tok, trie, aligned, segs, passes):
     """One text's figures from its segments and their byte-by-byte passes [(teacher's greedy flags or None, student's
-    late flags, student's greedy flags or None)]."""
+    late flags, student's greedy flags or None, student's marginal shares, teacher's marginal shares)]."""
     nats, patcher, head, truth = {}, [], [], []
-    for seg, (teacher_greedy, (logp, flags), greedy) in zip(segs, passes):
+    for seg, (teacher_greedy, (logp, flags), greedy, s_marginal, t_marginal) in zip(segs, passes):
         part, patcher_ends = parallel_figures(student, teacher, trie, tok, seg)
-        part["student"] = -logp.double().sum().item()
+        part.update(student_late=-logp.double().sum().item(), student_marginal=-float(s_marginal.sum()),
+                    teacher_marginal=-float(t_marginal.sum()))
         if greedy is not None:
             part.update(teacher_greedy=-teacher_greedy[0].sum().item(), dead_ends=teacher_greedy[2],
                         student_greedy=-greedy[0].double().sum().item(),
@@ -185,7 +227,9 @@ def text_figures(student, teacher, tok, trie, aligned, segs, passes):
     r.update(bytes=n_bytes, tokens=n_tokens, bytes_per_token=n_bytes / n_tokens)
     if "dead_ends" in nats:
         r["teacher_dead_ends"] = int(nats["dead_ends"])
-    r["ratio"] = r["student_bpb"] / r["teacher_bpb"]
+    r["ratio"] = r["student_bpb_marginal"] / r["teacher_bpb"]
+    r["ratio_marginal"] = r["student_bpb_marginal"] / r["teacher_bpb_marginal"]
+    r["ratio_late"] = r["student_bpb_late"] / r["teacher_bpb"]
     if "student_bpb_greedy" in r:
         r["ratio_greedy"] = r["student_bpb_greedy"] / r["teacher_bpb"]
     head, truth = torch.cat(head), torch.cat(truth)
@@ -195,29 +239,43 @@ def text_figures(student, teacher, tok, trie, aligned, segs, passes):
     return r
 
 
-def print_tables(results, eps):
+def print_tables(results, eps, beam):
     greedy = all("student_bpb_greedy" in r for r in results.values())
-    print(f"\n| text | bytes | teacher bpb | student bpb (late flags, eps {eps:g}) | ratio | "
-          + ("student bpb, greedy flags | ratio | " if greedy else "") + "bytes/patch | bytes/token |")
-    print("|---|---|---|---|---|" + ("---|---|" if greedy else "") + "---|---|")
+    print(f"\n| text | bytes | teacher bpb | student bpb (marginal, beam {beam}) | ratio | teacher bpb (marginal) | "
+          "ratio (marginal) | student bpb, late flags | ratio | " + ("greedy flags | ratio | " if greedy else "")
+          + "bytes/patch | bytes/token |")
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if greedy else "") + "---|---|")
     for name, r in results.items():
         extra = f"{r['student_bpb_greedy']:.3f} | {r['ratio_greedy']:.2f} | " if greedy else ""
-        print(f"| {name} | {r['bytes']:,} | {r['teacher_bpb']:.3f} | {r['student_bpb']:.3f} | {r['ratio']:.2f} | "
-              f"{extra}{r['mean_patch_bytes']:.2f} | {r['bytes_per_token']:.2f} |")
-    print("\nwhere the bits go (bits per byte on the same bytes; see the docstring):")
-    print("| text | teacher | teacher byte targets, true flags | "
+        print(f"| {name} | {r['bytes']:,} | {r['teacher_bpb']:.3f} | {r['student_bpb_marginal']:.3f} | "
+              f"{r['ratio']:.3f} | {r['teacher_bpb_marginal']:.3f} | {r['ratio_marginal']:.3f} | "
+              f"{r['student_bpb_late']:.3f} | {r['ratio_late']:.2f} | {extra}{r['mean_patch_bytes']:.2f} | "
+              f"{r['bytes_per_token']:.2f} |")
+    first = next(iter(results.values()))
+    print(f"(the marginals took {first['student_marginal_s']:.0f} s for the student and "
+          f"{first['teacher_marginal_s']:.0f} s for the teacher, all texts together)")
+    print(f"\nwhere the bits go (bits per byte on the same bytes; see the docstring; late flags with eps {eps:g}):")
+    print("| text | teacher | teacher byte targets, true flags | teacher marginal | "
           + ("teacher byte targets, greedy flags (dead ends) | " if greedy else "")
-          + "student token-level | student, true patches (joint) | student, late flags | "
+          + "student token-level | student, true patches (joint) | student marginal | student, late flags | "
           + ("student, greedy flags (joint) | " if greedy else "") + "student lookahead (not a likelihood) "
           "| F1 patcher / late flags |")
-    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if greedy else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if greedy else ""))
     for name, r in results.items():
         t_greedy = f"{r['teacher_byte_bpb_greedy']:.3f} ({r['teacher_dead_ends']}) | " if greedy else ""
         s_greedy = f"{r['student_bpb_greedy']:.3f} ({r['student_bpb_greedy_joint']:.3f}) | " if greedy else ""
-        print(f"| {name} | {r['teacher_bpb']:.3f} | {r['teacher_byte_bpb']:.3f} | {t_greedy}"
-              f"{r['student_token_bpb']:.3f} | {r['student_bpb_true_patches']:.3f} | "
-              f"{r['student_bpb']:.3f} | {s_greedy}{r['student_bpb_lookahead']:.3f} | {r['patcher_f1']:.3f} / "
-              f"{r['head_f1']:.3f} |", flush=True)
+        print(f"| {name} | {r['teacher_bpb']:.3f} | {r['teacher_byte_bpb']:.3f} | {r['teacher_bpb_marginal']:.3f} | "
+              f"{t_greedy}{r['student_token_bpb']:.3f} | {r['student_bpb_true_patches']:.3f} | "
+              f"{r['student_bpb_marginal']:.3f} | {r['student_bpb_late']:.3f} | {s_greedy}"
+              f"{r['student_bpb_lookahead']:.3f} | {r['patcher_f1']:.3f} / {r['head_f1']:.3f} |", flush=True)
+    if "study" in first:
+        print("\nthe beam width (bits per byte of the marginal, and the seconds each pass took over all texts):")
+        print("| beam | " + " | ".join(f"{name}: student | teacher" for name in results) + " | seconds: student | teacher |")
+        print("|---|" + "---|---|" * len(results) + "---|---|")
+        for K, row in first["study"].items():
+            cells = " | ".join(f"{r['study'][K]['student_bpb_marginal']:.4f} | {r['study'][K]['teacher_bpb_marginal']:.4f}"
+                               for r in results.values())
+            print(f"| {K} | {cells} | {row['student_s']:.0f} | {row['teacher_s']:.0f} |", flush=True)
 
 
 @dataclass
@@ -228,6 +286,9 @@ class Config:
     window: int = 512           # tokens per segment, the document-start token included (capped at the teacher's)
     greedy: bool = True         # also the greedy-flag passes: the student's (student_bpb_greedy) and the teacher's
                                 # (teacher_byte_bpb_greedy): where dead ends cost; two more byte-by-byte passes
+    beam: int = marginal.BEAM   # the marginals' beam width (flag prefixes kept per segment)
+    floor: float = marginal.FLOOR  # the beams drop children lighter than their segment's heaviest by more (nats)
+    study: str = ""             # beam widths to compare, e.g. 1,2,4,8,16 (the K study table)
     eps: float = decoding.LATE_EPS  # the late-flag model decides a flag at once when its other value is less likely
     prior_rows: int = 0         # > 0: the student's prior restricted to this many entries (see the docstring)
     shards: str = ""            # where --prior_rows counts token frequencies; default shards/<tokenizer name>
@@ -287,18 +348,25 @@ def main(argv):
              for name, text in texts.items()}
     if not 0 <= cfg.eps < 0.5:
         raise ValueError("--eps must be in [0, 0.5): below it, a flag's other value counts as impossible")
+    study = tuple(int(k) for k in cfg.study.split(",")) if cfg.study else ()
+    if cfg.beam < 1 or any(k < 1 for k in study):
+        raise ValueError("--beam and --study widths must be at least 1")
+    if not cfg.floor > 0:
+        raise ValueError("--floor must be > 0 nats (inf: no floor)")
     if cfg.prior_rows < 0:
         raise ValueError("--prior_rows must be >= 0 (0: the whole vocabulary)")
     if cfg.prior_rows:
         kept, share = restrict_prior(student, tok, cfg.shards or data.default_shard_dir(tok.name), cfg.prior_rows)
         print(f"the student's prior restricted to {kept:,} of {student.scfg.prior_vocab:,} vocabulary entries, "
               f"{share:.2%} of the training shards' tokens (--prior_rows={cfg.prior_rows})")
-    results = score_texts(student, teacher, tok, ByteTrie(tok.id_to_bytes), texts, window, cfg.greedy, cfg.eps)
-    print_tables(results, cfg.eps)
+    results = score_texts(student, teacher, tok, ByteTrie(tok.id_to_bytes), texts, window, cfg.greedy, cfg.eps,
+                          cfg.beam, cfg.floor, study)
+    print_tables(results, cfg.eps, cfg.beam)
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump({"ckpt": cfg.ckpt, "teacher": meta["teacher"], "max_bytes": max_bytes, "window": window,
-                       "eps": cfg.eps, "prior_rows": cfg.prior_rows, "texts": results}, f, indent=2)
+                       "eps": cfg.eps, "beam": cfg.beam, "floor": cfg.floor, "prior_rows": cfg.prior_rows,
+                       "texts": results}, f, indent=2)
     return results
 
 

@@ -22,7 +22,8 @@ import cli  # noqa: E402
 
 # bench/fidelity.py's figures, in the order its docstring explains them (teacher side, then student side)
 FIDELITY_BARS = ("teacher_bpb", "teacher_byte_bpb", "teacher_byte_bpb_greedy", "student_token_bpb",
-                 "student_bpb_true_patches", "student_bpb", "student_bpb_greedy", "student_bpb_lookahead")
+                 "teacher_bpb_marginal", "student_bpb_true_patches", "student_bpb_marginal", "student_bpb_late",
+                 "student_bpb_greedy", "student_bpb_lookahead")
 NOT_PLOTTED = ("phase", "step", "grad_norm")
 
 
@@ -110,7 +111,7 @@ def budget_figure(rows):
         for i, name in enumerate(runs[0]["texts"]):
             label = f"{name} ({variant})"
             left.plot(xs, [r["texts"][name]["ratio"] for r in runs], f"{mark}-", color=f"C{i}", label=label)
-            right.plot(xs, [r["texts"][name]["student_bpb"] for r in runs], f"{mark}-", color=f"C{i}",
+            right.plot(xs, [r["texts"][name]["student_bpb_marginal"] for r in runs], f"{mark}-", color=f"C{i}",
                        label=f"student, {label}")
     for i, name in enumerate(rows[0]["texts"] if rows else []):
         right.axhline(rows[0]["texts"][name]["teacher_bpb"], ls="--", color=f"C{i}", lw=0.8, label=f"teacher, {name}")

@@ -36,15 +36,15 @@ def main(argv):
         for phase, r in results.items():
             rate = f"{r['bytes_per_s']:,.0f}" if r.get("bytes_per_s") else "-"
             print(f"| {phase} | {r['bytes']:,} | {rate} | " + ", ".join(f"{k} {v:.3f}" for k, v in r["val"].items()) + " |")
-    print(f"\n| text | teacher bpb | student bpb (late flags) | ratio | student bpb, greedy flags | ratio "
-          f"| flag F1 | bytes/patch | bytes/token |   (first {fidelity['max_bytes']:,} bytes)")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| text | teacher bpb | teacher bpb (marginal) | student bpb (marginal, beam {fidelity['beam']}) | ratio "
+          f"| student bpb (late flags) | ratio | flag F1 | bytes/patch | bytes/token |   (first "
+          f"{fidelity['max_bytes']:,} bytes)")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, r in fidelity["texts"].items():
-        greedy = (f"{r['student_bpb_greedy']:.3f} | {r['ratio_greedy']:.2f}" if "student_bpb_greedy" in r
-                  else "- | -")
-        print(f"| {name} | {r['teacher_bpb']:.3f} | {r['student_bpb']:.3f} | {r['ratio']:.2f} | {greedy} | "
-              f"{r['head_f1']:.3f} | {r['mean_patch_bytes']:.2f} | {r['bytes_per_token']:.2f} |")
-    print("\n| generation, batch | student bytes/s, greedy flags | student/teacher | late flags (sample.py's default) "
+        print(f"| {name} | {r['teacher_bpb']:.3f} | {r['teacher_bpb_marginal']:.3f} | {r['student_bpb_marginal']:.3f} | "
+              f"{r['ratio']:.3f} | {r['student_bpb_late']:.3f} | {r['ratio_late']:.2f} | {r['head_f1']:.3f} | "
+              f"{r['mean_patch_bytes']:.2f} | {r['bytes_per_token']:.2f} |")
+    print("\n| generation, batch | student bytes/s, greedy flags | student/teacher | late flags "
           "| student/teacher | teacher bytes/s | student bytes/patch | teacher bytes/token |   (the same byte budget)")
     print("|---|---|---|---|---|---|---|---|")
     for b, rate in generate["student_bytes_per_s"].items():

@@ -280,16 +280,21 @@ def test_fidelity_json_against_teacher_and_student_oracles(full, tmp_path):
         fidelity.main([f"--ckpt={ckpt}", f"--text={short}", "--max_bytes=4000", "--greedy=False", f"--json={js}.late"])
     got = json.loads(js.read_text())["texts"]["short.txt"]
     late_only = json.loads((tmp_path / "fidelity.json.late").read_text())["texts"]["short.txt"]
-    assert late_only["student_bpb"] == got["student_bpb"] and late_only["teacher_bpb"] == got["teacher_bpb"]
+    assert late_only["student_bpb_late"] == got["student_bpb_late"] and late_only["teacher_bpb"] == got["teacher_bpb"]
     assert not any("greedy" in k or "dead_ends" in k for k in late_only)
     got_w16 = json.loads((tmp_path / "fidelity.json.w16").read_text())["texts"]["long.txt"]
     for r in (got, got_w16):
         for key in ("teacher_bpb", "teacher_byte_bpb", "teacher_byte_bpb_greedy", "student_token_bpb",
-                    "student_bpb_true_patches", "student_bpb", "student_bpb_greedy", "student_bpb_greedy_joint",
-                    "student_bpb_lookahead", "ratio", "ratio_greedy",
+                    "student_bpb_true_patches", "student_bpb_marginal", "teacher_bpb_marginal", "student_bpb_late",
+                    "student_bpb_greedy", "student_bpb_greedy_joint",
+                    "student_bpb_lookahead", "ratio", "ratio_marginal", "ratio_late", "ratio_greedy",
                     "patcher_f1", "head_f1", "mean_patch_bytes", "bytes_per_token"):
             assert math.isfinite(r[key]), (key, r)
-        assert r["ratio"] == pytest.approx(r["student_bpb"] / r["teacher_bpb"], rel=1e-12)
+        assert r["ratio"] == pytest.approx(r["student_bpb_marginal"] / r["teacher_bpb"], rel=1e-12)
+        assert r["ratio_late"] == pytest.approx(r["student_bpb_late"] / r["teacher_bpb"], rel=1e-12)
+        # the marginals keep the true patches and the canonical tokenization: never above those paths' figures
+        assert r["student_bpb_marginal"] <= r["student_bpb_true_patches"] * (1 + 1e-5)
+        assert r["teacher_bpb_marginal"] <= r["teacher_byte_bpb"] * (1 + 1e-5) <= r["teacher_bpb"] * (1 + 2e-5)
         assert r["ratio_greedy"] == pytest.approx(r["student_bpb_greedy"] / r["teacher_bpb"], rel=1e-12)
 
     # teacher side: one window of [doc_start] + ids, every token scored; and the same in segments of 15 tokens
@@ -318,7 +323,7 @@ def test_fidelity_json_against_teacher_and_student_oracles(full, tmp_path):
     late_logp, late_flags = decoding.late_flag_logprobs(student, [SHORT_TEXT.encode()], decoding.LATE_EPS)[0]
     greedy_logp, greedy_joint, _ = decoding.greedy_flag_logprobs(student, [SHORT_TEXT.encode()])[0]
     n_bytes = len(SHORT_TEXT.encode())
-    assert got["student_bpb"] == pytest.approx(-late_logp.double().sum().item() / math.log(2) / n_bytes, rel=1e-5)
+    assert got["student_bpb_late"] == pytest.approx(-late_logp.double().sum().item() / math.log(2) / n_bytes, rel=1e-5)
     assert got["student_bpb_greedy"] == pytest.approx(-greedy_logp.double().sum().item() / math.log(2) / n_bytes,
                                                       rel=1e-5)
     assert got["student_bpb_greedy_joint"] >= got["student_bpb_greedy"]
