@@ -1,10 +1,13 @@
 """Cached generation from the byte student, and the byte models built on it, each with its proper likelihood.
 
-The 512-way head defines a joint model over bytes and their patch-end flags. A byte model needs a rule for the flags:
-- greedy flags (ByteGeneration, greedy_flag_logprobs): each flag is the half of the head that the sampled index fell in
-  (sampling) or the likelier half for the known byte (scoring);
+The 512-way head defines a joint model over bytes and their patch-end flags. Three byte models come from it:
+- the joint (ByteGeneration(flags="joint"), sample.py's default; its likelihood is marginal.py's sum over every flag
+  sequence, bench/fidelity.py's headline): byte and flag drawn together as one of the 512 entries;
+- greedy flags (ByteGeneration, greedy_flag_logprobs): the byte drawn from the two halves summed, its flag the
+  likelier half for it;
 - late flags (LateFlagGeneration, late_flag_logprobs): each flag decided one byte late, once the next byte is known.
-Each is an exact likelihood of its own byte model: every flag is a function of the bytes already seen.
+The last two are exact likelihoods of byte models of their own (every flag a function of the bytes already seen); each
+commits to one patching while it writes, and pays for that in bits.
 """
 import math
 
@@ -77,13 +80,21 @@ class ByteGeneration:
     position. After that, every flag is the e half of the sampled index. `x[:, :length]` and `ends` record the bytes
     and the boundaries used, so a full forward with those ends reproduces every logit.
 
+    flags: "greedy" (the default) draws the byte from the head's two halves summed (temperature, top_k and top_p act on
+    those 256 byte probabilities; temperature 0 takes the likeliest byte) and gives it the likelier flag; "joint"
+    draws one of the 512 entries, byte and flag together (temperature, top_k and top_p act on the 512 entries;
+    temperature 0 takes the likeliest entry): ancestral sampling of the joint at temperature 1. Teacher-forced
+    bytes (force) take the likelier flag under either rule.
+
     Two ways to drive it: step() gives every row one byte (rows in lockstep; the main network runs at a step for the
     rows that close a patch there), run() lets rows get out of step so that the main network runs once for many rows
     (in a batch nearly every byte closes some row's patch, and a CPU pays the main network's weight reads per call,
     however few rows it takes). Each row's bytes and logits are the same either way; only the order of work differs."""
 
-    def __init__(self, model, prompts, max_new_bytes):
-        self.model = model
+    def __init__(self, model, prompts, max_new_bytes, flags="greedy"):
+        if flags not in ("greedy", "joint"):
+            raise ValueError(f"flags={flags!r}: greedy or joint")
+        self.model, self.joint = model, flags == "joint"
         prompts = [bytes([BOS_BYTE]) + bytes(p) for p in prompts]
         dev = model.head.weight.device
         B, self.lens = len(prompts), torch.tensor([len(p) for p in prompts], device=dev)
@@ -187,13 +198,18 @@ class ByteGeneration:
             prior = m.prior_at(self.cum, rows, node)[:, None]
         logits = m.decode(last[:, None], self.h_last[rows, None], self.y_cur[rows, None], prior=prior,
                           cache=self.dec_cache if everyone else self.dec_cache.select(rows))[:, 0]
-        if force is not None or temperature == 0:  # greedy: the likeliest byte (both halves summed), then its flag
-            new = byte_logprobs(logits).argmax(-1) if force is None else force.to(self.x.device)
-            r = torch.arange(len(rows), device=logits.device)
-            pending = logits[r, new + 256] > logits[r, new]
-        else:
+        if self.joint and force is None:  # one of the 512 entries: the byte and its flag together
             index = sample_from_logits(logits, temperature, top_k, top_p, generator)[:, 0]
             new, pending = index % 256, index >= 256
+        else:  # the byte from both halves summed, then its likelier flag
+            if force is not None:
+                new = force.to(self.x.device)
+            elif temperature == 0:
+                new = byte_logprobs(logits).argmax(-1)
+            else:
+                new = sample_from_logits(byte_logprobs(logits), temperature, top_k, top_p, generator)[:, 0]
+            r = torch.arange(len(rows), device=logits.device)
+            pending = logits[r, new + 256] > logits[r, new]
         self.pending_end[rows], self.waiting[rows] = pending, pending
         self.done[rows] |= new == BOS_BYTE  # 0xFE would start a new document: the row is finished
         self.x[rows, t + 1] = new

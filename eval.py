@@ -10,18 +10,24 @@ cute_spell, cute_count, cute_reverse, cute_contains; the tags blm_local (all six
 Needs lm-eval (bash setup.sh installs it); nothing else in the repo imports it.
 
 How each request is scored (text is normalised by the teacher's tokenizer first, as the training text was):
-  byte student  the late-flag byte model (decoding.LateFlagGeneration: each flag decided once the next byte is known),
-                or with --flags=greedy the greedy-flag one (decoding.ByteGeneration: each flag decided with its byte).
-                loglikelihood: the continuation's proper likelihood given the context bytes: generation's prefill on
-                [0xFE] + context (the patcher decides the context's boundaries except its last byte's, which the
-                model decides: late, or greedy as the likelier half of the head), then each continuation byte
-                teacher-forced. is_greedy: every continuation byte was the likeliest byte.
+  byte student  by default (--flags=marginal) the joint model that sample.py writes from, scored by its byte
+                marginal over patchings (marginal.marginal_logprobs, a beam of --beam flag prefixes: an upper bound
+                on the exact marginal's bits); --flags=late the late-flag byte model (decoding.LateFlagGeneration:
+                each flag decided once the next byte is known), --flags=greedy the greedy-flag one
+                (decoding.ByteGeneration: each flag decided with its byte).
+                loglikelihood: the continuation's likelihood given the context bytes: generation's prefill on
+                [0xFE] + context (the patcher decides the context's boundaries except its last byte's), then the
+                continuation's bytes. marginal: the last context byte's flag and every continuation flag summed
+                over by the beam; late / greedy: that flag decided by the model, each continuation byte
+                teacher-forced. is_greedy: every continuation byte was the likeliest byte (marginal: under the
+                beam's next-byte distribution).
                 loglikelihood_rolling: bench/fidelity.py's windows: the text tokenised once by the teacher, cut into
-                runs of --window - 1 tokens, each run's bytes scored from a fresh document start
-                (decoding.late_flag_logprobs, or greedy_flag_logprobs): bench/fidelity.py's student_bpb (greedy:
-                student_bpb_greedy).
-                generate_until: cached greedy generation, stopped at the first stop string (cut before it), at 0xFE
-                (a new document) or after 4 bytes per max_gen_toks (a token of English is 3 to 4 bytes).
+                runs of --window - 1 tokens, each run's bytes scored from a fresh document start: marginal with the
+                true token ends kept in the beam, as bench/fidelity.py's headline student_bpb_marginal (late:
+                student_bpb_late, greedy: student_bpb_greedy).
+                generate_until: cached generation at the request's temperature (0: the likeliest entry of the joint,
+                or of the late / greedy model), stopped at the first stop string (cut before it), at 0xFE (a new
+                document) or after 4 bytes per max_gen_toks (a token of English is 3 to 4 bytes).
   teacher       our own forward and tokenizer (no transformers at run time); every sequence starts with the
                 document-start token, as in training; the (context, continuation) split as lm-eval's HF model makes
                 it (trailing spaces of the context move to the continuation; the continuation's tokens are those of
@@ -39,6 +45,7 @@ import torch
 import checkpoint
 import cli
 import decoding
+import marginal
 import model as byte_model
 from teacher import check_device, load_teacher, resolve_teacher_dir
 from tokenizer import align_document, load_tokenizer
@@ -81,14 +88,14 @@ def keep_last(data, n):
 
 def rolling_windows(text, tok, window):
     """bench/fidelity.py's segments: the text tokenised once, canonically, cut into runs of window - 1 tokens ->
-    [(segment bytes, the tokens' ids)]. Every text byte lies in exactly one segment."""
+    [(segment bytes, the tokens' ids, each byte's token-end flag)]. Every text byte lies in exactly one segment."""
     aligned = align_document(text, tok)
     ends = aligned.token_end.nonzero()[0]  # byte index of every token's last byte; ends[0] is the document start
     cuts = list(range(0, len(ends), window - 1))  # a segment ends after every window - 1 tokens, and at the end
     if cuts[-1] != len(ends) - 1:
         cuts.append(len(ends) - 1)
-    return [(bytes(aligned.bytes[ends[a] + 1:ends[b] + 1]), aligned.token_id[ends[a + 1:b + 1]].tolist())
-            for a, b in zip(cuts, cuts[1:])]
+    return [(bytes(aligned.bytes[ends[a] + 1:ends[b] + 1]), aligned.token_id[ends[a + 1:b + 1]].tolist(),
+             torch.from_numpy(aligned.token_end[ends[a] + 1:ends[b] + 1].astype(bool))) for a, b in zip(cuts, cuts[1:])]
 
 
 def stop_index(out, stops):
@@ -118,19 +125,23 @@ def parse_gen_kwargs(kwargs, default_max):
 class StudentLM(LM):
     """lm-eval's model for a byte-model checkpoint (see the module docstring for the scoring)."""
 
-    def __init__(self, model, tok, batch_size=16, window=512, flags="late"):
+    def __init__(self, model, tok, batch_size=16, window=512, flags="marginal", beam=marginal.BEAM):
         super().__init__()
-        if flags not in ("late", "greedy"):
-            raise ValueError(f"flags={flags!r}: late or greedy")
-        self.model, self.tok, self.batch_size, self.flags = model, tok, batch_size, flags
+        if flags not in ("marginal", "late", "greedy"):
+            raise ValueError(f"flags={flags!r}: marginal, late or greedy")
+        if int(beam) < 1:
+            raise ValueError(f"beam={beam}: at least 1")
+        self.model, self.tok, self.batch_size, self.flags, self.beam = model, tok, batch_size, flags, int(beam)
         self.window = min(window, model.tcfg.max_seq_len)  # as bench/fidelity.py caps it
         self.max_bytes = min(model.tcfg.max_seq_len, model.scfg.max_bytes) - 1  # a patch is at least one byte
         self._device = model.head.weight.device
 
     @classmethod
-    def load(cls, ckpt, device="cpu", dtype="float32", batch_size=16, window=512, flags="late"):
+    def load(cls, ckpt, device="cpu", dtype="float32", batch_size=16, window=512, flags="marginal",
+             beam=marginal.BEAM):
         student, meta = checkpoint.load_student(ckpt, check_device(device), getattr(torch, dtype))
-        return cls(student, load_tokenizer(resolve_teacher_dir(meta["teacher"])), int(batch_size), int(window), flags)
+        return cls(student, load_tokenizer(resolve_teacher_dir(meta["teacher"])), int(batch_size), int(window), flags,
+                   beam)
 
     @classmethod
     def create_from_arg_string(cls, arg_string, additional_config=None):  # simple_evaluate(model="byte-student")
@@ -141,8 +152,15 @@ class StudentLM(LM):
 
     def score(self, pairs):
         """[(context bytes, continuation bytes)] -> per pair (log p of each continuation byte (n,), whether each was
-        the likeliest byte (n,), the bytes and boundary flags the model used (L,), (L,)), natural log, fp32."""
+        the likeliest byte (n,), the bytes and boundary flags the model used (L,), (L,)), natural log, fp32 (marginal:
+        each byte's share of the beam, float64, and no single flags: None)."""
         out = [None] * len(pairs)
+        if self.flags == "marginal":  # the beam batches its own texts (up to 128 hypotheses in lockstep)
+            ctxs = [keep_last(c, self.max_bytes - len(x)) for c, x in pairs]
+            conts = [x for _, x in pairs]
+            scored = marginal.marginal_logprobs(self.model, conts, self.beam, prompts=ctxs, argmax=True)
+            return [(s, best, torch.tensor([byte_model.BOS_BYTE, *c, *x]), None)
+                    for (s, best), c, x in zip(scored, ctxs, conts)]
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
         for chunk in batches(order, self.batch_size, "byte student: loglikelihood"):
             conts = [pairs[i][1] for i in chunk]
@@ -175,18 +193,25 @@ class StudentLM(LM):
         return [(float(logp.double().sum()), bool(greedy.all())) for logp, greedy, _, _ in self.score(pairs)]
 
     def loglikelihood_rolling(self, requests):
-        segs = [(i, seg) for i, r in enumerate(requests) for seg, _ in rolling_windows(r.args[0], self.tok, self.window)]
+        segs = [(i, seg, ends) for i, r in enumerate(requests)
+                for seg, _, ends in rolling_windows(r.args[0], self.tok, self.window)]
         segs.sort(key=lambda s: -len(s[1]))  # similar lengths share a batch
         totals = [0.0] * len(requests)
+        if self.flags == "marginal":  # the true token ends kept in the beam, as bench/fidelity.py's headline
+            scored = marginal.marginal_logprobs(self.model, [s for _, s, _ in segs], self.beam,
+                                                keep=[e for _, _, e in segs])
+            for (i, _, _), shares in zip(segs, scored):
+                totals[i] += float(shares.sum())
+            return totals
         for chunk in batches(segs, self.batch_size, "byte student: rolling"):
             try:
-                texts = [s for _, s in chunk]
+                texts = [s for _, s, _ in chunk]
                 scored = (decoding.late_flag_logprobs(self.model, texts) if self.flags == "late"
                           else decoding.greedy_flag_logprobs(self.model, texts, self.batch_size))
             except ValueError as e:  # more patches in one window than the main network's context holds
                 raise ValueError(f"{e}: the student closed more patches in a window of {self.window} tokens than the "
                                  f"teacher's context ({self.model.tcfg.max_seq_len}) holds; use a smaller --window") from None
-            for (i, _), (logp, *_) in zip(chunk, scored):
+            for (i, _, _), (logp, *_) in zip(chunk, scored):
                 totals[i] += float(logp.double().sum())
         return totals
 
@@ -212,7 +237,8 @@ class StudentLM(LM):
             gen = decoding.LateFlagGeneration(self.model, prompts, max_new_bytes)
             steps = ((gen.rows, gen.step(temperature)[0]) for _ in range(max_new_bytes))
         else:  # rows out of step; a finished row stops (gen.live)
-            gen = decoding.ByteGeneration(self.model, prompts, max_new_bytes)
+            gen = decoding.ByteGeneration(self.model, prompts, max_new_bytes,
+                                          flags="joint" if self.flags == "marginal" else "greedy")
             steps = ((rows, new) for rows, _, new, _ in gen.run(max_new_bytes, temperature))
         for rows, new in steps:
             for row, b in zip(rows.tolist(), new.tolist()):
@@ -221,7 +247,7 @@ class StudentLM(LM):
                 ended = [s for s in stops if (outs[row] + bytes([b])).endswith(s)]  # every byte: the first occurrence
                 if b == byte_model.BOS_BYTE or ended:  # 0xFE would begin a new document: the text is finished
                     live[row] = False
-                    if self.flags == "greedy":
+                    if self.flags != "late":
                         gen.live[row] = False
                     if ended:
                         del outs[row][len(outs[row]) + 1 - max(map(len, ended)):]
@@ -288,7 +314,7 @@ class TeacherLM(LM):
     def loglikelihood_rolling(self, requests):
         out = []
         for r in tqdm(requests, desc="teacher: rolling", disable=len(requests) < 2):
-            ids = [i for _, seg_ids in rolling_windows(r.args[0], self.tok, self.window) for i in seg_ids]
+            ids = [i for _, seg_ids, _ in rolling_windows(r.args[0], self.tok, self.window) for i in seg_ids]
             out.append(-self.teacher.bits(ids, self.tok.doc_start_id, self.window) * math.log(2) if ids else 0.0)
         return out
 
@@ -335,7 +361,9 @@ class Config:
     device: str = "cpu"        # cpu | cuda
     dtype: str = "float32"     # float32 | bfloat16 (weights and compute)
     window: int = 512          # tokens per rolling window, the document-start token included (bench/fidelity.py)
-    flags: str = "late"        # the byte student's boundary flags: late (the headline model) | greedy
+    flags: str = "marginal"    # the byte student's model: marginal (the joint, summed over patchings: the headline)
+                               # | late | greedy
+    beam: int = marginal.BEAM  # --flags=marginal: flag prefixes kept per text
     bootstrap_iters: int = 1000  # resamples for the standard errors (lm-eval's default is 100,000)
     seed: int = 1234
     json: str = ""             # write the results here
@@ -387,7 +415,7 @@ def main(argv):
     if cfg.ckpt:
         teacher_name = cfg.teacher or checkpoint.read_student_config(cfg.ckpt)[0]["teacher"]
         print(f"== byte student {cfg.ckpt}", flush=True)
-        runs["student"] = evaluate(StudentLM.load(cfg.ckpt, **kwargs, flags=cfg.flags), cfg, manager)
+        runs["student"] = evaluate(StudentLM.load(cfg.ckpt, **kwargs, flags=cfg.flags, beam=cfg.beam), cfg, manager)
         print(make_table(runs["student"]), flush=True)
     if cfg.teacher or cfg.compare:
         teacher_name = cfg.teacher or teacher_name

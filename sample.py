@@ -6,9 +6,15 @@
 
 Output streams as it is generated (batch of one), decoded incrementally as UTF-8 with invalid sequences shown as
 U+FFFD; --raw writes the raw bytes instead. A batch of several prompts/samples prints each sample when done.
-The student samples from its late-flag model by default (decoding.LateFlagGeneration: each boundary flag decided once
-the next byte is known; the model bench/fidelity.py's headline scores); --flags=greedy samples the greedy-flag model
-(decoding.ByteGeneration: each flag decided with its byte, fewer main-network steps, rows out of step in a batch).
+The student writes from its joint model by default (--flags=joint; decoding.ByteGeneration(flags="joint")): each step
+draws one of the head's 512 entries, a byte and whether it ends a patch, so that at --temperature=1 this is ancestral
+sampling of the joint, whose likelihood (the sum over every patching, marginal.py) is bench/fidelity.py's headline.
+The settings --temperature, --top_k and --top_p act on those 512 entries, and --temperature=0 takes the likeliest
+entry. The other two byte models: --flags=greedy draws the byte from the two halves summed and gives it the likelier
+flag (settings act on the 256 byte probabilities; 0 takes the likeliest byte); --flags=late
+(decoding.LateFlagGeneration) decides each flag once the next byte is known (settings act on the 256 bytes of the
+mixture over the open flag). joint and greedy
+run rows out of step in a batch (one main-network call serves many rows); late runs them in lockstep.
 """
 import codecs
 import sys
@@ -39,7 +45,7 @@ class Config:
     num_samples: int = 1
     raw: bool = False
     device: str = "cpu"
-    flags: str = "late"          # the student's boundary flags: late | greedy (see above)
+    flags: str = "joint"         # the student's byte model: joint | greedy | late (see above)
     dtype: str = "auto"          # weights: float32 | bfloat16 | auto (bf16 on CUDA, and on a CPU that a short timing
                                  # at start shows clearly faster in it: AMX / AVX512-BF16; fp32 on AVX2-only CPUs)
 
@@ -96,7 +102,7 @@ def sample_student(cfg, prompts, dtype=torch.float32):
         run = decoding.LateFlagGeneration(student, texts, cfg.max_bytes)
         steps = ((run.rows, run.step(*settings)[0]) for _ in range(cfg.max_bytes))
     else:  # rows out of step (ByteGeneration.run): one main-network call serves many rows
-        run = decoding.ByteGeneration(student, texts, cfg.max_bytes)
+        run = decoding.ByteGeneration(student, texts, cfg.max_bytes, flags=cfg.flags)
         steps = ((rows, new) for rows, _, new, _ in run.run(cfg.max_bytes, *settings))
     streams = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in texts]
     outputs, live = [bytearray() for _ in texts], [True] * len(texts)
@@ -109,7 +115,7 @@ def sample_student(cfg, prompts, dtype=torch.float32):
                 continue
             if b == model.BOS_BYTE:  # 0xFE would begin a new document: not printed
                 live[i] = False
-                if cfg.flags == "greedy":
+                if cfg.flags != "late":
                     run.live[i] = False
                 continue
             outputs[i].append(b)
@@ -171,8 +177,8 @@ def main(argv):
         raise ValueError("--max_bytes and --num_samples must be >= 1 and --temperature >= 0")
     if not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
         raise ValueError("--top_p must be in (0, 1] and --top_k >= 0 (0 = off)")
-    if cfg.flags not in ("late", "greedy"):
-        raise ValueError(f"--flags={cfg.flags!r}: late or greedy")
+    if cfg.flags not in ("joint", "greedy", "late"):
+        raise ValueError(f"--flags={cfg.flags!r}: joint, greedy or late")
     torch.manual_seed(cfg.seed)
     prompts = read_prompts(cfg)
     dtype, why = inference_dtype(cfg.dtype, check_device(cfg.device))

@@ -20,6 +20,7 @@ pytest.importorskip("lm_eval")
 import checkpoint  # noqa: E402
 import decoding  # noqa: E402
 import eval as ev  # noqa: E402
+import marginal  # noqa: E402
 import model  # noqa: E402
 import stage_fixtures as sf  # noqa: E402
 from teacher import load_teacher  # noqa: E402
@@ -66,7 +67,7 @@ def student(teacher_and_tok):
 
 @pytest.fixture(scope="module")
 def student_lm(student, teacher_and_tok):
-    return ev.StudentLM(student, teacher_and_tok[1], batch_size=3)  # late flags, the default
+    return ev.StudentLM(student, teacher_and_tok[1], batch_size=3)  # the marginal over patchings, the default
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,29 @@ def test_loglikelihood_empty_context_is_the_proper_likelihood(flags, student, te
         assert ll == pytest.approx(float(logp.double().sum()), abs=1e-4)
 
 
-@pytest.mark.parametrize("flags", ["late", "greedy"])
+def test_marginal_loglikelihood_equals_the_beam(student64, teacher_and_tok):
+    """The default: loglikelihood is the beam's marginal of the continuation after the context (the context's flags
+    the patcher's, its last byte's summed over; tested against brute force in test_marginal.py), contexts empty, one
+    byte and past the byte blocks' window; is_greedy is every continuation byte being the argmax of the beam's
+    next-byte mixture, checked here at full width against the brute-force mixture of test_marginal.py."""
+    from test_marginal import logsumexp, student_paths
+    pairs = [("", " done"), ("I", "f it"), (TEXT[:90], TEXT[90:110]), (TEXT[:40], " quickly")]
+    lm = ev.StudentLM(student64, teacher_and_tok[1], batch_size=3)
+    got = lm.loglikelihood(requests(*pairs))
+    want = marginal.marginal_logprobs(student64, [c.encode() for _, c in pairs], prompts=[c.encode() for c, _ in pairs])
+    for (ll, _), shares in zip(got, want):
+        assert ll == pytest.approx(float(shares.sum()), abs=1e-9)
+    wide = ev.StudentLM(student64, teacher_and_tok[1], beam=64)
+    ctx, cont = b"I", b"f i"
+    logp, best, _, _ = wide.score([(ctx, cont)])[0]
+    paths = student_paths(student64, cont, ctx)
+    assert float(logp.sum()) == pytest.approx(logsumexp(list(paths.values())), abs=1e-9)
+    for t in range(len(cont)):  # the exact next-byte distribution after ctx + cont[:t]: brute force over the flags
+        scores = [logsumexp(list(student_paths(student64, cont[:t] + bytes([b]), ctx).values())) for b in range(256)]
+        assert bool(best[t]) == (max(range(256), key=scores.__getitem__) == cont[t])
+
+
+@pytest.mark.parametrize("flags", ["marginal", "late", "greedy"])
 def test_loglikelihood_does_not_depend_on_the_batch(flags, student, teacher_and_tok):
     """Contexts longer than the student's reach are cut to fit each request's own continuation, never the longest in
     its batch: a request scores the same alone as in a batch of three."""
@@ -127,7 +150,7 @@ def test_late_loglikelihood_equals_the_late_oracle(student64, teacher_and_tok):
     log-probabilities equal the full-forward oracle of the late-flag model started from the context with the flags
     the patcher gave it, and the flags it decided equal the oracle's."""
     from test_scoring import late_reference
-    lm = ev.StudentLM(student64, teacher_and_tok[1], batch_size=3)
+    lm = ev.StudentLM(student64, teacher_and_tok[1], batch_size=3, flags="late")
     pairs = [(b"", b" done"), (b"I", b"f it"), (TEXT[:90].encode(), TEXT[90:110].encode()),
              (TEXT[:40].encode(), b" quickly")]
     for (ctx, cont), (logp, greedy, x, ends) in zip(pairs, lm.score(pairs)):
@@ -164,8 +187,8 @@ def test_loglikelihood_equals_full_forward_with_the_boundaries_used(student64, t
 
 
 def test_rolling_equals_bench_fidelity(student_lm, teacher_lm, student, teacher_and_tok):
-    """loglikelihood_rolling of both adapters equals bench/fidelity.py's student_bpb and teacher_bpb times the bytes,
-    over several windows (32 tokens each)."""
+    """loglikelihood_rolling of both adapters equals bench/fidelity.py's student_bpb_marginal (the default; late
+    flags: student_bpb_late) and teacher_bpb times the bytes, over several windows (32 tokens each)."""
     fidelity = load_module(os.path.join(sf.REPO, "bench", "fidelity.py"), "fidelity_for_test")
     teacher, tok = teacher_and_tok
     r = fidelity.score(student, teacher, tok, fidelity.ByteTrie(tok.id_to_bytes), TEXT, 32)
@@ -174,15 +197,18 @@ def test_rolling_equals_bench_fidelity(student_lm, teacher_lm, student, teacher_
     try:
         [s_ll], [t_ll] = student_lm.loglikelihood_rolling(requests((TEXT,))), \
             teacher_lm.loglikelihood_rolling(requests((TEXT,)))
+        [late_ll] = ev.StudentLM(student, teacher_and_tok[1], window=32, flags="late").loglikelihood_rolling(
+            requests((TEXT,)))
     finally:
         student_lm.window, teacher_lm.window = old
     assert r["tokens"] > 2 * 31  # several windows, the last one short
     n_bits = r["bytes"] * math.log(2)
-    assert -s_ll / n_bits == pytest.approx(r["student_bpb"], abs=1e-5)
+    assert -s_ll / n_bits == pytest.approx(r["student_bpb_marginal"], abs=1e-5)
+    assert -late_ll / n_bits == pytest.approx(r["student_bpb_late"], abs=1e-5)
     assert -t_ll / n_bits == pytest.approx(r["teacher_bpb"], abs=1e-5)
 
 
-@pytest.mark.parametrize("flags", ["late", "greedy"])
+@pytest.mark.parametrize("flags", ["marginal", "late", "greedy"])
 def test_generate_until_cuts_before_the_first_stop_string(flags, student, teacher_and_tok):
     """Two prompts in one batch: each output is the greedy generation of that prompt alone, cut before the first
     occurrence of a stop string; without a stop string it runs to 4 bytes per max_gen_toks."""
@@ -190,7 +216,8 @@ def test_generate_until_cuts_before_the_first_stop_string(flags, student, teache
     prompts = [b"**MACBETH**  \n", b"If it"]
     full = []
     for p in prompts:
-        gen = (decoding.LateFlagGeneration if flags == "late" else decoding.ByteGeneration)(student_lm.model, [p], 40)
+        gen = (decoding.LateFlagGeneration(student_lm.model, [p], 40) if flags == "late" else
+               decoding.ByteGeneration(student_lm.model, [p], 40, flags="joint" if flags == "marginal" else "greedy"))
         out = bytes(gen.step(0.0)[0].tolist()[0] for _ in range(40))
         full.append(out.split(bytes([model.BOS_BYTE]))[0])  # 0xFE would start a new document: the text ends
     stops = []

@@ -22,7 +22,7 @@ from test_student import build_student, build_teacher
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "To be, or not"
 MAX_BYTES = 20
-SEED = 13  # with this checkpoint (late flags): 20 bytes for PROMPT, the text ending inside a UTF-8 sequence
+SEED = 3  # with this checkpoint (joint model): 20 bytes for PROMPT, the text ending inside a UTF-8 sequence
 BATCH_SEED = 1  # in the batch one row samples 0xFE at once (the oracle below adapts if the model changes; the tests
                 # say where they rely on it)
 BATCH = dict(prompts=["Hi", "Ünïcode"], num_samples=2, max_bytes=12)
@@ -80,6 +80,7 @@ def runs(ckpt, bad_prompt_file):
         "batch_raw": [*batch, "--raw"],
         "error": [*common, f"--prompt_file={bad_prompt_file}"],
         "greedy": [*batch, "--flags=greedy"],
+        "late": [*batch, "--flags=late"],
         "bf16": [*common[:-1], f"--prompt={PROMPT}", f"--seed={SEED}", "--dtype=bfloat16", "--raw"],
     }
     started = {name: Run(args) for name, args in commands.items()}
@@ -90,10 +91,10 @@ def runs(ckpt, bad_prompt_file):
             run.proc.communicate()
 
 
-def expected(ckpt, prompts, max_bytes, seed, flags="late"):
-    """What sample.py must generate at temperature 1 with a generator seeded by --seed: LateFlagGeneration.step in
-    lockstep (the default), or with --flags=greedy ByteGeneration.run (rows out of step); each row stops at its first
-    0xFE (a new document), which is not printed."""
+def expected(ckpt, prompts, max_bytes, seed, flags="joint"):
+    """What sample.py must generate at temperature 1 with a generator seeded by --seed: ByteGeneration.run (rows out
+    of step) with the joint rule (the default) or the greedy one, or with --flags=late LateFlagGeneration.step in
+    lockstep; each row stops at its first 0xFE (a new document), which is not printed."""
     student, _ = load_student(ckpt)
     g = torch.Generator().manual_seed(seed)
     outs, live = [bytearray() for _ in prompts], [True] * len(prompts)
@@ -101,7 +102,7 @@ def expected(ckpt, prompts, max_bytes, seed, flags="late"):
         gen = LateFlagGeneration(student, [p.encode("utf-8") for p in prompts], max_bytes)
         steps = [(gen.rows, gen.step(1.0, None, 1.0, g)[0]) for _ in range(max_bytes)]
     else:
-        gen = ByteGeneration(student, [p.encode("utf-8") for p in prompts], max_bytes)
+        gen = ByteGeneration(student, [p.encode("utf-8") for p in prompts], max_bytes, flags=flags)
         steps = ((rows, new) for rows, _, new, _ in gen.run(max_bytes, 1.0, None, 1.0, g))
     for rows, new in steps:
         for i, b in zip(rows.tolist(), new.tolist()):
@@ -109,7 +110,7 @@ def expected(ckpt, prompts, max_bytes, seed, flags="late"):
                 continue
             if b == BOS_BYTE:
                 live[i] = False
-                if flags == "greedy":
+                if flags != "late":
                     gen.live[i] = False
             else:
                 outs[i].append(b)
@@ -168,11 +169,12 @@ def test_batch_of_prompts_and_samples(runs, ckpt):
     assert out == want
 
 
-def test_greedy_flags_batch(runs, ckpt):
-    """--flags=greedy: the same batch from the greedy-flag model, rows out of step."""
-    out = ok(runs["greedy"]).stdout.decode("utf-8")
+@pytest.mark.parametrize("flags", ["greedy", "late"])
+def test_the_other_byte_models_batch(flags, runs, ckpt):
+    """--flags=greedy (rows out of step) and --flags=late (lockstep): the same batch from the other two byte models."""
+    out = ok(runs[flags]).stdout.decode("utf-8")
     prompts = [p for p in BATCH["prompts"] for _ in range(BATCH["num_samples"])]
-    gens = expected(ckpt, prompts, BATCH["max_bytes"], seed=BATCH_SEED, flags="greedy")
+    gens = expected(ckpt, prompts, BATCH["max_bytes"], seed=BATCH_SEED, flags=flags)
     assert gens != expected(ckpt, prompts, BATCH["max_bytes"], seed=BATCH_SEED)  # the two models told apart
     assert out == "".join(f"--- sample {i}\n" + (p.encode() + g).decode("utf-8", errors="replace") + "\n"
                           for i, (p, g) in enumerate(zip(prompts, gens)))

@@ -234,7 +234,7 @@ def test_generation_equals_full_forward(student):
     The boundaries themselves: the patcher's decisions on the prompt for all prompt bytes but the last; the head's
     more likely e for the last prompt byte (a lone BOS is its own patch); then the e half of each sampled index."""
     n_new = 24
-    gen = ByteGeneration(student, PROMPTS, n_new)
+    gen = ByteGeneration(student, PROMPTS, n_new, flags="joint")
     g = torch.Generator().manual_seed(3)
     step_logits, step_ends = [], []
     for _ in range(n_new):
