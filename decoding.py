@@ -91,7 +91,7 @@ class ByteGeneration:
     (in a batch nearly every byte closes some row's patch, and a CPU pays the main network's weight reads per call,
     however few rows it takes). Each row's bytes and logits are the same either way; only the order of work differs."""
 
-    def __init__(self, model, prompts, max_new_bytes, flags="greedy"):
+    def __init__(self, model, prompts, max_new_bytes, flags="greedy", all_logits=True):
         if flags not in ("greedy", "joint"):
             raise ValueError(f"flags={flags!r}: greedy or joint")
         self.model, self.joint = model, flags == "joint"
@@ -107,17 +107,24 @@ class ByteGeneration:
         self.enc_cache = model.encoder.new_cache(B, total)
         self.dec_cache = model.decoder.new_cache(B, total)
         self.main_cache = model.main.new_cache(B, min(total, model.tcfg.max_seq_len))
-        self.prefill_logits = self._prefill(L)
+        self.prefill_logits = self._prefill(L, all_logits)
 
     @torch.no_grad()
-    def _prefill(self, L):
+    def _prefill(self, L, all_logits=True):
+        """-> per row the logits at its prompt positions but the last (L_i - 1, 512); all_logits=False: only the
+        newest of them (1, 512) (0 rows for a lone 0xFE), the prior computed there alone (what marginal.py needs)."""
         m, x, lens, rows = self.model, self.x[:, :L], self.lens, self.rows
         h = m.encode(x, cache=self.enc_cache, advance=lens)
         t = torch.arange(L, device=x.device)[None]
         ends = (m.boundary_probs(h) > m.scfg.boundary_threshold) & (t < lens[:, None] - 1)
         y, patch_mask = m.run_main(h, ends, cache=self.main_cache)
+        at = (lens - 2).clamp(min=0)  # the position that predicts the newest prompt byte
         logits = m.decode(x, h, m.dechunk(y, ends), cache=self.dec_cache, advance=lens - 1,
-                          prior=m.sequence_prior(x, ends, y, patch_mask))
+                          prior=m.sequence_prior(x, ends, y, patch_mask) if all_logits else None)
+        if not all_logits and m.has_prior:
+            prior = m.prior_scale * m.sequence_prior(x, ends, y, patch_mask, at=at)
+            logits = logits.to(torch.promote_types(logits.dtype, prior.dtype))
+            logits[rows, at] += prior
         counts = ends.sum(1)
         self.y_cur = torch.where((counts > 0)[:, None], y[rows, (counts - 1).clamp(min=0)], m.null_patch.to(y.dtype))
         if m.has_prior:  # the trie node before the newest byte, and each row's current patch distribution
@@ -131,6 +138,8 @@ class ByteGeneration:
         self.h_last = h[rows, lens - 1]
         self.ends[:, :L] = ends
         self.done = torch.zeros_like(lens, dtype=torch.bool)
+        if not all_logits:
+            return [logits[i, at[i]:lens[i] - 1] for i in range(len(lens))]
         return [logits[i, :lens[i] - 1] for i in range(len(lens))]
 
     @torch.no_grad()

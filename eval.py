@@ -2,12 +2,22 @@
 
     python eval.py --ckpt=out/stage2 --tasks=blm_local --limit=50          # the byte student
     python eval.py --teacher=smollm2 --tasks=blm_local --limit=50          # the token teacher (our forward)
-    python eval.py --compare --ckpt=out/stage2 --tasks=blm_local           # both (teacher: the checkpoint's own)
+    python eval.py --compare --ckpt=out/stage2 --tasks=blm_retention       # both (teacher: the checkpoint's own),
+                                                                           # and the retention table
     python eval.py --compare --ckpt=out/stage2 --tasks=hellaswag,arc_easy  # standard tasks, on a machine with the Hub
 
-Local tasks (tasks/*.yaml, built from the held-out plays, no download): shakespeare_cloze, shakespeare_bpb,
-cute_spell, cute_count, cute_reverse, cute_contains; the tags blm_local (all six) and cute_local (the four probes).
+Local tasks (tasks/*.yaml, built by tasks/build.py from held-out text, no download): shakespeare_cloze,
+shakespeare_bpb, cute_spell, cute_count, cute_reverse, cute_contains, and in the formats of the zero-shot suite byte
+models are judged on, lambada_plays (LAMBADA), swag_plays and code_nextline (HellaSwag's form on verse and on code);
+the tags blm_local (all nine), blm_retention (all but shakespeare_bpb) and cute_local (the four probes). Each task
+runs as its own simple_evaluate, timed. --compare prints the retention table: per task and headline metric, both
+models with their standard errors, student/teacher, and the bits per byte of both on the task's own text (the true
+continuations given their contexts); then the mean retention of acc over the multiple-choice tasks.
 Needs lm-eval (bash setup.sh installs it); nothing else in the repo imports it.
+
+Both models split a (context, continuation) request as lm-eval's HF model does: trailing whitespace of the context
+moves to the continuation, so both score the same bytes. A multiple-choice item's choices share their context, and
+both models run it once: the student's beam copies the prefilled context rows (marginal.py), the teacher its cache rows.
 
 How each request is scored (text is normalised by the teacher's tokenizer first, as the training text was):
   byte student  by default (--flags=marginal) the joint model that sample.py writes from, scored by its byte
@@ -30,14 +40,14 @@ How each request is scored (text is normalised by the teacher's tokenizer first,
                 document) or after 4 bytes per max_gen_toks (a token of English is 3 to 4 bytes).
   teacher       our own forward and tokenizer (no transformers at run time); every sequence starts with the
                 document-start token, as in training; the (context, continuation) split as lm-eval's HF model makes
-                it (trailing spaces of the context move to the continuation; the continuation's tokens are those of
-                the whole after the context's); rolling: teacher.bits over the same windows (fidelity's teacher_bpb).
+                it (the continuation's tokens are those of the whole after the context's); rolling: teacher.bits over the same windows (fidelity's teacher_bpb).
 """
 import logging
 import json
 import math
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -62,6 +72,13 @@ from tqdm import tqdm
 
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
 BYTES_PER_GEN_TOKEN = 4  # the byte student's generation limit: this many bytes per max_gen_toks
+
+
+def lm_eval_split(context, continuation):
+    """lm-eval's HF model's split, for both models: trailing whitespace of the context moves to the continuation, so
+    that both score the same text (a verse line's "  \\n" before the next line, say)."""
+    spaces = len(context) - len(context.rstrip())
+    return (context[:-spaces], context[-spaces:] + continuation) if spaces else (context, continuation)
 
 
 def normalized_pair(tok, context, continuation):
@@ -158,7 +175,9 @@ class StudentLM(LM):
         if self.flags == "marginal":  # the beam batches its own texts (up to 128 hypotheses in lockstep)
             ctxs = [keep_last(c, self.max_bytes - len(x)) for c, x in pairs]
             conts = [x for _, x in pairs]
-            scored = marginal.marginal_logprobs(self.model, conts, self.beam, prompts=ctxs, argmax=True)
+            with tqdm(total=len(pairs), desc="byte student: loglikelihood (marginal)", disable=len(pairs) < 2) as bar:
+                scored = marginal.marginal_logprobs(self.model, conts, self.beam, prompts=ctxs, argmax=True,
+                                                    progress=bar)
             return [(s, best, torch.tensor([byte_model.BOS_BYTE, *c, *x]), None)
                     for (s, best), c, x in zip(scored, ctxs, conts)]
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
@@ -189,7 +208,7 @@ class StudentLM(LM):
         return out
 
     def loglikelihood(self, requests):
-        pairs = [normalized_pair(self.tok, *r.args) for r in requests]
+        pairs = [normalized_pair(self.tok, *lm_eval_split(*r.args)) for r in requests]
         return [(float(logp.double().sum()), bool(greedy.all())) for logp, greedy, _, _ in self.score(pairs)]
 
     def loglikelihood_rolling(self, requests):
@@ -198,8 +217,9 @@ class StudentLM(LM):
         segs.sort(key=lambda s: -len(s[1]))  # similar lengths share a batch
         totals = [0.0] * len(requests)
         if self.flags == "marginal":  # the true token ends kept in the beam, as bench/fidelity.py's headline
-            scored = marginal.marginal_logprobs(self.model, [s for _, s, _ in segs], self.beam,
-                                                keep=[e for _, _, e in segs])
+            with tqdm(total=len(segs), desc="byte student: rolling (marginal)", disable=len(segs) < 2) as bar:
+                scored = marginal.marginal_logprobs(self.model, [s for _, s, _ in segs], self.beam,
+                                                    keep=[e for _, _, e in segs], progress=bar)
             for (i, _, _), shares in zip(segs, scored):
                 totals[i] += float(shares.sum())
             return totals
@@ -286,19 +306,29 @@ class TeacherLM(LM):
 
     def encode_pair(self, context, continuation):
         """lm-eval's HF split -> (context ids, continuation ids), after the normaliser."""
-        spaces = len(context) - len(context.rstrip())
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        context, continuation = lm_eval_split(context, continuation)
         whole = self.tok.encode(self.tok.normalize(context + continuation))
         n_context = len(self.tok.encode(self.tok.normalize(context))) if context else 0
         return whole[:n_context], whole[n_context:]
 
     @torch.no_grad()
     def loglikelihood(self, requests):
+        """Requests with the same context (a multiple-choice item's choices) run it once: the context's keys and values
+        are copied to one cache row per continuation, and each continuation runs after them. A pair longer than the
+        context window keeps its last max_seq_len + 1 tokens and is run alone."""
         pairs = [self.encode_pair(*r.args) for r in requests]
-        out, limit = [None] * len(pairs), self.teacher.cfg.max_seq_len
-        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
-        for chunk in batches(order, self.batch_size, "teacher: loglikelihood"):
+        out, limit, groups = [None] * len(pairs), self.teacher.cfg.max_seq_len, {}
+        fits = [0 < len(cont) and 1 + len(ctx) + len(cont) <= limit + 1 for ctx, cont in pairs]
+        for i, (ctx, _) in enumerate(pairs):
+            if fits[i]:
+                groups.setdefault(tuple(ctx), []).append(i)
+        shared = sorted(groups.values(), key=lambda g: -len(pairs[g[0]][0]) - max(len(pairs[i][1]) for i in g))
+        alone = sorted((i for i in range(len(pairs)) if not fits[i]), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+        for chunk in batches(shared, self.batch_size, "teacher: loglikelihood (contexts)"):
+            for i, scored in zip([i for g in chunk for i in g], self.after_contexts(
+                    [[self.tok.doc_start_id] + pairs[g[0]][0] for g in chunk], [[pairs[i][1] for i in g] for g in chunk])):
+                out[i] = scored
+        for chunk in batches(alone, self.batch_size, "teacher: loglikelihood"):
             seqs = [([self.tok.doc_start_id] + pairs[i][0] + pairs[i][1])[-limit - 1:] for i in chunk]
             ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)  # right padding: causal, never read
             for row, s in enumerate(seqs):
@@ -306,10 +336,39 @@ class TeacherLM(LM):
             logp = torch.log_softmax(self.teacher(ids[:, :-1].to(self._device)).float(), -1).cpu()
             for row, (i, s) in enumerate(zip(chunk, seqs)):
                 n = min(len(pairs[i][1]), len(s) - 1)  # a continuation longer than the context window: its end
-                target = torch.tensor(s[len(s) - n:])
-                rows = logp[row, len(s) - 1 - n:len(s) - 1]  # position p predicts token p + 1
-                out[i] = (float(rows.gather(1, target[:, None]).double().sum()), bool((rows.argmax(-1) == target).all()))
+                out[i] = self.judge(logp[row, len(s) - 1 - n:len(s) - 1], s[len(s) - n:])  # position p predicts p + 1
         return out
+
+    @staticmethod
+    def judge(logp, target):
+        """Log-probability rows (n, V) that predict target (n ids) -> (their log-likelihood, whether each was the argmax)."""
+        target = torch.tensor(target)
+        return float(logp.gather(1, target[:, None]).double().sum()), bool((logp.argmax(-1) == target).all())
+
+    def after_contexts(self, contexts, continuations):
+        """contexts: id lists (each starting with the document start); continuations: per context, its id lists (each
+        non-empty) -> (log-likelihood, is_greedy) per continuation, in order. One batched call for the contexts (right
+        padding), their cache rows copied to one row per continuation, one batched call for the continuations."""
+        lengths = torch.tensor([len(c) for c in contexts])
+        owner = torch.tensor([g for g, conts in enumerate(continuations) for _ in conts])
+        conts = [c for cs in continuations for c in cs]
+        n_cont = max(map(len, conts))
+        ctx_cache = self.teacher.new_cache(len(contexts), int(lengths.max()))
+        ids = torch.zeros(len(contexts), int(lengths.max()), dtype=torch.long)
+        for row, c in enumerate(contexts):
+            ids[row, :len(c)] = torch.tensor(c)
+        hidden = self.teacher(ids.to(self._device), cache=ctx_cache, advance=lengths.to(self._device), return_hidden=True)
+        first = self.teacher.logits(hidden[torch.arange(len(contexts)), lengths - 1])  # the output layer where it is read
+        first = torch.log_softmax(first.float(), -1).cpu()  # predicts each continuation's first token
+        cache = self.teacher.new_cache(len(conts), int(lengths.max()) + n_cont)
+        cache.copy_rows(torch.arange(len(conts), device=self._device), owner.to(self._device), ctx_cache)
+        del ctx_cache
+        ids = torch.zeros(len(conts), n_cont, dtype=torch.long)
+        for row, c in enumerate(conts):
+            ids[row, :len(c)] = torch.tensor(c)
+        logp = torch.log_softmax(self.teacher(ids[:, :-1].to(self._device), cache=cache).float(), -1).cpu() \
+            if n_cont > 1 else torch.zeros(len(conts), 0, first.shape[-1])
+        return [self.judge(torch.cat([first[owner[row], None], logp[row, :len(c) - 1]]), c) for row, c in enumerate(conts)]
 
     def loglikelihood_rolling(self, requests):
         out = []
@@ -378,14 +437,6 @@ def task_manager(cfg):
     return local if all(t in local.all_tasks for t in wanted) else TaskManager(include_path=paths)
 
 
-def evaluate(lm, cfg, manager):
-    limit = None if cfg.limit <= 0 else int(cfg.limit) if cfg.limit >= 1 else cfg.limit
-    return simple_evaluate(model=lm, tasks=[t for t in cfg.tasks.split(",") if t], task_manager=manager,
-                           num_fewshot=None if cfg.num_fewshot < 0 else cfg.num_fewshot, limit=limit,
-                           bootstrap_iters=cfg.bootstrap_iters, log_samples=False, random_seed=cfg.seed,
-                           numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
-
-
 def figures(results):
     """{(task, metric): value} from lm-eval's results (no stderr, no alias)."""
     return {(task, key.split(",")[0]): value for task, r in results["results"].items() for key, value in r.items()
@@ -399,6 +450,108 @@ def print_side_by_side(teacher_results, student_results, teacher_name, ckpt):
     for key in sorted(t.keys() | s.keys()):
         cells = [f"{d[key]:.4f}" if key in d else "-" for d in (t, s)]
         print(f"| {key[0]} | {key[1]} | {cells[0]} | {cells[1]} |", flush=True)
+
+
+def leaf_tasks(manager, names):
+    """The comma-separated names, each tag expanded into its tasks (in index order); a group or task stays whole."""
+    out = []
+    for name in (t for t in names.split(",") if t):
+        members = [t for t, e in manager.task_index.items() if name in e.tags] if name in manager.all_tags else [name]
+        out += [t for t in members if t not in out]
+    return out
+
+
+def evaluate(lm, cfg, manager, label):
+    """simple_evaluate once per task (so that each has its wall time), the results merged; samples are logged for
+    the bits per byte of each task's own text (own_text_bits)."""
+    limit = None if cfg.limit <= 0 else int(cfg.limit) if cfg.limit >= 1 else cfg.limit
+    merged, seconds = {}, {}
+    for task in leaf_tasks(manager, cfg.tasks):
+        start = time.perf_counter()
+        r = simple_evaluate(model=lm, tasks=[task], task_manager=manager,
+                            num_fewshot=None if cfg.num_fewshot < 0 else cfg.num_fewshot, limit=limit,
+                            bootstrap_iters=cfg.bootstrap_iters, log_samples=True, random_seed=cfg.seed,
+                            numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
+        seconds[task] = time.perf_counter() - start
+        print(f"{label}: {task} in {seconds[task]:,.0f} s", flush=True)
+        for key, value in r.items():
+            if isinstance(value, dict):
+                merged.setdefault(key, {}).update(value)
+    merged["seconds"] = seconds
+    return merged
+
+
+def own_text_bits(samples):
+    """The proper-likelihood bits per byte of a task's own text, from its logged samples: each item's true
+    continuation (multiple choice: the gold choice; loglikelihood: the target; rolling: the document) given its
+    context, over the UTF-8 bytes of those continuations as lm-eval splits them -> bits per byte, or None where the
+    task scores no likelihood (generation)."""
+    nats, n_bytes = 0.0, 0
+    for sample in samples:
+        args, resps = sample["arguments"], sample["filtered_resps"]
+        if not args or len(args[0]) != 2 or isinstance(args[0][1], dict):
+            if args and len(args[0]) == 1:  # rolling: the whole document
+                nats, n_bytes = nats - float(resps[0]), n_bytes + len(args[0][0].encode("utf-8"))
+                continue
+            return None
+        gold = int(sample["target"]) if len(args) > 1 else 0
+        ll = resps[gold][0] if isinstance(resps[gold], (list, tuple)) else resps[gold]
+        nats, n_bytes = nats - float(ll), n_bytes + len(args[gold][1].encode("utf-8"))
+    return nats / math.log(2) / n_bytes if n_bytes else None
+
+
+HEADLINE = {"multiple_choice": ("acc", "acc_norm"), "loglikelihood": ("acc", "perplexity"),
+            "generate_until": ("exact_match",), "loglikelihood_rolling": ("bits_per_byte",)}
+LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity")
+
+
+def retention(teacher, student):
+    """The retention table: per task and headline metric, teacher and student with lm-eval's standard errors, and
+    student/teacher (for a lower-is-better figure teacher/student; its standard error by the delta method with the
+    two taken as independent, an overestimate: both models answer the same items), beside the bits per byte of
+    each on the task's own text. -> (rows, mean retention over the multiple-choice tasks' acc, those tasks)."""
+    rows = []
+    for task in sorted(teacher["results"].keys() & student["results"].keys()):
+        kind = teacher.get("configs", {}).get(task, {}).get("output_type")
+        t, s = teacher["results"][task], student["results"][task]
+        bits = [own_text_bits(run.get("samples", {}).get(task, [])) for run in (teacher, student)]
+        for metric in HEADLINE.get(kind, ()):
+            if f"{metric},none" not in t or f"{metric},none" not in s:
+                continue
+            (tv, tse), (sv, sse) = ((d[f"{metric},none"], d.get(f"{metric}_stderr,none")) for d in (t, s))
+            lower = metric in LOWER_IS_BETTER
+            ratio = (tv / sv if sv else float("nan")) if lower else (sv / tv if tv else float("nan"))
+            se = None
+            if isinstance(tse, (int, float)) and isinstance(sse, (int, float)) and tv and sv:
+                se = abs(ratio) * math.sqrt((tse / tv) ** 2 + (sse / sv) ** 2)
+            rows.append({"task": task, "kind": kind, "metric": metric, "n": teacher.get("n-samples", {}).get(task, {})
+                         .get("effective"), "teacher": tv, "teacher_se": tse, "student": sv, "student_se": sse,
+                         "retention": ratio, "retention_se": se, "teacher_bpb": bits[0], "student_bpb": bits[1]})
+    mc = [r for r in rows if r["kind"] == "multiple_choice" and r["metric"] == "acc"]
+    mean = sum(r["retention"] for r in mc) / len(mc) if mc else None
+    return rows, mean, [r["task"] for r in mc]
+
+
+def retention_text(rows, mean, mc_tasks, seconds=None):
+    """The retention table as markdown (eval.py prints it, and writes it to --json for bench/summary.py)."""
+    def cell(v, se=None):
+        if not isinstance(v, (int, float)):
+            return "-"
+        return f"{v:.3f}" + (f" ± {se:.3f}" if isinstance(se, (int, float)) else "")
+    lines = ["| task | n | metric | teacher | student | student/teacher | teacher bpb | student bpb |"
+             + (" seconds (teacher, student) |" if seconds else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if seconds else "")]
+    for r in rows:
+        times = ""
+        if seconds:
+            times = " " + ", ".join(f"{seconds[k].get(r['task'], 0):,.0f}" for k in ("teacher", "student")) + " |"
+        lines.append(f"| {r['task']} | {r['n'] or '-'} | {r['metric']} | {cell(r['teacher'], r['teacher_se'])} | "
+                     f"{cell(r['student'], r['student_se'])} | {cell(r['retention'], r['retention_se'])} | "
+                     f"{cell(r['teacher_bpb'])} | {cell(r['student_bpb'])} |{times}")
+    if mean is not None:
+        lines.append(f"\nmean retention (acc) over the {len(mc_tasks)} multiple-choice tasks ({', '.join(mc_tasks)}): "
+                     f"{mean:.3f}")
+    return "\n".join(lines)
 
 
 def main(argv):
@@ -415,19 +568,29 @@ def main(argv):
     if cfg.ckpt:
         teacher_name = cfg.teacher or checkpoint.read_student_config(cfg.ckpt)[0]["teacher"]
         print(f"== byte student {cfg.ckpt}", flush=True)
-        runs["student"] = evaluate(StudentLM.load(cfg.ckpt, **kwargs, flags=cfg.flags, beam=cfg.beam), cfg, manager)
+        lm = StudentLM.load(cfg.ckpt, **kwargs, flags=cfg.flags, beam=cfg.beam)
+        runs["student"] = evaluate(lm, cfg, manager, "byte student")
         print(make_table(runs["student"]), flush=True)
     if cfg.teacher or cfg.compare:
         teacher_name = cfg.teacher or teacher_name
         print(f"== teacher {teacher_name}", flush=True)
-        runs["teacher"] = evaluate(TeacherLM.load(teacher_name, **kwargs), cfg, manager)
+        runs["teacher"] = evaluate(TeacherLM.load(teacher_name, **kwargs), cfg, manager, "teacher")
         print(make_table(runs["teacher"]), flush=True)
+    table = None
     if cfg.compare:
         print_side_by_side(runs["teacher"], runs["student"], teacher_name, cfg.ckpt)
+        table = retention(runs["teacher"], runs["student"])
+        text = retention_text(*table, seconds={k: r["seconds"] for k, r in runs.items()})
+        print("\n" + text, flush=True)
+        print(f"student scored by --flags={cfg.flags}" + (f" (beam {cfg.beam})" if cfg.flags == "marginal" else "")
+              + "; ± one standard error (lm-eval's bootstrap or closed form)", flush=True)
     if cfg.json:
+        report = {"config": asdict(cfg), **{k: {key: r.get(key) for key in ("results", "n-samples", "seconds")}
+                                            for k, r in runs.items()}}
+        if table:
+            report["retention"] = {"rows": table[0], "mean_mc_acc": table[1], "mc_tasks": table[2], "table": text}
         with open(cfg.json, "w") as f:
-            json.dump({"config": asdict(cfg), **{k: {"results": r["results"], "n-samples": r.get("n-samples")}
-                                                  for k, r in runs.items()}}, f, indent=2, default=str)
+            json.dump(report, f, indent=2, default=str)
     return runs
 
 

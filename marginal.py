@@ -116,53 +116,70 @@ def forced_flags(keep, texts, L, device):
     return force
 
 
-def chunks(lengths, per_chunk):
-    """Indices of texts grouped per_chunk at a time, longest first (similar lengths share a lockstep batch)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+def chunks(lengths, per_chunk, groups=None):
+    """Indices of texts grouped per_chunk at a time, longest first (similar lengths share a lockstep batch); with
+    groups (a key per text), a group's texts are next to each other (ordered by the group's longest)."""
+    if groups is None:
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    else:
+        longest = {}
+        for g, n in zip(groups, lengths):
+            longest[g] = max(longest.get(g, 0), n)
+        first = {g: i for i, g in reversed(list(enumerate(groups)))}
+        order = sorted(range(len(lengths)), key=lambda i: (-longest[groups[i]], first[groups[i]], -lengths[i]))
     return [order[i:i + per_chunk] for i in range(0, len(order), per_chunk)]
 
 
 @torch.no_grad()
 def marginal_logprobs(model, texts, beam=BEAM, floor=FLOOR, prompts=None, keep=None, slots=128, stats=None,
-                      argmax=False):
+                      argmax=False, progress=None):
     """The student's byte marginal over patchings, by the beam (see the module docstring). texts: byte strings, each
     scored from a fresh document start (0xFE), or after its prompt (prompts: byte strings; the prompt's flags are the
     patcher's, its last byte's flag is summed over with the head's two halves as weights). Texts go in lockstep
-    batches of at most `slots` hypotheses (slots // beam texts). keep: per text, flags (len(text),) of one path that
+    batches of at most `slots` hypotheses (slots // beam texts); texts with the same prompt (the choices of a
+    multiple-choice item) share a batch where they fit, and their prompt is prefilled once and copied. keep: per text, flags (len(text),) of one path that
     the beam keeps whatever its weight (the prompt's last byte ends a patch on it), so that the figure is never worse
     than that path's joint (bench/fidelity.py keeps the true patches); causal only if those flags are. -> per text,
     each byte's share (n,) float64, natural log: their sum is log A_n, the text's figure; with argmax, (shares,
     whether each byte was the likeliest under the beam's predictive distribution (n,) bool: the kept hypotheses'
     byte probabilities, both flags summed, mixed by their weights). stats (a dict): adds main-network row steps,
-    decoder row steps and forks."""
+    decoder row steps and forks. progress (e.g. a tqdm bar): its update(n) is called as each batch of n texts ends."""
     prompts = [b""] * len(texts) if prompts is None else prompts
     keep = [None] * len(texts) if keep is None else keep
     out = [None] * len(texts)
-    for chunk in chunks([len(t) for t in texts], max(1, slots // beam)):
+    for chunk in chunks([len(t) for t in texts], max(1, slots // beam), prompts):
         shares = _student_beam(model, [texts[i] for i in chunk], [prompts[i] for i in chunk], beam, floor,
                                [keep[i] for i in chunk], stats, argmax)
         for i, s in zip(chunk, shares):
             out[i] = s
+        if progress is not None:
+            progress.update(len(chunk))
     return out
 
 
 def _student_beam(m, texts, prompts, K, floor, keep, stats, argmax):
     n, L = len(texts), max(map(len, texts))
-    gen = ByteGeneration(m, prompts, max(L, 1))  # the prompts' prefill: their caches, flags and newest states
+    unique = list(dict.fromkeys(prompts))  # each distinct prompt prefilled once: its caches, flags and newest states
+    gen = ByteGeneration(m, unique, max(L, 1), all_logits=False)
     dev, prior, S = gen.x.device, m.has_prior, n * K
+    src = torch.tensor([unique.index(p) for p in prompts], device=dev)  # each text's prefill row
     force = forced_flags(keep, texts, L, dev)
     beam = Beam(n, K, floor, dev)
     first = torch.arange(n, device=dev) * K
     cap = gen.main_cache.max_len  # the main network's KV cache starts small and grows: most hypotheses patch sparsely
     main = m.main.new_cache(S, min(cap, int(gen.main_cache.pos.max()) + L // 4 + 64))
-    main.copy_rows(first, gen.rows, gen.main_cache)
+    main.copy_rows(first, src, gen.main_cache)
     dec = m.decoder.new_cache(S, gen.dec_cache.max_len)
-    dec.copy_rows(first, gen.rows, gen.dec_cache)
+    dec.copy_rows(first, src, gen.dec_cache)
     owner = beam.owner
-    y = gen.y_cur[owner].clone()
-    cum, node = (gen.cum[owner].clone(), gen.node[owner].clone()) if prior else (None, None)
-    x, lens, h_last, enc = gen.x, gen.lens, gen.h_last, gen.enc_cache
-    del gen.main_cache, gen.dec_cache
+    y = gen.y_cur[src][owner].clone()
+    cum, node = (gen.cum[src][owner].clone(), gen.node[src][owner].clone()) if prior else (None, None)
+    x, lens, h_last = gen.x[src].clone(), gen.lens[src].clone(), gen.h_last[src].clone()
+    enc = m.encoder.new_cache(n, gen.enc_cache.max_len)
+    enc.copy_rows(torch.arange(n, device=dev), src, gen.enc_cache)
+    prefill_logits = [gen.prefill_logits[i] for i in src.tolist()]
+    rows = torch.arange(n, device=dev)
+    del gen
 
     def fork(src, dst):
         if len(src):
@@ -175,9 +192,9 @@ def _student_beam(m, texts, prompts, K, floor, keep, stats, argmax):
                 stats["forks"] = stats.get("forks", 0) + len(src)
 
     # the newest prompt byte's flag (a lone 0xFE is its own patch): its two values are the first two children
-    last = x[gen.rows, lens - 1]
+    last = x[rows, lens - 1]
     log_e = torch.full((S, 2), -math.inf, dtype=torch.float64, device=dev)
-    for i, logits in enumerate(gen.prefill_logits):
+    for i, logits in enumerate(prefill_logits):
         if len(logits):
             two = torch.stack([logits[-1, last[i]], logits[-1, last[i] + 256]]).to(torch.float64)
             log_e[i * K] = torch.log_softmax(two, 0)

@@ -274,15 +274,18 @@ class ByteLM(nn.Module):
         y, patch_mask = self.run_main(h, ends)
         return self.decode(x, h, self.dechunk(y, ends), prior=self.sequence_prior(x, ends, y, patch_mask)), p, ends
 
-    def sequence_prior(self, x, ends, y, patch_mask):
+    def sequence_prior(self, x, ends, y, patch_mask, at=None):
         """log_prior for every position of (B, T) bytes with patch ends and run_main's outputs -> (B, T, 512), or
-        None for the pure learned head."""
+        None for the pure learned head; at (B,): one position per row only -> (B, 512)."""
         if not self.has_prior:
             return None
         counts = patch_mask.sum(1)
         first = counts.cumsum(0) - counts  # each row's offset among the real patches
         rows = (ends.long().cumsum(1) - 1 + first[:, None]).clamp(min=0)
         nodes = patch_prefix_nodes(self.vocab.trie, x, ends)
+        if at is not None:
+            b = torch.arange(len(at), device=at.device)
+            return self.log_prior(y[patch_mask], rows[b, at], nodes[b, at])
         return self.log_prior(y[patch_mask], rows.reshape(-1), nodes.reshape(-1)).view(*x.shape, 512)
 
 

@@ -8,8 +8,10 @@
                 bytes, one bar group per figure, one bar per text
   budget.png    bench/budget.py's study (its --json): student/teacher ratio and both models' bits per byte against
                 training bytes
+  retention.png eval.py --compare's retention table (its --json): per task the teacher's and the student's score
+                (accuracy or exact match) with one standard error, and student/teacher with the multiple-choice mean
 Defaults: --runs = every folder under --out with a metrics.jsonl (out/stage1, out/stage2); --fidelity =
-out/fidelity.json and --budget = out/budget.json where they exist. Needs matplotlib (setup.sh installs it).
+out/fidelity.json, --budget = out/budget.json and --eval = out/eval.json where they exist. Needs matplotlib (setup.sh installs it).
 """
 import json
 import math
@@ -128,12 +130,43 @@ def budget_figure(rows):
     return fig
 
 
+def retention_figure(report):
+    """eval.py --json's retention rows with a score in [0, 1] (acc, exact_match; acc_norm left out)."""
+    plt = pyplot()
+    rows = [r for r in report["retention"]["rows"] if r["metric"] in ("acc", "exact_match")]
+    if not rows:
+        raise ValueError("the eval report has no accuracy rows to draw")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = list(range(len(rows)))
+    for k, (who, shift) in enumerate((("teacher", -0.2), ("student", 0.2))):
+        left.bar([i + shift for i in x], [r[who] for r in rows], 0.4, label=who,
+                 yerr=[r[f"{who}_se"] or 0 for r in rows], capsize=3)
+    right.bar(x, [r["retention"] for r in rows], 0.6, yerr=[r["retention_se"] or 0 for r in rows], capsize=3,
+              color="tab:green")
+    right.axhline(1.0, color="gray", lw=1)
+    mean = report["retention"].get("mean_mc_acc")
+    if mean is not None:
+        right.axhline(mean, color="tab:red", ls="--", lw=1, label=f"multiple-choice mean {mean:.3f}")
+        right.legend(fontsize=8)
+    for ax, title in ((left, "score (one standard error)"), (right, "student / teacher")):
+        ax.set_xticks(x)
+        ax.set_xticklabels([f"{r['task']}\n{r['metric']}" for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="y")
+    left.legend(fontsize=8)
+    limit = report.get("config", {}).get("limit") or 0
+    fig.suptitle("task retention (eval.py --compare)" + (f", first {limit:g} items per task" if limit else ""))
+    fig.tight_layout()
+    return fig
+
+
 @dataclass
 class Config:
     out: str = "out"        # where the PNGs go, and where the default inputs are looked for
     runs: str = ""          # comma-separated stage out_dirs; default: every folder under --out with a metrics.jsonl
     fidelity: str = ""      # bench/fidelity.py --json output; default: out/fidelity.json if it exists
     budget: str = ""        # bench/budget.py --json output; default: out/budget.json if it exists
+    eval: str = ""          # eval.py --compare --json output; default: out/eval.json if it exists
 
 
 def main(argv):
@@ -142,15 +175,18 @@ def main(argv):
         os.path.join(cfg.out, d) for d in os.listdir(cfg.out) if os.path.isfile(os.path.join(cfg.out, d, "metrics.jsonl")))
     fidelity = cfg.fidelity or (os.path.join(cfg.out, "fidelity.json") if os.path.exists(os.path.join(cfg.out, "fidelity.json")) else "")
     budget = cfg.budget or (os.path.join(cfg.out, "budget.json") if os.path.exists(os.path.join(cfg.out, "budget.json")) else "")
+    report = cfg.eval or (os.path.join(cfg.out, "eval.json") if os.path.exists(os.path.join(cfg.out, "eval.json")) else "")
     figures = {}
     if runs:
         figures["training.png"] = training_figure(runs)
-    for name, path, draw in (("fidelity.png", fidelity, fidelity_figure), ("budget.png", budget, budget_figure)):
+    for name, path, draw in (("fidelity.png", fidelity, fidelity_figure), ("budget.png", budget, budget_figure),
+                             ("retention.png", report, retention_figure)):
         if path:
             with open(path) as f:
                 figures[name] = draw(json.load(f))
     if not figures:
-        raise FileNotFoundError(f"nothing to plot under {cfg.out}: no metrics.jsonl, fidelity.json or budget.json")
+        raise FileNotFoundError(f"nothing to plot under {cfg.out}: no metrics.jsonl, fidelity.json, budget.json "
+                                "or eval.json")
     os.makedirs(cfg.out, exist_ok=True)
     for name, fig in figures.items():
         path = os.path.join(cfg.out, name)

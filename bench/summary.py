@@ -1,6 +1,7 @@
 """The demo's closing table, from what the steps before it wrote (no new measurement):
 out/stage1/config.json and out/stage2/config.json (training bytes/s and validation figures), out/fidelity.json (bits per
-byte of teacher and student on held-out text) and out/generate.json (generation bytes/s).
+byte of teacher and student on held-out text), out/generate.json (generation bytes/s) and, where it exists,
+out/eval.json (eval.py --compare's retention table).
 
     python bench/summary.py [--out=out]
 """
@@ -44,13 +45,21 @@ def main(argv):
         print(f"| {name} | {r['teacher_bpb']:.3f} | {r['teacher_bpb_marginal']:.3f} | {r['student_bpb_marginal']:.3f} | "
               f"{r['ratio']:.3f} | {r['student_bpb_late']:.3f} | {r['ratio_late']:.2f} | {r['head_f1']:.3f} | "
               f"{r['mean_patch_bytes']:.2f} | {r['bytes_per_token']:.2f} |")
-    print("\n| generation, batch | student bytes/s, greedy flags | student/teacher | late flags "
-          "| student/teacher | teacher bytes/s | student bytes/patch | teacher bytes/token |   (the same byte budget)")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| generation, batch | student bytes/s (joint, sample.py's default) | student/teacher | greedy flags "
+          "| student/teacher | late flags | student/teacher | teacher bytes/s | student bytes/patch | teacher bytes/token "
+          "|   (the same byte budget)")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for b, rate in generate["student_bytes_per_s"].items():
-        print(f"| {b} | {rate:,.1f} | {generate['ratio'][b]:.2f} | {generate['late_bytes_per_s'][b]:,.1f} | "
+        print(f"| {b} | {rate:,.1f} | {generate['ratio'][b]:.2f} | {generate['greedy_bytes_per_s'][b]:,.1f} | "
+              f"{generate['greedy_ratio'][b]:.2f} | {generate['late_bytes_per_s'][b]:,.1f} | "
               f"{generate['late_ratio'][b]:.2f} | {generate['teacher_bytes_per_s'][b]:,.1f} | "
               f"{generate['student_patch_bytes'][b]:.2f} | {generate['teacher_generated_bytes_per_token'][b]:.2f} |")
+    if os.path.exists(f"{out}/eval.json"):
+        report = load(f"{out}/eval.json")
+        limit = report["config"]["limit"]
+        print(f"\n== task retention (eval.py --compare, student --flags={report['config']['flags']}"
+              + (f", a subset: the first {limit:g} items of each task)" if limit else ", every item)"))
+        print(report["retention"]["table"])
 
 
 if __name__ == "__main__":

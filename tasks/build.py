@@ -14,6 +14,14 @@ needs to be run by hand or committed.
   cute_spell, cute_count, cute_reverse   generation, few-shot, in the style of CUTE (Edman et al. 2024,
                       arXiv 2409.15452): spell a word with spaces, count a letter in it, write it backwards (exact match)
   cute_contains       multiple choice: which of four words contains a given letter (acc)
+
+The retention suite (tag blm_retention; the formats of the zero-shot suite byte models are judged on):
+  lambada_plays       LAMBADA-style: the last word of a speech in a held-out play, given at least 400 bytes of the text
+                      before it (acc: greedy decoding writes the word; perplexity)
+  swag_plays          HellaSwag-style: the next verse line of a held-out play among 4, the distractors other lines of
+                      the same play of about its length (acc, acc_norm)
+  code_nextline       the same form on the held-out standard-library modules: the next line of code among 4, the
+                      distractors other lines of the same module with its indentation and about its length
 """
 import json
 import os
@@ -34,6 +42,12 @@ BPB_PLAY = "hamlet"       # the rolling task scores the play bench/fidelity.py s
 BPB_DOC_BYTES = 2000      # a document ends at the first blank line after this many bytes
 N_CUTE, N_SHOTS = 200, 20  # test items per probe, and the few-shot pool (training split) drawn from other words
 LINE_END_WORD = re.compile(r"(?<= )([a-z]{4,})[,.;:!?']*  \n")  # the last word of a verse line (before the break)
+N_ITEMS = 500             # items per retention task
+LAMBADA_CONTEXT = 400     # bytes of text before the hidden word, at least (back to the start of a paragraph)
+NEXT_CONTEXT = 400        # the next-line tasks: bytes before the true line, at least (back to the start of a line)
+LINE_BYTES = (16, 48)     # the next-line tasks: the true line's length, stripped
+SPEECH_END_WORD = re.compile(r"(?<= )([A-Za-z]{3,})[.!?]?\n\n")  # the last word of a speech (a paragraph)
+VERSE_LINE = re.compile(r"^(?![*_ ])(.+?)(?:  \n|\n\n)", re.M)  # a verse line of a speech (not a name, not a direction)
 
 
 def plays():
@@ -61,6 +75,70 @@ def cloze(texts, rng):
         choices = sorted([word, *others], key=lambda _: rng.random())
         docs.append({"context": context, "choices": choices, "answer": choices.index(word)})
     return docs
+
+
+def lambada(texts, rng):
+    """The last word of a speech with at least LAMBADA_CONTEXT bytes of the play before it, cut back to a paragraph
+    start (LAMBADA's form: the target is the word alone, after a space)."""
+    found = [(text, m) for text in texts.values() for m in SPEECH_END_WORD.finditer(text)
+             if m.start(1) > LAMBADA_CONTEXT]
+    docs = []
+    for text, m in rng.sample(found, min(N_ITEMS, len(found))):
+        start = m.start(1) - 1
+        cut = text.rfind("\n\n", 0, start - LAMBADA_CONTEXT)
+        para = cut + 2 if cut >= 0 else 0
+        docs.append({"context": text[para:start], "word": m.group(1)})
+    return docs
+
+
+def next_line(sources, candidates, rng, same_indent=False):
+    """HellaSwag's form on lines: the text before a true line (at least NEXT_CONTEXT bytes, back to a line start) and
+    that line among 3 distractors drawn from the same source, each within a fifth of its length (at least 3 bytes),
+    distinct from it and from each other once stripped (with same_indent: with its leading whitespace).
+    sources: {name: text}; candidates(text) -> [(start, line)] of lines that may be asked."""
+    found, pools = [], {}
+    for name, text in sources.items():
+        lines = candidates(text)
+        found += [(name, text, start, line) for start, line in lines if start > NEXT_CONTEXT]
+        pools[name] = sorted({line for _, line in lines})
+    docs = []
+    for name, text, start, line in rng.sample(found, len(found)):
+        n, indent = len(line.strip()), line[:len(line) - len(line.lstrip())]
+        pool = [c for c in pools[name] if abs(len(c.strip()) - n) <= max(3, n // 5) and c.strip() != line.strip()
+                and (not same_indent or c[:len(c) - len(c.lstrip())] == indent)]
+        others = {}
+        for c in rng.sample(pool, min(len(pool), 12)):
+            others.setdefault(c.strip(), c)
+        if len(others) < 3:
+            continue
+        choices = sorted([line, *list(others.values())[:3]], key=lambda _: rng.random())
+        cut = text.rfind("\n", 0, start - NEXT_CONTEXT) + 1
+        docs.append({"context": text[cut:start], "choices": choices, "answer": choices.index(line)})
+        if len(docs) == N_ITEMS:
+            break
+    return docs
+
+
+def verse_lines(text):
+    lo, hi = LINE_BYTES
+    return [(m.start(1), m.group(1)) for m in VERSE_LINE.finditer(text) if lo <= len(m.group(1).strip()) <= hi]
+
+
+def code_lines(text):
+    lo, hi, out, start = *LINE_BYTES, [], 0
+    for line in text.split("\n"):
+        if lo <= len(line.strip()) <= hi:
+            out.append((start, line))
+        start += len(line) + 1
+    return out
+
+
+def modules():
+    out = {}
+    for name in data.HELD_OUT_MODULES:
+        with open(data.module_path(name), encoding="utf-8") as f:
+            out[name] = f.read()
+    return out
 
 
 def rolling_documents(text):
@@ -122,6 +200,9 @@ def build(out=OUT):
     texts = plays()
     files = {"shakespeare_cloze/test": cloze(texts, rng),
              "shakespeare_bpb/test": rolling_documents(texts[BPB_PLAY])}
+    files["lambada_plays/test"] = lambada(texts, random.Random(SEED + 1))  # each task its own stream: adding one
+    files["swag_plays/test"] = next_line(texts, verse_lines, random.Random(SEED + 2))  # changes no other
+    files["code_nextline/test"] = next_line(modules(), code_lines, random.Random(SEED + 3), same_indent=True)
     for name, splits in cute(words(texts), rng).items():
         for split, docs in splits.items():
             files[f"{name}/{split}"] = docs

@@ -113,13 +113,15 @@ def test_loglikelihood_empty_context_is_the_proper_likelihood(flags, student, te
 def test_marginal_loglikelihood_equals_the_beam(student64, teacher_and_tok):
     """The default: loglikelihood is the beam's marginal of the continuation after the context (the context's flags
     the patcher's, its last byte's summed over; tested against brute force in test_marginal.py), contexts empty, one
-    byte and past the byte blocks' window; is_greedy is every continuation byte being the argmax of the beam's
+    byte, past the byte blocks' window and ending in whitespace (lm-eval's split moves it to the continuation); is_greedy is every continuation byte being the argmax of the beam's
     next-byte mixture, checked here at full width against the brute-force mixture of test_marginal.py."""
     from test_marginal import logsumexp, student_paths
-    pairs = [("", " done"), ("I", "f it"), (TEXT[:90], TEXT[90:110]), (TEXT[:40], " quickly")]
+    pairs = [("", " done"), ("I", "f it"), (TEXT[:90], TEXT[90:110]), (TEXT[:40], " quickly"), (TEXT[:14], "If it")]
     lm = ev.StudentLM(student64, teacher_and_tok[1], batch_size=3)
     got = lm.loglikelihood(requests(*pairs))
-    want = marginal.marginal_logprobs(student64, [c.encode() for _, c in pairs], prompts=[c.encode() for c, _ in pairs])
+    split = [ev.lm_eval_split(*p) for p in pairs]  # lm-eval's: the context's trailing whitespace goes with the continuation
+    assert split[-1] == (TEXT[:11], TEXT[11:14] + "If it")
+    want = marginal.marginal_logprobs(student64, [c.encode() for _, c in split], prompts=[c.encode() for c, _ in split])
     for (ll, _), shares in zip(got, want):
         assert ll == pytest.approx(float(shares.sum()), abs=1e-9)
     wide = ev.StudentLM(student64, teacher_and_tok[1], beam=64)
@@ -254,6 +256,20 @@ def test_teacher_loglikelihood_equals_token_logprobs(teacher_lm, teacher_and_tok
         assert greedy == bool((logp.argmax(-1) == target).all())
 
 
+def test_a_shared_context_scores_each_choice_as_alone(student, teacher_lm, teacher_and_tok):
+    """Multiple-choice items: the choices share their context's prefill (student: marginal.py copies the prefilled
+    rows; teacher: after_contexts copies the context's cache rows), mixed with other items in one batch, and each
+    choice scores what it scores as the only request (1e-5)."""
+    items = [(TEXT[:70], [" It were", " If it", " but", "\u00e9t\u00e9 done"]), (TEXT[:21], [" done", " when 'tis"]),
+             ("", ["If it", "Could"])]
+    reqs = requests(*[(ctx, c) for ctx, choices in items for c in choices])
+    for lm in (ev.StudentLM(student, teacher_and_tok[1], batch_size=3), teacher_lm):
+        together = lm.loglikelihood(reqs)
+        for r, (ll, greedy) in zip(reqs, together):
+            [(alone, alone_greedy)] = lm.loglikelihood([r])
+            assert ll == pytest.approx(alone, abs=1e-5) and greedy == alone_greedy, (type(lm).__name__, r.args)
+
+
 def test_teacher_generate_until_cuts_before_the_stop_string(teacher_lm, teacher_and_tok):
     """The output is greedy decoding by full forwards (no cache; ids that spell nothing never chosen), cut before the
     stop string."""
@@ -280,13 +296,15 @@ def test_teacher_generate_until_cuts_before_the_stop_string(teacher_lm, teacher_
 def test_task_files_hold_what_they_claim(tmp_path):
     """tasks/build.py is deterministic, and every item is right by construction: the cloze context and answer are the
     play's own text, the distractors differ; the rolling documents are Hamlet, whole and in order; each probe's answer
-    follows from its word."""
+    follows from its word; the retention tasks: the LAMBADA word ends a speech right after its context, each
+    next-line item has one true choice (the line that follows its context in the source) and three that differ
+    from it and from each other, of about its length (and, on code, with its indentation)."""
     import data
     build = load_module(os.path.join(TASKS_DIR, "build.py"), "build_for_test")
     counts = build.build(str(tmp_path / "a"))
     build.build(str(tmp_path / "b"))
     files = sorted(os.listdir(tmp_path / "a"))
-    assert files == sorted(os.listdir(tmp_path / "b")) and len(files) == len(counts) == 10
+    assert files == sorted(os.listdir(tmp_path / "b")) and len(files) == len(counts) == 13
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
@@ -305,6 +323,23 @@ def test_task_files_hold_what_they_claim(tmp_path):
         assert all(d["answer"] == str(d["word"].count(d["letter"])) for d in read(f"cute_count.{split}"))
         for d in read(f"cute_contains.{split}"):
             assert [d["letter"] in c for c in d["choices"]] == [i == d["answer"] for i in range(4)]
+    lambada = read("lambada_plays.test")
+    assert len(lambada) == 500 and len({(d["context"], d["word"]) for d in lambada}) == 500
+    for d in lambada:
+        assert re.search(re.escape(d["context"] + " " + d["word"]) + r"[.!?]?\n\n", plays) and len(d["context"]) >= 400
+    modules = {m: open(data.module_path(m), encoding="utf-8").read() for m in data.HELD_OUT_MODULES}
+    for name, source in (("swag_plays", plays), ("code_nextline", "\n".join(modules.values()))):
+        items = read(f"{name}.test")
+        assert len(items) == 500
+        for d in items:
+            true = d["choices"][d["answer"]]
+            assert (d["context"] + true + "\n") in source or (d["context"] + true + "  \n") in source
+            assert len({c.strip() for c in d["choices"]}) == 4 and d["context"].endswith("\n")
+            assert not any(d["context"] + c + "\n" in source for c in d["choices"] if c != true)  # one true choice
+            assert all(abs(len(c.strip()) - len(true.strip())) <= max(3, len(true.strip()) // 5) for c in d["choices"])
+            if name == "code_nextline":
+                indent = true[:len(true) - len(true.lstrip())]
+                assert all(c[:len(c) - len(c.lstrip())] == indent for c in d["choices"])
     test_words = {d["word"] for d in read("cute_spell.test")}
     assert not test_words & {d["word"] for d in read("cute_spell.train")}  # few-shot examples are other words
 
@@ -319,13 +354,30 @@ def test_cli_compare_runs_local_tasks_end_to_end(student, student_lm, teacher_lm
     checkpoint.save_student(ckpt, student, {"stage": 2, "teacher": sf.teacher_dir(), "config": {}, "phase": "e2e",
                                        "step": 0, "phase_done": True, "results": {}})
     out = tmp_path / "results.json"
-    ev.main(["--compare", f"--ckpt={ckpt}", "--tasks=shakespeare_cloze,shakespeare_bpb,cute_spell", "--limit=3",
+    ev.main(["--compare", f"--ckpt={ckpt}", "--tasks=blm_retention,shakespeare_bpb", "--limit=3",
              "--batch_size=4", "--window=64", f"--json={out}"])
     printed = capsys.readouterr().out
     results = json.loads(out.read_text())
-    for task, metric in (("shakespeare_cloze", "acc"), ("shakespeare_bpb", "bits_per_byte"), ("cute_spell", "exact_match")):
+    for task, metric in (("shakespeare_cloze", "acc"), ("shakespeare_bpb", "bits_per_byte"), ("cute_spell", "exact_match"),
+                         ("lambada_plays", "perplexity"), ("swag_plays", "acc_norm"), ("code_nextline", "acc")):
         t, s = (results[k]["results"][task][f"{metric},none"] for k in ("teacher", "student"))
         assert f"| {task} | {metric} | {t:.4f} | {s:.4f} |" in printed
+    every = ["code_nextline", "cute_contains", "cute_count", "cute_reverse", "cute_spell", "lambada_plays",
+             "shakespeare_bpb", "shakespeare_cloze", "swag_plays"]
+    assert sorted(results["student"]["seconds"]) == sorted(results["teacher"]["seconds"]) == every
+    rows = {(r["task"], r["metric"]): r for r in results["retention"]["rows"]}
+    for (task, metric), r in rows.items():
+        t, s = (results[k]["results"][task][f"{metric},none"] for k in ("teacher", "student"))
+        want = t / s if metric in ("perplexity", "bits_per_byte") else s / t if t else None
+        assert (r["teacher"], r["student"]) == (t, s)
+        assert r["retention"] == pytest.approx(want) if want is not None else math.isnan(r["retention"])
+    mc = ["code_nextline", "cute_contains", "shakespeare_cloze", "swag_plays"]
+    assert results["retention"]["mc_tasks"] == mc
+    mc_rows = [rows[(task, "acc")]["retention"] for task in mc]
+    if all(not math.isnan(x) for x in mc_rows):
+        assert results["retention"]["mean_mc_acc"] == pytest.approx(sum(mc_rows) / 4)
+    assert "mean retention (acc) over the 4 multiple-choice tasks" in printed
+    assert rows[("cute_spell", "exact_match")]["teacher_bpb"] is None  # generation scores no likelihood
 
     def read(name, n):
         with open(os.path.join(TASKS_DIR, "data", f"{name}.test.jsonl"), encoding="utf-8") as f:
@@ -336,6 +388,9 @@ def test_cli_compare_runs_local_tasks_end_to_end(student, student_lm, teacher_lm
         ll = [x for x, _ in lm.loglikelihood(requests(*[(d["context"], " " + c) for d in cloze for c in d["choices"]]))]
         acc = sum(max(range(4), key=lambda j: ll[4 * i + j]) == d["answer"] for i, d in enumerate(cloze)) / 3
         assert r["shakespeare_cloze"]["acc,none"] == pytest.approx(acc)
+        gold = [ll[4 * i + d["answer"]] for i, d in enumerate(cloze)]  # the task's own text: the true words
+        n_bytes = sum(len((" " + d["choices"][d["answer"]]).encode()) for d in cloze)
+        assert rows[("shakespeare_cloze", "acc")][f"{key}_bpb"] == pytest.approx(-sum(gold) / n_bytes / math.log(2))
         assert r["cute_spell"]["exact_match,none"] in (0.0, 1 / 3, 2 / 3, 1.0)
     docs, old = read("shakespeare_bpb", 3), teacher_lm.window
     teacher_lm.window = 64

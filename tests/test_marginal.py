@@ -106,6 +106,17 @@ def test_after_a_prompt_equals_the_sum_over_the_continuations_flags(student):
         assert abs(beam_sum(s) - exact) < 1e-9, (prompt, text)
 
 
+
+def test_a_shared_prompt_is_prefilled_once_and_scores_as_alone(student):
+    """The choices of a multiple-choice item share their prompt's prefill (and a batch) and each scores what it
+    scores alone; prompts of different lengths mixed in one batch change nothing either."""
+    prompts = [b"the st", b"the st", b"the st", b"a", b"the st", b"a"]
+    texts = [b"on", b"one", b"ring", b" note", b"", b"t"][:4] + [b"o", b"t"]
+    together = marginal_logprobs(student, texts, beam=4, prompts=prompts)
+    for prompt, text, s in zip(prompts, texts, together):
+        (alone,) = marginal_logprobs(student, [text], beam=4, prompts=[prompt])
+        assert torch.allclose(s, alone, atol=1e-9, rtol=0), (prompt, text)
+
 # -- the teacher: a beam over tokenizations --
 
 def entries_by_bytes():
