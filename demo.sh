@@ -3,8 +3,9 @@
 # Python standard library's modules) for the SmolLM2-135M teacher, stage 1 (align -> distill -> boundary; the byte
 # head gets the teacher's prior and h the subword embedding, both defaults), stage 2 (decoder warm-up -> end to
 # end), the fidelity benchmark on held-out Hamlet, held-out argparse.py and the Python reference topics (the first
-# 2,000 bytes of each, in windows of 256 tokens, by the byte marginal over patchings), generation speed,
-# samples from the byte model next to the teacher's, a closing table and PNG plots. Budgets are cut to fit 30
+# 2,000 bytes of each, in windows of 256 tokens, by the byte marginal over patchings), generation speed, the
+# retention table on the first 20 items of each local task (a subset: eval.py --tasks=blm_retention without --limit
+# runs them all), samples from the byte model next to the teacher's, a closing table and PNG plots. Budgets are cut to fit 30
 # minutes on 2 cores; every step prints progress.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -17,6 +18,7 @@ $PY stage1_kd.py --out_dir=$OUT/stage1 --align_bytes=800000 --distill_bytes=4915
 $PY stage2_sft.py --init=$OUT/stage1 --out_dir=$OUT/stage2 --warmup_bytes=150000
 $PY bench/fidelity.py --ckpt=$OUT/stage2 --max_bytes=2000 --window=256 --greedy=False --json=$OUT/fidelity.json
 $PY bench/generate.py --ckpt=$OUT/stage2 --batch_sizes=1 --new_bytes=128 --json=$OUT/generate.json
+$PY eval.py --compare --ckpt=$OUT/stage2 --tasks=blm_retention --limit=20 --batch_size=64 --json=$OUT/eval.json
 echo; echo "== the byte student:"
 $PY sample.py --ckpt=$OUT/stage2 --prompt="$PROMPT" --max_bytes=200 --seed=1
 echo; echo "== the teacher (tokens):"

@@ -429,3 +429,19 @@ def test_plot_draws_every_phase_from_metrics(tmp_path):
     fig = plot.fidelity_figure(fidelity)
     heights = sorted(round(p.get_height(), 6) for p in fig.axes[0].patches)
     assert heights == sorted([1.0 + i for i in range(len(plot.FIDELITY_BARS))] + [2.0] * len(plot.FIDELITY_BARS))
+
+
+def test_plot_draws_the_retention_table():
+    """retention.png: one bar per accuracy row and model (acc_norm and perplexity rows left out), and one
+    student/teacher bar per row, with the multiple-choice mean as a line."""
+    pytest.importorskip("matplotlib")
+    plot = load_module(os.path.join(sf.REPO, "bench", "plot.py"), "plot_for_test")
+    rows = [{"task": t, "metric": m, "teacher": tv, "teacher_se": 0.02, "student": sv, "student_se": 0.02,
+             "retention": sv / tv, "retention_se": 0.03} for t, m, tv, sv in
+            (("a", "acc", 0.8, 0.6), ("a", "acc_norm", 0.7, 0.7), ("b", "exact_match", 0.5, 0.25),
+             ("c", "perplexity", 10.0, 20.0))]
+    fig = plot.retention_figure({"retention": {"rows": rows, "mean_mc_acc": 0.75}, "config": {"limit": 20}})
+    left, right = fig.axes
+    assert sorted(round(p.get_height(), 6) for p in left.patches) == [0.25, 0.5, 0.6, 0.8]
+    assert sorted(round(p.get_height(), 6) for p in right.patches) == [0.5, 0.75]
+    assert 0.75 in [ln.get_ydata()[0] for ln in right.get_lines()]
