@@ -33,6 +33,9 @@ REL = 1e-5
 # float-order noise in near-zero entries into weight differences of a fraction of one step (lr = 1e-3 here): 1.2e-4 seen
 # on an AVX512 CPU, under 1e-4 on AVX2 ones. So: no entry off by more than one step, almost all equal to float noise.
 PARAM_ATOL = 1e-3
+# The gradient norm of a later phase inherits that weight noise: 3.7e-5 relative seen at boundary step 1 on an
+# AVX512-BF16 CPU (2026-12-07), where losses and figures still agree at REL.
+GRAD_NORM_REL = 1e-4
 NOISE, NOISY_SHARE = 1e-6, 1e-3  # at most this share of the entries differ by more than NOISE
 
 
@@ -78,7 +81,8 @@ def compare_runs(fsdp, single, phase=None, validation=True):
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
         for key in ra.keys() - {"phase", "step"}:
-            assert ra[key] == pytest.approx(rb[key], rel=REL, abs=REL), (ra["phase"], ra["step"], key)
+            tol = GRAD_NORM_REL if key == "grad_norm" else REL
+            assert ra[key] == pytest.approx(rb[key], rel=tol, abs=tol), (ra["phase"], ra["step"], key)
     if validation:
         val_a, val_b = (sf.read_json(os.path.join(run, "config.json"))["results"] for run in (fsdp, single))
         assert val_a.keys() == val_b.keys()
