@@ -8,6 +8,11 @@ token that is. Everything here exists to get that alignment exactly right:
   load_tokenizer   a teacher folder -> its Tokenizer (None if it has none)
   align_document   text -> (bytes, token_end, token_id), built from the tokens' own byte lengths
 
+Special tokens (<|im_start|>, <|im_end|>, <s>, ...) spell no text. In byte space each gets a code of two bytes,
+0xFF and its index among the specials (in id order): 0xFF never occurs in UTF-8, so no text produces a code, and a
+code is the special's spelling everywhere (alignment, the prior's trie, the subword rows, generation, scoring). Text
+that reads "<|im_end|>" is that text, ordinary tokens (HF's encode_special_tokens=True); only a code is the special.
+
 HF tokenizers/transformers are test oracles only (tests/test_tokenizers.py); nothing here imports them.
 """
 import base64
@@ -21,6 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 
 DOC_START_BYTE = 0xFE  # never occurs in UTF-8, so it can mark a document start without escaping anything
+SPECIAL_BYTE = 0xFF    # never occurs in UTF-8 either: it leads the two-byte code of a special token
+MAX_SPECIALS = 256     # one index byte after 0xFF (Llama-3 has exactly 256 specials)
+
+
+def special_code(index: int) -> bytes:
+    """The byte-space code of the index-th special token (in id order)."""
+    return bytes([SPECIAL_BYTE, index])
 
 # Pre-tokenizer split patterns. GPT-2's is what HF's ByteLevel(use_regex=True) applies; the cl100k one is what
 # Llama-3 and OLMo-2 write into their Split pre-tokenizer (and Llama-3's tiktoken tokenizer.model implies).
@@ -48,13 +60,24 @@ class Tokenizer:
     bos_id: int | None
     eos_id: int | None
 
-    def __init__(self, name, hash, id_to_bytes, bos_id, eos_id):
+    def __init__(self, name, hash, id_to_bytes, bos_id, eos_id, specials=None):
         self.name, self.hash = name, hash
-        self.id_to_bytes = id_to_bytes  # list: token id -> its bytes (b"" for ids that spell nothing, e.g. <s>)
-        self.n_vocab = len(id_to_bytes)
         self.bos_id, self.eos_id = bos_id, eos_id
         if bos_id is None and eos_id is None:
             raise ValueError(f"tokenizer {name!r} has neither a BOS nor an EOS token to start documents with")
+        # specials: name -> id; each id gets its code as its spelling (see the module docstring)
+        self.specials = dict(sorted((specials or {}).items(), key=lambda item: item[1]))
+        if len(self.specials) > MAX_SPECIALS:
+            raise ValueError(f"tokenizer {name!r} has {len(self.specials)} special tokens; byte codes exist for "
+                             f"{MAX_SPECIALS}")
+        self.special_names = {i: n for n, i in self.specials.items()}  # id -> name
+        self.codes = {n: special_code(k) for k, n in enumerate(self.specials)}  # name -> code
+        self.code_ids = {special_code(k): i for k, i in enumerate(self.specials.values())}  # code -> id
+        id_to_bytes = list(id_to_bytes)
+        for code, token_id in self.code_ids.items():
+            id_to_bytes[token_id] = code
+        self.id_to_bytes = id_to_bytes  # list: token id -> its bytes (a special's code; b"" for ids that spell nothing)
+        self.n_vocab = len(id_to_bytes)
         # Byte length of every token: alignment is a cumulative sum over these (never character offsets).
         self.token_lengths = np.array([len(b) for b in id_to_bytes], dtype=np.int64)
         self.unspellable = None  # regex of characters with no tokens at all (see TiktokenTokenizer)
@@ -72,6 +95,13 @@ class Tokenizer:
     def encode_array(self, text: str) -> np.ndarray:
         raise NotImplementedError
 
+    def encode_bytes(self, raw: bytes) -> list[int]:
+        """Bytes in byte space (normalised UTF-8 text with special codes between) -> token ids."""
+        ids = []
+        for piece in split_codes(raw, self.code_ids):
+            ids += [piece] if isinstance(piece, int) else self.encode(piece.decode("utf-8"))
+        return ids
+
     def token_bytes(self, token_id: int) -> bytes:
         return self.id_to_bytes[token_id]
 
@@ -88,11 +118,12 @@ class TiktokenTokenizer(Tokenizer):
     Added/special tokens are split out here rather than by tiktoken, because tiktoken tries them in hash-map order,
     while HF matches the longest one first (GPT-NeoX has added tokens for runs of 2, 3, ... 24 spaces)."""
 
-    def __init__(self, name, hash, encoding, rank_to_id, id_to_bytes, added_tokens, normalizers, bos_id, eos_id):
-        super().__init__(name, hash, id_to_bytes, bos_id, eos_id)
+    def __init__(self, name, hash, encoding, rank_to_id, id_to_bytes, added_tokens, normalizers, bos_id, eos_id,
+                 specials=None):
+        super().__init__(name, hash, id_to_bytes, bos_id, eos_id, specials)
         self.encoding = encoding
         self.rank_to_id = rank_to_id  # (n_ranks,) int64
-        self.added_tokens = added_tokens  # content -> id
+        self.added_tokens = added_tokens  # content -> id: the added tokens that are not special, matched in text
         self.normalizers = normalizers  # e.g. ["NFC"], applied in order
         by_length = sorted(added_tokens, key=len, reverse=True)  # longest first, as HF does
         self.added_pattern = re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if by_length else None
@@ -157,14 +188,16 @@ class SentencePieceTokenizer(Tokenizer):
         self.sp_unnormalized.LoadFromSerializedProto(_without_normalizer(model_bytes))
         id_to_bytes = [self._piece_bytes(i) for i in range(self.sp.get_piece_size())]
         bos, eos = self.sp.bos_id(), self.sp.eos_id()
-        super().__init__(name, hash, id_to_bytes, bos if bos >= 0 else None, eos if eos >= 0 else None)
+        specials = {self.sp.id_to_piece(i): i for i in range(self.sp.get_piece_size())
+                    if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        super().__init__(name, hash, id_to_bytes, bos if bos >= 0 else None, eos if eos >= 0 else None, specials)
 
     def _piece_bytes(self, i):
         piece = self.sp.id_to_piece(i)
         if self.sp.is_byte(i):  # byte fallback pieces are spelled <0xAB>
             return bytes([int(piece[3:5], 16)])
         if self.sp.is_control(i) or self.sp.is_unknown(i):
-            return b""  # never spells text; an <unk> in a document is caught by align_document
+            return b""  # a special: its code (Tokenizer); an <unk> in a document is caught by align_document
         return piece.encode("utf-8")
 
     def normalize(self, text):
@@ -328,8 +361,11 @@ def _load_tokenizer_json(path, folder, spec, raw) -> TiktokenTokenizer:
     if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise ValueError(f"{path}: BPE options byte_fallback/continuing_subword_prefix/end_of_word_suffix are "
                          "not byte-level BPE")
-    added = {}
+    added, specials = {}, {}
     for token in spec.get("added_tokens", []):
+        if token.get("special"):  # a special token: reached only through its code, never from text
+            specials[token["content"]] = token["id"]
+            continue
         if token.get("lstrip") or token.get("rstrip") or token.get("single_word"):
             # These would drop whitespace from the text, and then token bytes no longer spell the document.
             raise ValueError(f"{path}: added token {token['content']!r} uses lstrip/rstrip/single_word")
@@ -337,7 +373,7 @@ def _load_tokenizer_json(path, folder, spec, raw) -> TiktokenTokenizer:
     vocab = model["vocab"]
     spelled = {}  # vocabulary string -> its bytes
     for token in vocab:
-        if token not in added:
+        if token not in added and token not in specials:
             try:
                 spelled[token] = token.translate(_SPELLING).encode("latin-1")
             except UnicodeEncodeError:
@@ -356,14 +392,14 @@ def _load_tokenizer_json(path, folder, spec, raw) -> TiktokenTokenizer:
         if spelled[merged] not in ranks:  # a token reachable by two merges keeps the first (lowest) rank
             ranks[spelled[merged]] = len(ranks)
             rank_ids.append(vocab[merged])
-    n_vocab = max([*vocab.values(), *added.values()]) + 1
+    n_vocab = max([*vocab.values(), *added.values(), *specials.values()]) + 1
     entries = [(vocab[t], b) for t, b in spelled.items()]
     entries += [(i, t.encode("utf-8")) for t, i in added.items()]  # added tokens spell their own text
     encoding = _tiktoken_encoding(os.path.basename(folder), pattern, ranks)
-    token_to_id = {**vocab, **added}
+    token_to_id = {**vocab, **added, **specials}
     return TiktokenTokenizer(os.path.basename(folder), file_hash(raw), encoding, np.array(rank_ids),
                              _id_table(n_vocab, entries), added, _normalizer_forms(spec.get("normalizer")),
-                             *_special_ids(folder, token_to_id))
+                             *_special_ids(folder, token_to_id), specials=specials)
 
 
 def _tiktoken_encoding(name, pattern, ranks):
@@ -384,14 +420,14 @@ def _load_rank_file(path, folder, raw) -> TiktokenTokenizer:
         raise ValueError(f"{path}: ranks are not 0..{len(ranks) - 1}")
     specials = _rank_file_specials(folder, len(ranks))
     n_vocab = max([len(ranks) - 1, *specials.values()]) + 1
-    entries = [(r, t) for t, r in ranks.items()] + [(i, t.encode("utf-8")) for t, i in specials.items()]
+    entries = [(r, t) for t, r in ranks.items()]
     definition = json.dumps(sorted(specials.items())).encode("utf-8")
     encoding = _tiktoken_encoding(os.path.basename(folder), LLAMA3_PATTERN, ranks)
     bos, eos = _special_ids(folder, {**specials})
     if bos is None and eos is None:  # a bare Meta folder: Llama-3's convention
         bos, eos = specials.get("<|begin_of_text|>"), specials.get("<|end_of_text|>")
     return TiktokenTokenizer(os.path.basename(folder), file_hash(raw, definition), encoding,
-                             np.arange(len(ranks)), _id_table(n_vocab, entries), specials, [], bos, eos)
+                             np.arange(len(ranks)), _id_table(n_vocab, entries), {}, [], bos, eos, specials)
 
 
 def _rank_file_specials(folder, n_ranks) -> dict[str, int]:
@@ -458,18 +494,64 @@ def repair_utf8(text: str | bytes) -> tuple[str, int]:
     return repaired, repaired.count("\ufffd") - raw.count("\ufffd".encode("utf-8"))
 
 
-def align_document(text: str | bytes, tok: Tokenizer) -> Aligned:
-    text, n_repaired = repair_utf8(text)
-    text, n_dropped = tok.normalize(text), 0
-    if tok.unspellable is not None:
-        text, n_dropped = tok.unspellable.subn("", text)
-    ids = tok.encode_array(text)
-    doc = text.encode("utf-8")
+def split_codes(raw: bytes, code_ids: dict[bytes, int]) -> list:
+    """Bytes in byte space -> pieces: bytes of text, and the ids of the special codes between them. A 0xFF that does
+    not start a code of this vocabulary is a ValueError (it is not text either)."""
+    pieces, start = [], 0
+    while (at := raw.find(SPECIAL_BYTE, start)) >= 0:
+        code = raw[at:at + 2]
+        if code not in code_ids:
+            raise ValueError(f"byte 0xFF at offset {at} does not start a special-token code of this vocabulary "
+                             f"({code.hex(' ')})")
+        if at > start:
+            pieces.append(raw[start:at])
+        pieces.append(code_ids[code])
+        start = at + 2
+    if start < len(raw):
+        pieces.append(raw[start:])
+    return pieces
+
+
+def show(raw: bytes, names: dict[bytes, str], raw_codes=False) -> str:
+    """Bytes in byte space as text: each special code as its token's name (or, raw_codes, as its hex); a 0xFF that
+    starts no code, and invalid UTF-8, as U+FFFD."""
+    out, start = [], 0
+    while (at := raw.find(SPECIAL_BYTE, start)) >= 0:
+        code = raw[at:at + 2]
+        out.append(raw[start:at].decode("utf-8", "replace"))
+        if code in names:
+            out.append(f"<{code.hex(' ')}>" if raw_codes else names[code])
+            start = at + 2
+        else:
+            out.append("\ufffd")
+            start = at + 1
+    return "".join(out) + raw[start:].decode("utf-8", "replace")
+
+
+def align_document(text: str | bytes, tok: Tokenizer, codes=False) -> Aligned:
+    """One document -> Aligned. codes=True: text is bytes in byte space (a chat transcript), whose special codes
+    align with their tokens' ids; otherwise every byte is text (a 0xFF is invalid UTF-8 and becomes U+FFFD)."""
+    pieces = split_codes(bytes(text), tok.code_ids) if codes else [text]
+    ids, docs, n_repaired, n_dropped = [], [], 0, 0
+    for piece in pieces:
+        if isinstance(piece, int):
+            ids.append(np.array([piece], dtype=np.int64))
+            docs.append(tok.token_bytes(piece))
+            continue
+        piece, repaired = repair_utf8(piece)
+        piece, dropped = tok.normalize(piece), 0
+        if tok.unspellable is not None:
+            piece, dropped = tok.unspellable.subn("", piece)
+        ids.append(tok.encode_array(piece))
+        docs.append(piece.encode("utf-8"))
+        n_repaired, n_dropped = n_repaired + repaired, n_dropped + dropped
+    ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    doc = b"".join(docs)
     lengths = tok.token_lengths[ids]
     # Exactness check: the tokens must spell the document byte for byte, each token at least one byte long.
     if (lengths == 0).any() or int(lengths.sum()) != len(doc) or tok.decode(ids) != doc:
         raise ValueError(f"tokenizer {tok.name!r}: tokens do not spell the text exactly (unknown tokens?) "
-                         f"near {text[:60]!r}")
+                         f"near {show(doc[:60], {})!r}")
     n = len(doc) + 1
     token_end = np.zeros(n, dtype=bool)
     token_id = np.full(n, -1, dtype=np.int32)

@@ -181,6 +181,7 @@ def built(tmp_path_factory, shakespeare):
     out = {}
     for family in FAMILIES:
         hf = train_byte_level_bpe(str(root / family), family, corpus)
+        hf.encode_special_tokens = True  # text is text: a special token is reached only through its byte code
         out[family] = (tokenizer.load_tokenizer(str(root / family)),
                        lambda text, hf=hf: hf.encode(text, add_special_tokens=False).ids)
     sp_corpus = [line for text in corpus for line in text.splitlines() if line.strip()]
@@ -206,10 +207,11 @@ def test_parity_with_oracle(built, test_strings, style):
 
 
 def test_tokenizers_learned_real_merges(built):
-    # Guards against a vacuous parity test: the vocabularies must merge, and specials must be split out.
+    # Guards against a vacuous parity test: the vocabularies must merge, and specials must be real.
     tok, oracle = built["smollm2"]
     assert len(oracle("the quick brown fox")) < len("the quick brown fox") / 2
-    assert tok.encode("a<|im_start|>b") == [tok.encode("a")[0], 1, tok.encode("b")[0]]
+    assert tok.encode_bytes(b"a" + tok.codes["<|im_start|>"] + b"b") == [tok.encode("a")[0], 1, tok.encode("b")[0]]
+    assert 1 not in tok.encode("a<|im_start|>b")  # the same name written as text is text
     assert tok.bos_id == 1 and tok.eos_id == 2 and tok.doc_start_id == 1
 
 
@@ -301,6 +303,7 @@ def test_rank_file_matches_its_tokenizer_json(tmp_path, shakespeare, test_string
               open(tmp_path / "tokenizer_config.json", "w"))
     tok = tokenizer.load_tokenizer(str(tmp_path))
     assert type(tok) is tokenizer.TiktokenTokenizer and tok.bos_id == n_ranks and tok.eos_id == n_ranks + 1
+    hf.encode_special_tokens = True
     bad = mismatches(tok, lambda s: hf.encode(s, add_special_tokens=False).ids, test_strings)
     print(f"\nparity llama3 rank file: {len(test_strings)} strings, {len(bad)} mismatches")
     assert not bad, bad[0]
@@ -317,6 +320,7 @@ def test_embedded_smollm2_tokenizer_matches_hf(test_strings, shakespeare):
     if not os.path.exists(path):
         pytest.skip(f"{path} does not exist")
     hf = tokenizers.Tokenizer.from_file(path)
+    hf.encode_special_tokens = True
     tok = tokenizer.load_tokenizer(folder)
     strings = test_strings + [line for line in shakespeare.splitlines() if line.strip()][:1000]
     # SmolLM2 has no token for a few bytes (U+0004 and five other controls; the lead bytes 0xF1/0xF2 of unassigned
@@ -421,7 +425,7 @@ def test_real_vocabularies_match_quicktok(name, tmp_path, test_strings):
         bos = "<|begin_of_text|>" if name == "llama3" else "<|endoftext|>"
         write_rank_file(tmp_path, ranks, specials, bos, "<|end_of_text|>" if name == "llama3" else bos)
     tok = tokenizer.load_tokenizer(str(tmp_path))
-    bad = mismatches(tok, encoding.encode_with_special_tokens, test_strings)
+    bad = mismatches(tok, encoding.encode_ordinary, test_strings)  # specials as text
     print(f"\nparity {name} (real vocabulary, quicktok): {len(test_strings)} strings, {len(bad)} mismatches")
     assert tok.n_vocab == encoding.n_vocab
     assert not bad, bad[0]
@@ -441,3 +445,46 @@ def test_product_along_true_bytes_is_the_token_probability_for_every_tokenizer_s
         want = [torch.logsumexp(logp[i, same[w]], 0).item() for i, w in enumerate(ids)]
         got = test_targets.product_along_tokens(trie, logits, ids, tok.id_to_bytes)
         assert max(abs(a - b) for a, b in zip(got, want)) < 1e-5, style
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Special tokens in byte space: each a two-byte code, 0xFF and its index (tokenizer.py's docstring)
+
+@pytest.mark.parametrize("style", [*FAMILIES, *SENTENCEPIECE_STYLES])
+def test_special_codes_round_trip(built, style):
+    tok, _ = built[style]
+    assert tok.specials, "every style has special tokens"
+    assert len(set(tok.codes.values())) == len(tok.specials)
+    a = tok.encode("ab")
+    for name, token_id in tok.specials.items():
+        code = tok.codes[name]
+        assert code[0] == 0xFF and len(code) == 2
+        assert tok.token_bytes(token_id) == code and tok.decode([token_id]) == code
+        assert tok.encode_bytes(b"ab" + code + b"ab") == a + [token_id] + a
+        assert tokenizer.split_codes(b"ab" + code, tok.code_ids) == [b"ab", token_id]
+        assert tokenizer.show(b"x" + code + b"y", {code: name}) == f"x{name}y"
+        # the alignment gives the code the special token's id, at the code's last byte; the 0xFF byte ends nothing
+        aligned = tokenizer.align_document(b"ab" + code + b"ab", tok, codes=True)  # pieces normalised one by one
+        an, at = tok.encode(tok.normalize("ab")), 1 + len(tok.normalize("ab").encode())
+        assert bytes(aligned.bytes[at:at + 2]) == code
+        assert not aligned.token_end[at] and aligned.token_end[at + 1] and aligned.token_id[at + 1] == token_id
+        assert aligned.token_id[aligned.token_end][1:].tolist() == an + [token_id] + an
+
+
+@pytest.mark.parametrize("style", [*FAMILIES, *SENTENCEPIECE_STYLES])
+def test_no_text_makes_a_code(built, style):
+    """Text is text: no string aligns to a 0xFF byte or to a special token's id, not even one spelling a special's
+    name; a 0xFF in a raw document is invalid UTF-8 and becomes U+FFFD; a 0xFF that starts no code is an error."""
+    tok, _ = built[style]
+    specials = set(tok.specials.values())
+    for text in [*HARD_TEXT, *FRAGMENTS["specials"], *tok.specials, "".join(tok.specials)]:
+        aligned = tokenizer.align_document(text, tok)
+        assert 0xFF not in aligned.bytes[1:].tolist(), text
+        assert not specials & set(aligned.token_id[1:].tolist()), text
+    code = next(iter(tok.codes.values()))
+    repaired = tokenizer.align_document(b"a" + code + b"b", tok)  # codes=False: bytes are text
+    assert 0xFF not in repaired.bytes.tolist() and repaired.n_repaired >= 1
+    with pytest.raises(ValueError, match="does not start a special-token code"):
+        tokenizer.align_document(b"a\xff\xf0b", tok, codes=True)
+    with pytest.raises(ValueError, match="does not start a special-token code"):
+        tok.encode_bytes(b"a\xff")
