@@ -311,7 +311,8 @@ def print_tables(out, batch_sizes):
                 f"{out['steady_student_patch_bytes'][b]:.2f}", f"{out['steady_teacher_bytes_per_token'][b]:.2f}",
                 f"{out['steady_student_rows_per_main_call'][b]:.2f}")
     print("\nother ways to drive the student (ratios against the first table's teacher): rows in lockstep "
-          "(ByteGeneration.step), greedy flags (sample.py --flags=greedy, rows out of step), the late-flag model (LateFlagGeneration, sample.py --flags=late, eps {out['eps']:g}: a "
+          "(ByteGeneration.step), greedy flags (sample.py --flags=greedy, rows out of step), the late-flag model "
+          f"(LateFlagGeneration, sample.py --flags=late, eps {out['eps']:g}: a "
           "flag the head is not sure of costs a main-network step on its byte); the teacher's tokens/s times held-out "
           "Hamlet's "
           f"{out['teacher_bytes_per_token']:.2f} bytes/token; prefill bytes/s")
