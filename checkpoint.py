@@ -93,6 +93,26 @@ def check_fields(values, spec, where):
             raise ValueError(f"{where}: {key!r} is {str(values[key])[:60]!r}, not of type {kind}")
 
 
+def chat_meta(tok, teacher_dir) -> dict:
+    """What a byte-model folder records so that chatting needs no tokenizer: the special tokens' byte codes (name ->
+    hex) and the teacher's chat template (text, read by chat.ChatFormat, never run)."""
+    from chat import read_chat_template
+    return {"specials": {name: code.hex() for name, code in tok.codes.items()},
+            "chat_template": read_chat_template(teacher_dir)}
+
+
+def special_codes(meta, where) -> dict[str, bytes]:
+    """config.json's special codes (name -> bytes); {} for a folder written before they existed."""
+    specials = meta.get("specials", {})
+    try:
+        codes = {str(n): bytes.fromhex(c) for n, c in specials.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError(f"{where}: 'specials' must map token names to hex byte codes") from None
+    if any(len(c) != 2 or c[0] != 0xFF for c in codes.values()):
+        raise ValueError(f"{where}: a special code is not 0xFF and one index byte")
+    return codes
+
+
 # fields added after folders were written: the value that builds the model such a folder holds
 LATER_FIELDS = {"StudentConfig": {"prior": True, "subword": False}}
 

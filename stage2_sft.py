@@ -33,6 +33,8 @@ import train
 class Config:
     init: str = "out/stage1"          # the stage-1 byte-model folder to start from
     data_dir: str = ""                # shard folder; default shards/<teacher of the stage-1 checkpoint>
+    chat_data: str = ""               # chat shard folder (python data.py --chat); default: the stage-1 run's, if any
+    chat_fraction: float = 0.25       # with chat data: this share of every batch's rows are chat windows
     out_dir: str = "out/stage2"
     phase: str = "all"                # all | warmup | e2e
     resume: bool = False              # continue from the checkpoint in out_dir exactly where it stopped
@@ -130,9 +132,12 @@ def main(argv):
         print(f"student from {cfg.init} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters, "
               f"teacher {teacher_name}) | device {device}, {world} rank(s), {dtype_line}")
 
+    chat_dir = cfg.chat_data or meta["config"].get("chat_data", "")
+
     def make_loader(seed, split="train"):
-        return data.ShardLoader(data_dir, split, tok, cfg.batch_size, cfg.seq_len, seed=seed, rank=rank,
-                                world_size=world, max_tokens=student.tcfg.max_seq_len)
+        return data.make_loader(data_dir, split, tok, cfg.batch_size, cfg.seq_len, seed=seed, rank=rank,
+                                world_size=world, max_tokens=student.tcfg.max_seq_len, chat_dir=chat_dir,
+                                chat_fraction=cfg.chat_fraction)
 
     def evaluate():
         loader, sums = make_loader(0, "val"), {}
@@ -153,7 +158,7 @@ def main(argv):
     ]
     phases = [p for p in phases if cfg.phase in ("all", p.name)]
     meta_out = {"student_config": asdict(student.scfg), "teacher_config": asdict(student.tcfg), "teacher": teacher_name,
-                "init": cfg.init}
+                "init": cfg.init, **checkpoint.chat_meta(tok, teacher_dir)}
     results, stopped = train.run_phases(2, phases, student, cfg, meta_out, make_loader, device)
     if master and not stopped:
         train.print_results(2, results, time.time() - t_start)

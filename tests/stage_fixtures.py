@@ -42,6 +42,7 @@ import data  # noqa: E402
 import distributed  # noqa: E402
 import safetensors_io  # noqa: E402
 import teacher as teachers  # noqa: E402
+import tokenizer  # noqa: E402
 
 TOP_WORDS = 200           # the corpus keeps only Macbeth's most frequent words
 VOCAB_SIZE = 800          # BPE entries: 256 byte tokens + 1 special + merges
@@ -159,6 +160,23 @@ def shard_dir() -> str:
     out = os.path.join(tmp_root(), "shards")
     with quiet():
         data.prepare(teacher_dir(), [corpus_file()], out)
+    return out
+
+
+@functools.cache
+def chat_shard_dir() -> str:
+    """Chat-style shards for teacher_dir(): turns of corpus lines between special codes (the tiny tokenizer's one
+    special, <|endoftext|>, as the turn marker), aligned with codes=True, as data.prepare_chat writes them."""
+    tok = tokenizer.load_tokenizer(teacher_dir())
+    code = tok.codes["<|endoftext|>"]
+    lines = [line for line in open(corpus_file(), encoding="utf-8").read().splitlines() if line.strip()]
+    out = os.path.join(tmp_root(), "chat-shards")
+    os.makedirs(out, exist_ok=True)
+    for split, first in (("train", 0), ("val", 400)):
+        docs = [tokenizer.align_document(code + b"user\n" + lines[k].encode() + code + b"\nassistant\n" +
+                                         lines[k + 1].encode() + code + b"\n", tok, codes=True)
+                for k in range(first, first + (300 if split == "train" else 100), 2)]
+        data.write_shard(os.path.join(out, f"{split}_0000.bin"), docs, tok)
     return out
 
 

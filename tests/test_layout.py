@@ -33,7 +33,8 @@ def test_imports_run_one_way():
     # the layering of the issue: tokenizer <- data, tokenizer <- teacher <- model
     assert graph["tokenizer"] == set() and graph["safetensors_io"] == set()
     assert "model" not in graph["teacher"] and "data" not in graph["teacher"]
-    assert graph["data"] <= {"tokenizer", "teacher"}  # teacher only for the CLI's preset names
+    assert graph["data"] <= {"tokenizer", "teacher", "chat"}  # teacher: the CLI's preset names and chat answers
+    assert graph["chat"] <= {"tokenizer"}
     state = {}
 
     def visit(m, path):  # depth-first search for a cycle
@@ -50,7 +51,7 @@ def test_imports_run_one_way():
 
 @pytest.mark.parametrize("script", ["stage1_kd.py", "stage2_sft.py", "sample.py", "bench/fidelity.py", "bench/generate.py",
                                     "bench/budget.py", "bench/summary.py", "bench/teacher.py", "bench/data.py",
-                                    "bench/kernels.py", "bench/memory.py", "bench/plot.py", "eval.py"])
+                                    "bench/kernels.py", "bench/memory.py", "bench/plot.py", "bench/chat.py", "eval.py"])
 def test_help_lists_every_option(script):
     out = subprocess.run([sys.executable, os.path.join(REPO, script), "--help"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)

@@ -242,6 +242,40 @@ def test_ddp_matches_single_process(stage1):
     assert sf.max_param_diff(rank0, sf.load_params(ddp)) == 0.0
 
 
+CHAT_ARGS = (f"--chat_data={sf.chat_shard_dir()}", "--chat_fraction=0.5", f"--warmup_bytes={4 * STEP_BYTES}",
+             f"--e2e_bytes={4 * STEP_BYTES}")
+
+
+def test_resume_with_chat_shards_is_exact(stage1):
+    """With chat shards mixed in (half of every batch): stopped mid-warmup and resumed, the same metrics and final
+    weights as the uninterrupted run; and the chat rows are really chat (their windows hold special codes)."""
+    ref, out = sf.tmp_dir("stage2-chat"), sf.tmp_dir("stage2-chat-resume")
+    run_stage2(stage1, ref, *CHAT_ARGS)
+    run_stage2(stage1, out, *CHAT_ARGS, "--stop_after=3")
+    state = sf.read_json(os.path.join(out, "resume", "state.json"))["loader"]
+    assert state["chat"]["consumed"] == 3 * BATCH // 2
+    run_stage2(stage1, out, *CHAT_ARGS, "--resume")
+    assert sf.read_metrics(out) == sf.read_metrics(ref)
+    assert sf.max_param_diff(sf.load_params(out), sf.load_params(ref)) == 0.0
+    assert sf.read_json(os.path.join(out, "config.json"))["config"]["chat_data"] == sf.chat_shard_dir()
+
+
+def test_ddp_with_chat_shards_matches_single_process(stage1):
+    """2 ranks x (1 corpus row + 1 chat row) against 1 process x (2 + 2): the same windows, the same updates."""
+    single, ddp = sf.tmp_dir("stage2-chat-single"), sf.tmp_dir("stage2-chat-ddp")
+    run_stage2(stage1, single, *CHAT_ARGS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", sf.__file__,
+           "stage2_sft", *stage2_args(stage1, ddp, *CHAT_ARGS, f"--batch_size={BATCH // 2}")]
+    proc = subprocess.run(cmd, cwd=sf.REPO, env=ENV, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = sf.read_metrics(single), sf.read_metrics(ddp)
+    assert len(a) == len(b) == 8
+    for ra, rb in zip(a, b):
+        for key in ra.keys() - {"phase", "step"}:
+            assert rb[key] == pytest.approx(ra[key], rel=DDP_REL, abs=DDP_REL), (ra["phase"], ra["step"], key)
+    assert sf.max_param_diff(sf.load_params(single), sf.load_params(ddp)) < DDP_PARAM_ATOL
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The benchmarks on the stage-2 checkpoint. The teacher is loaded by the name stored in the checkpoint: here the tiny
 # teacher's folder.
