@@ -10,6 +10,7 @@ The last two are exact likelihoods of byte models of their own (every flag a fun
 commits to one patching while it writes, and pays for that in bits.
 """
 import math
+import os
 
 import torch
 
@@ -194,19 +195,7 @@ class ByteGeneration:
     def step_rows(self, rows, temperature=1.0, top_k=None, top_p=None, generator=None, force=None):
         """One byte for each of these rows (R,) (none waiting for the main network), through the encoder and decoder
         caches of only those rows -> (new bytes (R,), logits (R, 512)). force (R,) as in step()."""
-        m, everyone = self.model, len(rows) == len(self.rows)
-        if bool(self.waiting[rows].any()):
-            raise RuntimeError("a row's newest patch has not gone through the main network (close_patches)")
-        t, closes = self.lens[rows] - 1, self.pending_end[rows]
-        self.ends[rows, t] = closes
-        last = self.x[rows, t]
-        prior = None
-        if m.has_prior:  # the prior at the newest byte: a closed patch starts the trie walk afresh
-            node = torch.where(closes, 0, m.vocab.trie.step(self.node[rows], last))
-            self.node[rows] = node
-            prior = m.prior_at(self.cum, rows, node)[:, None]
-        logits = m.decode(last[:, None], self.h_last[rows, None], self.y_cur[rows, None], prior=prior,
-                          cache=self.dec_cache if everyone else self.dec_cache.select(rows))[:, 0]
+        logits = self.next_logits(rows)
         if self.joint and force is None:  # one of the 512 entries: the byte and its flag together
             index = sample_from_logits(logits, temperature, top_k, top_p, generator)[:, 0]
             new, pending = index % 256, index >= 256
@@ -219,14 +208,109 @@ class ByteGeneration:
                 new = sample_from_logits(byte_logprobs(logits), temperature, top_k, top_p, generator)[:, 0]
             r = torch.arange(len(rows), device=logits.device)
             pending = logits[r, new + 256] > logits[r, new]
+        self.append(rows, new, pending)
+        return new, logits
+
+    @torch.no_grad()
+    def next_logits(self, rows):
+        """The head's logits (R, 512) for the byte after each of these rows' newest (the decoder consumes that byte;
+        none of the rows may be waiting for the main network). append() then gives each row its next byte."""
+        m = self.model
+        if bool(self.waiting[rows].any()):
+            raise RuntimeError("a row's newest patch has not gone through the main network (close_patches)")
+        t, closes = self.lens[rows] - 1, self.pending_end[rows]
+        self.ends[rows, t] = closes
+        last = self.x[rows, t]
+        prior = None
+        if m.has_prior:  # the prior at the newest byte: a closed patch starts the trie walk afresh
+            node = torch.where(closes, 0, m.vocab.trie.step(self.node[rows], last))
+            self.node[rows] = node
+            prior = m.prior_at(self.cum, rows, node)[:, None]
+        return m.decode(last[:, None], self.h_last[rows, None], self.y_cur[rows, None], prior=prior,
+                        cache=self.dec_cache if len(rows) == len(self.rows) else self.dec_cache.select(rows))[:, 0]
+
+    @torch.no_grad()
+    def append(self, rows, new, pending):
+        """Rows (R,) take their next bytes new (R,), with flags pending (R,) bool (the byte closes its patch), through
+        the encoder."""
+        m, t = self.model, self.lens[rows] - 1
         self.pending_end[rows], self.waiting[rows] = pending, pending
         self.done[rows] |= new == BOS_BYTE  # 0xFE would start a new document: the row is finished
         self.x[rows, t + 1] = new
         self.lens[rows] = t + 2
-        enc = self.enc_cache if everyone else self.enc_cache.select(rows)
+        enc = self.enc_cache if len(rows) == len(self.rows) else self.enc_cache.select(rows)
         sub = m.vocab.subword_newest(self.x[rows], self.lens[rows]) if m.scfg.subword else None
         self.h_last[rows] = m.encode(new[:, None], cache=enc, sub=sub)[:, 0]
-        return new, logits
+
+    def fork(self, src):
+        """Row i becomes a copy of row src[i] (B,), its caches and state included: a beam's hypotheses branch. Only
+        the rows that change are copied."""
+        dst = (src != self.rows).nonzero()[:, 0]
+        if not len(dst):
+            return
+        src = src[dst]
+        for cache in (self.enc_cache, self.dec_cache, self.main_cache):
+            cache.copy_rows(dst, src)  # the sources are read before any row is written
+        for name in ("x", "ends", "lens", "pending_end", "waiting", "h_last", "y_cur", "done", "node", "cum"):
+            if hasattr(self, name):
+                value = getattr(self, name)
+                value[dst] = value[src]
+
+
+@torch.no_grad()
+def beam_search(model, prompt, max_bytes, beam=4, stop=b"", on_commit=None):
+    """The likeliest continuation of prompt (bytes) under the greedy-flag byte model (each byte from the two halves
+    summed, its flag the likelier half), by a beam of `beam` byte strings, at most max_bytes long: each step extends
+    every hypothesis by every byte, and keeps the `beam` heaviest by total log-probability. A hypothesis that writes
+    `stop` (the end-of-turn code) or 0xFE is finished; the search ends once no live one is heavier than the best
+    finished one (scores only fall), or at max_bytes. Byte-greedy decoding can miss the likeliest string when the
+    likeliest first byte leads to many strings that are each unlikely (the teacher's own first token "The" against
+    its "L", "La", "Le" ...); a beam sees that. -> (bytes without the stop, ended: it wrote stop). on_commit(bytes)
+    sees the bytes that every live hypothesis shares, as they become shared (streaming)."""
+    gen = ByteGeneration(model, [prompt] * beam, max_bytes + 2, flags="greedy", all_logits=False)
+    start, dev = int(gen.lens[0]), gen.x.device
+    score = torch.full((beam,), -math.inf, dtype=torch.float64, device=dev)
+    score[0] = 0.0  # the rows start as copies of one hypothesis
+    best, best_score, committed = (b"", False), -math.inf, 0
+    for _ in range(max_bytes):
+        closing = gen.waiting.nonzero()[:, 0]
+        if len(closing):
+            gen.close_patches(closing)
+        logits = gen.next_logits(gen.rows)
+        logp = byte_logprobs(logits).double()  # (beam, 256)
+        cand = (score[:, None] + logp).view(-1)
+        top = torch.topk(cand, beam)
+        parent, new = top.indices // 256, top.indices % 256
+        r = torch.arange(beam, device=dev)
+        pending = logits[parent, new + 256] > logits[parent, new]
+        gen.fork(parent)
+        gen.append(r, new, pending)
+        score = top.values.clone()
+        for i in range(beam):
+            text = bytes(gen.x[i, start:gen.lens[i]].tolist())
+            ended = bool(stop) and text.endswith(stop)
+            if (ended or new[i] == BOS_BYTE) and score[i] > best_score:
+                best, best_score = (text[:-len(stop)] if ended else text[:-1], ended), float(score[i])
+            if ended or new[i] == BOS_BYTE:
+                score[i] = -math.inf
+        live = score > -math.inf
+        if not bool(live.any()) or float(score.max()) <= best_score:
+            break
+        if on_commit is not None:
+            texts = [bytes(gen.x[i, start:gen.lens[i]].tolist()) for i in live.nonzero()[:, 0].tolist()]
+            shared = os.path.commonprefix(texts + ([best[0]] if best_score > -math.inf else []))
+            if stop:
+                shared = shared[:len(shared) - next((k for k in range(len(stop) - 1, 0, -1)
+                                                     if shared.endswith(stop[:k])), 0)]
+            if len(shared) > committed:
+                on_commit(shared[committed:])
+                committed = len(shared)
+    if best_score == -math.inf:  # nothing finished within max_bytes: the heaviest live hypothesis
+        i = int(score.argmax())
+        best = (bytes(gen.x[i, start:start + max_bytes].tolist()), False)
+    if on_commit is not None and len(best[0]) > committed:
+        on_commit(best[0][committed:])
+    return best
 
 
 LATE_EPS = 0.01  # the late-flag model decides a flag at once when its other value is less likely than this

@@ -8,7 +8,9 @@
 
 --chat writes the teacher's chat template around the prompt, in byte space: each special token (<|im_start|>,
 <|im_end|>, ...) is its two-byte code, 0xFF and an index (tokenizer.py), which no UTF-8 text contains. The reply
-stops at the end-of-turn code. With --prompt, one turn per prompt; without, a REPL that keeps the conversation
+stops at the end-of-turn code. At --temperature=0 the student's reply is the likeliest string a beam search over
+bytes finds (--beam, 4 by default with --chat; decoding.beam_search), streamed as its hypotheses agree: byte by byte,
+the likeliest byte is often not the start of the likeliest answer. With --prompt, one turn per prompt; without, a REPL that keeps the conversation
 (an empty line or end of input ends it). --system= gives a system message (default: the template's own, if any).
 Codes print as their tokens' names; --raw writes the raw bytes, codes included.
 
@@ -56,6 +58,8 @@ class Config:
     num_samples: int = 1
     raw: bool = False
     chat: bool = False           # the teacher's chat template around each prompt; without --prompt, a REPL
+    beam: int = 0                # at --temperature=0: the student's answer by a beam search over bytes of this width
+                                 # (decoding.beam_search); 0 = 4 with --chat, else 1 (greedy, no search)
     system: str = ""             # with --chat: a system message (empty: the template's default, if it has one)
     device: str = "cpu"
     flags: str = "joint"         # the student's byte model: joint | greedy | late (see above)
@@ -204,8 +208,16 @@ def sample_student(cfg, prompts, dtype=torch.float32):
     names = {c: n for n, c in checkpoint.special_codes(meta, cfg.ckpt).items()}
     if cfg.chat:
         fmt = chat_format(meta, cfg.ckpt)
-        return chat_turns(cfg, fmt, normalize, lambda text, on_byte: generate_student(
-            student, [text], cfg.max_bytes, settings, cfg.flags, fmt.end_of_turn, on_byte), names)
+        beam = cfg.beam or 4
+        if cfg.temperature == 0 and beam > 1:
+            def reply(text, on_bytes):
+                out, ended = decoding.beam_search(student, text, cfg.max_bytes, beam, fmt.end_of_turn, on_bytes)
+                return [out], [ended], len(out)
+        else:
+            def reply(text, on_bytes):
+                return generate_student(student, [text], cfg.max_bytes, settings, cfg.flags, fmt.end_of_turn,
+                                        lambda i, b: on_bytes(bytes([b])))
+        return chat_turns(cfg, fmt, normalize, reply, names)
     texts = [normalize(p).encode("utf-8") for p in prompts]
     printer = Printer(cfg, names)
     if len(texts) == 1:
@@ -219,7 +231,7 @@ def sample_student(cfg, prompts, dtype=torch.float32):
 
 
 def chat_turns(cfg, fmt, normalize, reply_fn, names):
-    """Runs conversation(): each turn's reply streamed (reply_fn(prompt bytes, on_byte) -> ([bytes], [ended], n))."""
+    """Runs conversation(): each turn's reply streamed (reply_fn(prompt bytes, on_bytes) -> ([bytes], [ended], n))."""
     texts, outputs, n, seconds, turns = [], [], 0, 0.0, conversation(cfg, fmt, normalize)
     reply = None
     while True:
@@ -232,7 +244,7 @@ def chat_turns(cfg, fmt, normalize, reply_fn, names):
         printer = Printer(cfg, names)
         sys.stdout.write("bot> ")
         t0 = time.perf_counter()
-        out, ended, k = reply_fn(text, lambda i, b: printer.write(bytes([b])))
+        out, ended, k = reply_fn(text, printer.write)
         printer.write(b"", final=True)
         seconds += time.perf_counter() - t0
         print("" if ended[0] else f"\n[no end of turn within --max_bytes={cfg.max_bytes}]")
@@ -275,8 +287,9 @@ def sample_teacher(cfg, prompts, dtype=torch.float32):
     if cfg.chat:
         fmt = ChatFormat(read_chat_template(resolve_teacher_dir(cfg.teacher)), tok.codes)
         end_id = tok.code_ids[fmt.end_of_turn]
-        return chat_turns(cfg, fmt, tok.normalize, lambda text, on_byte: reply(text, on_byte, stops | {end_id}),
-                          names)  # the template writes its own start token, if any (HF adds none to it)
+        return chat_turns(cfg, fmt, tok.normalize, lambda text, on_bytes: reply(
+            text, lambda i, b: on_bytes(bytes([b])), stops | {end_id}), names)  # the template writes its own start
+                                                                                # token, if any (HF adds none to it)
     texts, outputs, n, seconds = [], [], 0, 0.0
     for p in prompts:  # one prompt at a time: token prompts differ in length
         text = tok.normalize(p).encode("utf-8")
@@ -305,6 +318,8 @@ def main(argv):
         raise ValueError("--top_p must be in (0, 1] and --top_k >= 0 (0 = off)")
     if cfg.flags not in ("joint", "greedy", "late"):
         raise ValueError(f"--flags={cfg.flags!r}: joint, greedy or late")
+    if cfg.beam < 0 or cfg.beam > 1 and (cfg.temperature != 0 or not cfg.chat):
+        raise ValueError("--beam is a width (0 = the default), and a search only with --chat at --temperature=0")
     torch.manual_seed(cfg.seed)
     prompts = read_prompts(cfg)
     dtype, why = inference_dtype(cfg.dtype, check_device(cfg.device))

@@ -272,6 +272,9 @@ def main(argv):
               f"device {device}, {world} rank(s), {dtype_line}")
 
     # -- the phases --
+    if master and cfg.chat_data:
+        print(f"chat shards {cfg.chat_data}: {cfg.chat_fraction:.0%} of every batch's rows")
+
     def make_loader(seed, split="train"):
         return data.make_loader(data_dir, split, seed=seed, chat_dir=cfg.chat_data, chat_fraction=cfg.chat_fraction,
                                 **loader_args)

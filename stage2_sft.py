@@ -132,7 +132,9 @@ def main(argv):
         print(f"student from {cfg.init} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters, "
               f"teacher {teacher_name}) | device {device}, {world} rank(s), {dtype_line}")
 
-    chat_dir = cfg.chat_data or meta["config"].get("chat_data", "")
+    chat_dir = cfg.chat_data = cfg.chat_data or meta["config"].get("chat_data", "")  # recorded as used
+    if master and chat_dir:
+        print(f"chat shards {chat_dir}: {cfg.chat_fraction:.0%} of every batch's rows")
 
     def make_loader(seed, split="train"):
         return data.make_loader(data_dir, split, tok, cfg.batch_size, cfg.seq_len, seed=seed, rank=rank,

@@ -4,9 +4,10 @@
 
 The prompts are data.py --chat's held-out ones (data.chat_prompts("val"): questions about the held-out plays and
 standard-library modules; stages never train on them), each asked as one user turn in the teacher's template (its
-default system turn included), the student's in byte space with the special-token codes. Both models answer
-greedily (temperature 0: the teacher its likeliest token, the student the likeliest of its 512 entries, byte and
-flag), each for at most --max_bytes bytes, and stop at the end-of-turn code. Printed:
+default system turn included), the student's in byte space with the special-token codes. Both answer as sample.py
+--chat --temperature=0 does: the teacher greedily (its likeliest token), the student by a beam search over bytes of
+width --student_beam (decoding.beam_search; 1: the likeliest of its 512 entries at each byte, no search), each for
+at most --max_bytes bytes, stopping at the end-of-turn code. Printed:
   ended          the share of answers that end their turn within --max_bytes bytes (the end code not counted)
   exact          the share of prompts where the student's answer is the teacher's, byte for byte
   prefix         the mean share of the teacher's answer that the student's starts with
@@ -30,6 +31,7 @@ import chat  # noqa: E402
 import checkpoint  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
+from decoding import beam_search  # noqa: E402
 import marginal  # noqa: E402
 from sample import chat_format, generate_student  # noqa: E402
 from teacher import load_teacher, resolve_teacher_dir  # noqa: E402
@@ -40,6 +42,7 @@ class Config:
     ckpt: str = "out/stage2"    # a byte-model folder that records its special codes and chat template (stage 1 does)
     n: int = 40                 # held-out prompts (at most data.CHAT_VAL_PROMPTS are made per seed; more are drawn)
     max_bytes: int = 400        # an answer's budget, for both models
+    student_beam: int = 4       # the student's answers: beam search width (1 = greedy, the joint's likeliest entry)
     beam: int = marginal.BEAM   # the student's marginal: flag prefixes kept
     show: int = 3               # answers printed side by side
     dtype: str = "float32"      # weights of both models: float32 | bfloat16
@@ -54,7 +57,7 @@ def teacher_bits(teacher, tok, prompt, answer):
     return -logp[len(context) - 1:].gather(1, torch.tensor(ids)[:, None]).sum().item() / math.log(2)
 
 
-def measure(student, fmt, teacher, tok, prompts, max_bytes=400, beam=marginal.BEAM, progress=print):
+def measure(student, fmt, teacher, tok, prompts, max_bytes=400, beam=marginal.BEAM, student_beam=4, progress=print):
     started = time.time()
     asks = [fmt.render([{"role": "user", "content": tok.normalize(p)}]) for p in prompts]
     progress(f"the teacher answers {len(asks)} prompts")
@@ -69,8 +72,12 @@ def measure(student, fmt, teacher, tok, prompts, max_bytes=400, beam=marginal.BE
         teacher_out.append(text[:max_bytes])
     t_teacher = time.time() - started
     progress(f"the student answers ({t_teacher:.0f} s so far)")
-    student_out, student_ended, _ = generate_student(student, asks, max_bytes, (0.0, None, 1.0, None), "joint",
-                                                     fmt.end_of_turn)
+    if student_beam > 1:
+        student_out, student_ended = map(list, zip(*[beam_search(student, a, max_bytes, student_beam, fmt.end_of_turn)
+                                                    for a in asks]))
+    else:
+        student_out, student_ended, _ = generate_student(student, asks, max_bytes, (0.0, None, 1.0, None), "joint",
+                                                         fmt.end_of_turn)
     t_student = time.time() - started - t_teacher
     scored = [i for i, e in enumerate(teacher_ended) if e]
     progress(f"bits per byte on the teacher's {len(scored)} ended answers ({time.time() - started:.0f} s so far)")
@@ -84,7 +91,7 @@ def measure(student, fmt, teacher, tok, prompts, max_bytes=400, beam=marginal.BE
         k = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         return k / max(len(b), 1)
     return {
-        "n": len(prompts), "max_bytes": max_bytes, "beam": beam,
+        "n": len(prompts), "max_bytes": max_bytes, "beam": beam, "student_beam": student_beam,
         "teacher_ended": sum(teacher_ended) / len(prompts), "student_ended": sum(student_ended) / len(prompts),
         "exact": sum(s == t for s, t in zip(student_out, teacher_out)) / len(prompts),
         "prefix": sum(prefix(s, t) for s, t in zip(student_out, teacher_out)) / len(prompts),
@@ -101,7 +108,9 @@ def measure(student, fmt, teacher, tok, prompts, max_bytes=400, beam=marginal.BE
 
 
 def print_report(r, show=3):
-    print(f"\nchat on {r['n']} held-out prompts, greedy, at most {r['max_bytes']} bytes per answer")
+    how = f"a beam of {r['student_beam']} over bytes" if r["student_beam"] > 1 else "greedy"
+    print(f"\nchat on {r['n']} held-out prompts, the teacher greedy, the student by {how}, at most {r['max_bytes']} "
+          "bytes per answer")
     print("| model | turns ended | mean answer bytes | bits per byte on the teacher's answers |")
     print("|---|---|---|---|")
     print(f"| teacher | {r['teacher_ended']:.0%} | {r['teacher_answer_bytes']:.0f} | {r['teacher_bpb']:.3f} |")
@@ -120,8 +129,8 @@ def print_report(r, show=3):
 
 def main(argv):
     cfg = cli.parse_args(Config, argv)
-    if cfg.n < 1 or cfg.max_bytes < 1 or cfg.beam < 1:
-        raise ValueError("--n, --max_bytes and --beam must be at least 1")
+    if cfg.n < 1 or cfg.max_bytes < 1 or cfg.beam < 1 or cfg.student_beam < 1:
+        raise ValueError("--n, --max_bytes, --beam and --student_beam must be at least 1")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype must be float32 or bfloat16, not {cfg.dtype!r}")
     cli.print_config(cfg)
@@ -136,7 +145,7 @@ def main(argv):
               "checkpoint's for both models")
     started = time.time()
     r = measure(student, fmt, teacher, tok, data.chat_prompts("val", cfg.n), cfg.max_bytes, cfg.beam,
-                chat.timed_progress(started))
+                cfg.student_beam, chat.timed_progress(started))
     print_report(r, cfg.show)
     if cfg.json:
         with open(cfg.json, "w") as f:

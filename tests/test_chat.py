@@ -288,7 +288,7 @@ def test_bench_chat_end_to_end(chatml_teacher, tmp_path, capsys):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = str(tmp_path / "chat.json")
-    bench.main([f"--ckpt={path}", "--n=3", "--max_bytes=24", "--beam=2", f"--json={out}"])
+    bench.main([f"--ckpt={path}", "--n=3", "--max_bytes=24", "--beam=2", "--student_beam=1", f"--json={out}"])
     r = json.load(open(out))
     assert "turns ended" in capsys.readouterr().out
     fmt = chat.ChatFormat(SMOLLM2_TEMPLATE, tok.codes)
@@ -299,3 +299,24 @@ def test_bench_chat_end_to_end(chatml_teacher, tmp_path, capsys):
     assert [a["student"] for a in r["answers"]] == [fmt.show(o) for o in outs]
     assert r["scored_answers"] == sum(a["teacher_ended"] for a in r["answers"])
     assert 0 <= r["prefix"] <= 1 and 0 <= r["exact"] <= 1
+
+
+def test_sample_chat_at_temperature_0_is_the_beam_search(chatml_teacher, tmp_path):
+    """sample.py --chat --temperature=0: the reply is decoding.beam_search's (width 4 by default), streamed."""
+    from decoding import beam_search
+    from test_student import build_student, build_teacher
+    tok = tokenizer.load_tokenizer(chatml_teacher)
+    path = str(tmp_path / "student")
+    checkpoint.save_student(path, build_student(build_teacher()), {
+        "stage": 1, "config": {}, "teacher": "/no/such/teacher", "phase": "align", "step": 1, "phase_done": True,
+        "results": {}, **checkpoint.chat_meta(tok, chatml_teacher)})
+    student, meta = checkpoint.load_student(path)
+    fmt = sample.chat_format(meta, path)
+    out, ended = beam_search(student, fmt.render([{"role": "user", "content": "Who is Banquo?"}]), 12, 4,
+                             fmt.end_of_turn)
+    proc = subprocess.run([sys.executable, "sample.py", f"--ckpt={path}", "--chat", "--prompt=Who is Banquo?",
+                           "--max_bytes=12", "--temperature=0", "--dtype=float32"], cwd=sf.REPO, capture_output=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8"))
+    assert proc.returncode == 0, proc.stderr.decode()
+    reply = proc.stdout.decode("utf-8").split("bot> ", 1)[1]
+    assert reply.startswith(tokenizer.show(out, fmt.names)) and ("no end of turn" in reply) == (not ended)

@@ -272,3 +272,27 @@ def test_joint_sampler_draws_from_the_marginal(teacher):
         return 0.5 * float((counts.double() / n - exact.double()).abs().sum())
     assert tv("joint") < 0.02
     assert tv("greedy") > 0.04
+
+
+def test_beam_search_finds_the_likeliest_finished_string(teacher):
+    """decoding.beam_search at full width on a head masked to three byte values, " " the stop: the string it returns
+    is the likeliest finished one under the greedy-flag model, by brute force over every string of up to 4 bytes
+    (greedy_flag_logprobs, fp64); at width 1 it is greedy generation's text."""
+    from decoding import beam_search
+    student = subword_student(teacher).double()
+    allowed = torch.tensor([ord("a"), ord("t"), ord(" ")])
+    mask = torch.full((512,), -math.inf, dtype=torch.float64)
+    mask[allowed], mask[allowed + 256] = 0.0, 0.0
+    decode = student.decode
+    student.decode = lambda *a, **k: decode(*a, **k) + mask
+    finished = [bytes(s) + b" " for n in range(4) for s in itertools.product(b"at", repeat=n)]
+    scores = {s: float(lp.sum()) for s, (lp, _, _) in zip(finished, greedy_flag_logprobs(student, finished))}
+    out, ended = beam_search(student, b"", 4, beam=16, stop=b" ")
+    assert ended and out + b" " == max(scores, key=scores.get)
+    gen = ByteGeneration(student, [b""], 4, flags="greedy")
+    greedy = bytearray()
+    for _, _, new, _ in gen.run(4, 0.0, None, 1.0, None):
+        greedy.append(int(new[0]))
+    first, ended1 = beam_search(student, b"", 4, beam=1, stop=b" ")
+    cut = bytes(greedy).split(b" ")[0]
+    assert first == cut and ended1 == (b" " in greedy)
