@@ -62,8 +62,9 @@ def main(argv):
         print(report["retention"]["table"])
     if os.path.exists(f"{out}/chat.json"):
         r = load(f"{out}/chat.json")
-        print(f"\n== chat (bench/chat.py: {r['n']} held-out prompts in the teacher's template, greedy, at most "
-              f"{r['max_bytes']} bytes per answer)")
+        how = f"a beam of {r['student_beam']} over bytes" if r.get("student_beam", 1) > 1 else "greedy"
+        print(f"\n== chat (bench/chat.py: {r['n']} held-out prompts in the teacher's template; the teacher greedy, "
+              f"the student by {how}; at most {r['max_bytes']} bytes per answer)")
         print("| model | turns ended | mean answer bytes | bits per byte on the teacher's ended answers |")
         print("|---|---|---|---|")
         print(f"| teacher | {r['teacher_ended']:.0%} | {r['teacher_answer_bytes']:.0f} | {r['teacher_bpb']:.3f} |")
