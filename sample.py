@@ -6,7 +6,7 @@
     python sample.py --ckpt=out/stage2 --chat                                   # a conversation (REPL)
     python sample.py --ckpt=out/stage2 --chat --prompt="What is the capital of France?" --temperature=0
 
---chat writes the teacher's chat template around the prompt, in byte space: each special token (<|im_start|>,
+With --chat, the teacher's chat template goes around the prompt, in byte space: each special token (<|im_start|>,
 <|im_end|>, ...) is its two-byte code, 0xFF and an index (tokenizer.py), which no UTF-8 text contains. The reply
 stops at the end-of-turn code. At --temperature=0 the student's reply is the likeliest string a beam search over
 bytes finds (--beam, 4 by default with --chat; decoding.beam_search), streamed as its hypotheses agree: byte by byte,

@@ -4,8 +4,8 @@
 
 The prompts are data.py --chat's held-out ones (data.chat_prompts("val"): questions about the held-out plays and
 standard-library modules; stages never train on them), each asked as one user turn in the teacher's template (its
-default system turn included), the student's in byte space with the special-token codes. Both answer as sample.py
---chat --temperature=0 does: the teacher greedily (its likeliest token), the student by a beam search over bytes of
+default system turn included), the student's in byte space with the special-token codes. Both answer as
+`sample.py --chat --temperature=0` does: the teacher greedily (its likeliest token), the student by a beam search over bytes of
 width --student_beam (decoding.beam_search; 1: the likeliest of its 512 entries at each byte, no search), each for
 at most --max_bytes bytes, stopping at the end-of-turn code. Printed:
   ended          the share of answers that end their turn within --max_bytes bytes (the end code not counted)
@@ -40,7 +40,7 @@ from teacher import load_teacher, resolve_teacher_dir  # noqa: E402
 @dataclass
 class Config:
     ckpt: str = "out/stage2"    # a byte-model folder that records its special codes and chat template (stage 1 does)
-    n: int = 40                 # held-out prompts (at most data.CHAT_VAL_PROMPTS are made per seed; more are drawn)
+    n: int = 40                 # held-out prompts (data.chat_prompts("val", n); data.py --chat answered the first 40)
     max_bytes: int = 400        # an answer's budget, for both models
     student_beam: int = 4       # the student's answers: beam search width (1 = greedy, the joint's likeliest entry)
     beam: int = marginal.BEAM   # the student's marginal: flag prefixes kept
