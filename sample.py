@@ -187,11 +187,17 @@ def conversation(cfg, fmt, normalize):
             yield fmt.render(messages), messages
         return
     messages = list(system)
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")  # an invalid byte becomes a lone surrogate, refused below
     while True:
         try:
             line = input("you> ")
+            line.encode("utf-8")
         except EOFError:
             return
+        except (UnicodeDecodeError, UnicodeEncodeError):  # bytes that are not UTF-8
+            print("that line is not valid UTF-8; type it again")
+            continue
         if not line.strip():
             return
         messages.append({"role": "user", "content": normalize(line)})
@@ -320,6 +326,10 @@ def main(argv):
         raise ValueError(f"--flags={cfg.flags!r}: joint, greedy or late")
     if cfg.beam < 0 or cfg.beam > 1 and (cfg.temperature != 0 or not cfg.chat):
         raise ValueError("--beam is a width (0 = the default), and a search only with --chat at --temperature=0")
+    try:
+        cfg.system.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("--system is not valid UTF-8") from None
     torch.manual_seed(cfg.seed)
     prompts = read_prompts(cfg)
     dtype, why = inference_dtype(cfg.dtype, check_device(cfg.device))
@@ -332,7 +342,8 @@ def main(argv):
     elif not cfg.chat:
         print()
     print(f"--- {n} bytes in {seconds:.2f} s: {n / max(seconds, 1e-9):.1f} bytes/s "
-          f"({'byte student' if cfg.ckpt else 'teacher, tokens'}, batch {len(texts)}; {why})", file=sys.stderr)
+          f"({'byte student' if cfg.ckpt else 'teacher, tokens'}, "
+          f"{f'{len(texts)} turns' if cfg.chat else f'batch {len(texts)}'}; {why})", file=sys.stderr)
 
 
 if __name__ == "__main__":

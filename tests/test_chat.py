@@ -320,3 +320,22 @@ def test_sample_chat_at_temperature_0_is_the_beam_search(chatml_teacher, tmp_pat
     assert proc.returncode == 0, proc.stderr.decode()
     reply = proc.stdout.decode("utf-8").split("bot> ", 1)[1]
     assert reply.startswith(tokenizer.show(out, fmt.names)) and ("no end of turn" in reply) == (not ended)
+
+
+def test_chat_repl_keeps_the_conversation_and_refuses_invalid_utf8(chatml_teacher, tmp_path):
+    """The REPL: a line that is not UTF-8 is refused with a message (no traceback) and the conversation goes on; an
+    empty line ends it; each turn prints one reply."""
+    from test_student import build_student, build_teacher
+    tok = tokenizer.load_tokenizer(chatml_teacher)
+    path = str(tmp_path / "student")
+    checkpoint.save_student(path, build_student(build_teacher()), {
+        "stage": 1, "config": {}, "teacher": "/no/such/teacher", "phase": "align", "step": 1, "phase_done": True,
+        "results": {}, **checkpoint.chat_meta(tok, chatml_teacher)})
+    proc = subprocess.run([sys.executable, "sample.py", f"--ckpt={path}", "--chat", "--max_bytes=6",
+                           "--temperature=1", "--dtype=float32"], cwd=sf.REPO, capture_output=True,
+                          input=b"Hi \xff there\nWho is Banquo?\nAnd Macbeth?\n\nnever read\n",
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8"))
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr.decode()
+    out = proc.stdout.decode("utf-8")
+    assert out.count("not valid UTF-8") == 1 and out.count("bot> ") == 2
+    assert "2 turns" in proc.stderr.decode()
