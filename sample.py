@@ -10,12 +10,13 @@ With --chat, the teacher's chat template goes around the prompt, in byte space: 
 <|im_end|>, ...) is its two-byte code, 0xFF and an index (tokenizer.py), which no UTF-8 text contains. The reply
 stops at the end-of-turn code. At --temperature=0 the student's reply is the likeliest string a beam search over
 bytes finds (--beam, 4 by default with --chat; decoding.beam_search), streamed as its hypotheses agree: byte by byte,
-the likeliest byte is often not the start of the likeliest answer. With --prompt, one turn per prompt; without, a REPL that keeps the conversation
-(an empty line or end of input ends it). --system= gives a system message (default: the template's own, if any).
+the likeliest byte is often not the start of the likeliest answer. With --prompt, one turn per prompt; without, a
+REPL that keeps the conversation (an empty line or end of input ends it). --system= gives a system message (default: the template's own, if any).
 Codes print as their tokens' names; --raw writes the raw bytes, codes included.
 
 Output streams as it is generated (batch of one), decoded incrementally as UTF-8 with invalid sequences shown as
-U+FFFD and special codes as names; --raw writes the raw bytes instead. A batch of several prompts/samples prints each sample when done.
+U+FFFD and special codes as names; --raw writes the raw bytes instead. A batch of several prompts/samples prints
+each sample when done.
 The student writes from its joint model by default (--flags=joint; decoding.ByteGeneration(flags="joint")): each step
 draws one of the head's 512 entries, a byte and whether it ends a patch, so that at --temperature=1 this is ancestral
 sampling of the joint, whose likelihood (the sum over every patching, marginal.py) is bench/fidelity.py's headline.
