@@ -17,7 +17,7 @@ needs to be run by hand or committed.
 
 The retention suite (tag blm_retention; the formats of the zero-shot suite byte models are judged on):
   lambada_plays       LAMBADA-style: the last word of a speech in a held-out play, given at least 400 bytes of the text
-                      before it (acc: greedy decoding writes the word; perplexity)
+                      before it, from a line start (acc: greedy decoding writes the word; perplexity)
   swag_plays          HellaSwag-style: the next verse line of a held-out play among 4, the distractors other lines of
                       the same play of about its length (acc, acc_norm)
   code_nextline       the same form on the held-out standard-library modules: the next line of code among 4, the
@@ -43,7 +43,7 @@ BPB_DOC_BYTES = 2000      # a document ends at the first blank line after this m
 N_CUTE, N_SHOTS = 200, 20  # test items per probe, and the few-shot pool (training split) drawn from other words
 LINE_END_WORD = re.compile(r"(?<= )([a-z]{4,})[,.;:!?']*  \n")  # the last word of a verse line (before the break)
 N_ITEMS = 500             # items per retention task
-LAMBADA_CONTEXT = 400     # bytes of text before the hidden word, at least (back to the start of a paragraph)
+LAMBADA_CONTEXT = 400     # bytes of text before the hidden word, at least (back to the start of a line)
 NEXT_CONTEXT = 400        # the next-line tasks: bytes before the true line, at least (back to the start of a line)
 LINE_BYTES = (16, 48)     # the next-line tasks: the true line's length, stripped
 SPEECH_END_WORD = re.compile(r"(?<= )([A-Za-z]{3,})[.!?]?\n\n")  # the last word of a speech (a paragraph)
@@ -78,16 +78,16 @@ def cloze(texts, rng):
 
 
 def lambada(texts, rng):
-    """The last word of a speech with at least LAMBADA_CONTEXT bytes of the play before it, cut back to a paragraph
-    start (LAMBADA's form: the target is the word alone, after a space)."""
+    """The last word of a speech with at least LAMBADA_CONTEXT bytes of the play before it, cut back to a line start
+    (LAMBADA's form: a passage of a few sentences, about 75 words, and the target is the word alone, after a space;
+    a speech can be far longer, and its length would only make the item slower, not the word more predictable)."""
     found = [(text, m) for text in texts.values() for m in SPEECH_END_WORD.finditer(text)
              if m.start(1) > LAMBADA_CONTEXT]
     docs = []
     for text, m in rng.sample(found, min(N_ITEMS, len(found))):
         start = m.start(1) - 1
-        cut = text.rfind("\n\n", 0, start - LAMBADA_CONTEXT)
-        para = cut + 2 if cut >= 0 else 0
-        docs.append({"context": text[para:start], "word": m.group(1)})
+        cut = text.rfind("\n", 0, start - LAMBADA_CONTEXT) + 1
+        docs.append({"context": text[cut:start], "word": m.group(1)})
     return docs
 
 
