@@ -107,7 +107,7 @@ class ByteGeneration:
         self.rows = torch.arange(B, device=dev)
         self.enc_cache = model.encoder.new_cache(B, total)
         self.dec_cache = model.decoder.new_cache(B, total)
-        self.main_cache = model.main.new_cache(B, min(total, model.tcfg.max_seq_len))
+        self.max_new_bytes = max_new_bytes  # the main network's cache is made in _prefill, once the patches are known
         self.prefill_logits = self._prefill(L, all_logits)
 
     @torch.no_grad()
@@ -118,6 +118,10 @@ class ByteGeneration:
         h = m.encode(x, cache=self.enc_cache, advance=lens)
         t = torch.arange(L, device=x.device)[None]
         ends = (m.boundary_probs(h) > m.scfg.boundary_threshold) & (t < lens[:, None] - 1)
+        # room for the prompt's patches, its newest one and one per new byte (a byte closes at most one): a patch is
+        # ~4 bytes, so sizing by bytes would allocate (and zero) ~4x the main network's keys and values
+        room = int(ends.sum(1).max()) + 1 + self.max_new_bytes
+        self.main_cache = m.main.new_cache(len(lens), min(room, m.tcfg.max_seq_len))
         y, patch_mask = m.run_main(h, ends, cache=self.main_cache)
         at = (lens - 2).clamp(min=0)  # the position that predicts the newest prompt byte
         logits = m.decode(x, h, m.dechunk(y, ends), cache=self.dec_cache, advance=lens - 1,
