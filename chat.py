@@ -179,14 +179,15 @@ def corpus_prompts(documents, n, seed="0") -> list[str]:
 # The teacher's answers
 
 @torch.no_grad()
-def teacher_answers(teacher, prompts, max_new_tokens, stop_ids, batch_size=32, progress=None):
-    """Greedy continuations of token-id prompts (lists), batched: prompts right-padded into one KV cache, each row
-    read at its own last position and advanced by its own length. -> per prompt, its new ids up to and including
-    the first stop id (or max_new_tokens of them)."""
+def teacher_answers(teacher, prompts, max_new_tokens, stop_ids, batch_size=32, progress=None, mask=None,
+                    temperature=0.0, finished=None):
+    """Greedy (temperature 0) or sampled continuations of token-id prompts (lists), batched: prompts right-padded into
+    one KV cache, each row read at its own last position and advanced by its own length. mask (V,) bool: ids never
+    generated; finished(i, new ids) -> True once prompt i's answer is complete (eval.py: a stop string). -> per
+    prompt, its new ids up to and including the first stop id (or max_new_tokens of them, or where finished)."""
     out = [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     device = teacher.head_weight.device
-    stops = torch.tensor(sorted(stop_ids), device=device)
     for b in range(0, len(order), batch_size):
         rows = order[b:b + batch_size]
         lens = torch.tensor([len(prompts[i]) for i in rows], device=device)
@@ -195,18 +196,21 @@ def teacher_answers(teacher, prompts, max_new_tokens, stop_ids, batch_size=32, p
             idx[r, :len(prompts[i])] = torch.tensor(prompts[i])
         cache = teacher.new_cache(len(rows), idx.shape[1] + max_new_tokens)
         logits = teacher(idx, cache=cache, advance=lens)[torch.arange(len(rows)), lens - 1]
-        new, done = [], torch.zeros(len(rows), dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            next_id = logits.argmax(dim=-1)
-            new.append(next_id)
-            done |= torch.isin(next_id, stops)
-            if bool(done.all()):
+        new, done = [[] for _ in rows], [False] * len(rows)
+        for step in range(max_new_tokens):
+            if mask is not None:
+                logits = logits.masked_fill(mask, float("-inf"))
+            next_id = logits.argmax(dim=-1) if temperature == 0 else \
+                torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1)[:, 0]
+            for r, t in enumerate(next_id.tolist()):
+                if not done[r]:
+                    new[r].append(t)
+                    done[r] = t in stop_ids or (finished is not None and finished(rows[r], new[r]))
+            if all(done) or step + 1 == max_new_tokens:
                 break
             logits = teacher(next_id[:, None], cache=cache)[:, -1]
-        new = torch.stack(new, dim=1).tolist()
         for r, i in enumerate(rows):
-            ends = [k for k, t in enumerate(new[r]) if t in stop_ids]
-            out[i] = new[r][:ends[0] + 1] if ends else new[r]
+            out[i] = new[r]
         if progress:
             progress(f"{min(b + batch_size, len(order))}/{len(order)} answers")
     return out

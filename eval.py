@@ -28,7 +28,8 @@ How each request is scored (text is normalised by the teacher's tokenizer first,
                 loglikelihood: the continuation's likelihood given the context bytes: generation's prefill on
                 [0xFE] + context (the patcher decides the context's boundaries except its last byte's), then the
                 continuation's bytes. marginal: the last context byte's flag and every continuation flag summed
-                over by the beam; late / greedy: that flag decided by the model, each continuation byte
+                over by the beam, which keeps the continuation's canonical token ends as one of its paths
+                (--keep_tokens, as the fidelity headline keeps the true token ends); late / greedy: that flag decided by the model, each continuation byte
                 teacher-forced. is_greedy: every continuation byte was the likeliest byte (marginal: under the
                 beam's next-byte distribution).
                 loglikelihood_rolling: bench/fidelity.py's windows: the text tokenised once by the teacher, cut into
@@ -57,6 +58,7 @@ import cli
 import decoding
 import marginal
 import model as byte_model
+from chat import teacher_answers
 from teacher import check_device, load_teacher, resolve_teacher_dir
 from tokenizer import align_document, load_tokenizer
 
@@ -91,6 +93,20 @@ def normalized_pair(tok, context, continuation):
     if not whole.startswith(ctx):
         return ctx.encode("utf-8"), tok.normalize(continuation).encode("utf-8")
     return ctx.encode("utf-8"), whole[len(ctx):].encode("utf-8")
+
+
+def token_ends(tok, data):
+    """Each byte's "a token ends here" flag (bool (len(data),)) under the canonical tokenization of data (normalised
+    UTF-8), or None where those tokens do not spell it byte for byte: the path the marginal's beam keeps for a
+    continuation, as bench/fidelity.py keeps the true token ends."""
+    if tok is None or not data:
+        return None
+    lengths = tok.token_lengths[tok.encode_array(data.decode("utf-8"))]
+    if (lengths == 0).any() or int(lengths.sum()) != len(data):
+        return None
+    flags = torch.zeros(len(data), dtype=torch.bool)
+    flags[torch.from_numpy(lengths.cumsum() - 1)] = True
+    return flags
 
 
 def keep_last(data, n):
@@ -142,23 +158,24 @@ def parse_gen_kwargs(kwargs, default_max):
 class StudentLM(LM):
     """lm-eval's model for a byte-model checkpoint (see the module docstring for the scoring)."""
 
-    def __init__(self, model, tok, batch_size=16, window=512, flags="marginal", beam=marginal.BEAM):
+    def __init__(self, model, tok, batch_size=16, window=512, flags="marginal", beam=marginal.BEAM, keep_tokens=True):
         super().__init__()
         if flags not in ("marginal", "late", "greedy"):
             raise ValueError(f"flags={flags!r}: marginal, late or greedy")
         if int(beam) < 1:
             raise ValueError(f"beam={beam}: at least 1")
         self.model, self.tok, self.batch_size, self.flags, self.beam = model, tok, batch_size, flags, int(beam)
+        self.keep_tokens = keep_tokens not in (False, "False", "false", "0")  # also from lm-eval's model_args string
         self.window = min(window, model.tcfg.max_seq_len)  # as bench/fidelity.py caps it
         self.max_bytes = min(model.tcfg.max_seq_len, model.scfg.max_bytes) - 1  # a patch is at least one byte
         self._device = model.head.weight.device
 
     @classmethod
     def load(cls, ckpt, device="cpu", dtype="float32", batch_size=16, window=512, flags="marginal",
-             beam=marginal.BEAM):
+             beam=marginal.BEAM, keep_tokens=True):
         student, meta = checkpoint.load_student(ckpt, check_device(device), getattr(torch, dtype))
         return cls(student, load_tokenizer(resolve_teacher_dir(meta["teacher"])), int(batch_size), int(window), flags,
-                   beam)
+                   beam, keep_tokens)
 
     @classmethod
     def create_from_arg_string(cls, arg_string, additional_config=None):  # simple_evaluate(model="byte-student")
@@ -175,8 +192,9 @@ class StudentLM(LM):
         if self.flags == "marginal":  # the beam batches its own texts (up to 128 hypotheses in lockstep)
             ctxs = [keep_last(c, self.max_bytes - len(x)) for c, x in pairs]
             conts = [x for _, x in pairs]
+            keep = [token_ends(self.tok, x) for x in conts] if self.keep_tokens else None
             with tqdm(total=len(pairs), desc="byte student: loglikelihood (marginal)", disable=len(pairs) < 2) as bar:
-                scored = marginal.marginal_logprobs(self.model, conts, self.beam, prompts=ctxs, argmax=True,
+                scored = marginal.marginal_logprobs(self.model, conts, self.beam, prompts=ctxs, keep=keep, argmax=True,
                                                     progress=bar)
             return [(s, best, torch.tensor([byte_model.BOS_BYTE, *c, *x]), None)
                     for (s, best), c, x in zip(scored, ctxs, conts)]
@@ -377,28 +395,29 @@ class TeacherLM(LM):
             out.append(-self.teacher.bits(ids, self.tok.doc_start_id, self.window) * math.log(2) if ids else 0.0)
         return out
 
-    @torch.no_grad()
     def generate_until(self, requests):
-        out = []
-        for r in tqdm(requests, desc="teacher: generate", disable=len(requests) < 2):
-            stops, max_tokens, temperature = parse_gen_kwargs(r.args[1], 256)
-            ids = [self.tok.doc_start_id] + self.tok.encode(self.tok.normalize(r.args[0]))
-            ids = ids[-(self.teacher.cfg.max_seq_len - max_tokens):]
-            cache = self.teacher.new_cache(1, len(ids) + max_tokens)
-            logits, text = self.teacher(torch.tensor([ids], device=self._device), cache=cache)[:, -1], bytearray()
-            for _ in range(max_tokens):
-                logits = logits.masked_fill(self.unspellable, float("-inf"))
-                next_id = logits.argmax(-1, keepdim=True) if temperature == 0 else \
-                    torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1)
-                if int(next_id) in (self.tok.eos_id, self.tok.bos_id):
-                    break
-                text += self.tok.token_bytes(int(next_id))
-                cut = stop_index(text, stops)
-                if cut is not None:
-                    del text[cut:]
-                    break
-                logits = self.teacher(next_id, cache=cache)[:, -1]
-            out.append(bytes(text).decode("utf-8", errors="replace"))
+        """Batched (chat.teacher_answers: right-padded prompts in one KV cache), each text cut before its first stop
+        string; an end or start of document ends it, and ids that spell nothing are never generated."""
+        out, groups = [None] * len(requests), {}
+        for i, r in enumerate(requests):
+            groups.setdefault(parse_gen_kwargs(r.args[1], 256), []).append(i)
+        ends = {i for i in (self.tok.eos_id, self.tok.bos_id) if i is not None}
+        for (stops, max_tokens, temperature), rows in groups.items():
+            prompts = [([self.tok.doc_start_id] + self.tok.encode(self.tok.normalize(requests[i].args[0])))
+                       [-(self.teacher.cfg.max_seq_len - max_tokens):] for i in rows]
+
+            def text(ids):
+                return b"".join(self.tok.token_bytes(t) for t in ids if t not in ends)
+
+            with tqdm(total=len(rows), desc="teacher: generate", disable=len(rows) < 2) as bar:
+                answers = teacher_answers(self.teacher, prompts, max_tokens, ends, self.batch_size,
+                                          lambda _: bar.update(min(self.batch_size, bar.total - bar.n)),
+                                          self.unspellable, temperature,
+                                          lambda _, ids: stop_index(text(ids), stops) is not None)
+            for i, ids in zip(rows, answers):
+                done = text(ids)
+                cut = stop_index(done, stops)
+                out[i] = bytes(done[:cut]).decode("utf-8", errors="replace")
         return out
 
 
@@ -423,6 +442,8 @@ class Config:
     flags: str = "marginal"    # the byte student's model: marginal (the joint, summed over patchings: the headline)
                                # | late | greedy
     beam: int = marginal.BEAM  # --flags=marginal: flag prefixes kept per text
+    keep_tokens: bool = True   # --flags=marginal: a continuation's canonical token ends stay in the beam (a path the
+                               # figure is never worse than; False: the beam alone)
     bootstrap_iters: int = 1000  # resamples for the standard errors (lm-eval's default is 100,000)
     seed: int = 1234
     json: str = ""             # write the results here
@@ -568,7 +589,7 @@ def main(argv):
     if cfg.ckpt:
         teacher_name = cfg.teacher or checkpoint.read_student_config(cfg.ckpt)[0]["teacher"]
         print(f"== byte student {cfg.ckpt}", flush=True)
-        lm = StudentLM.load(cfg.ckpt, **kwargs, flags=cfg.flags, beam=cfg.beam)
+        lm = StudentLM.load(cfg.ckpt, **kwargs, flags=cfg.flags, beam=cfg.beam, keep_tokens=cfg.keep_tokens)
         runs["student"] = evaluate(lm, cfg, manager, "byte student")
         print(make_table(runs["student"]), flush=True)
     if cfg.teacher or cfg.compare:
@@ -582,7 +603,9 @@ def main(argv):
         table = retention(runs["teacher"], runs["student"])
         text = retention_text(*table, seconds={k: r["seconds"] for k, r in runs.items()})
         print("\n" + text, flush=True)
-        print(f"student scored by --flags={cfg.flags}" + (f" (beam {cfg.beam})" if cfg.flags == "marginal" else "")
+        print(f"student scored by --flags={cfg.flags}" + (f" (beam {cfg.beam}"
+                                                          + (", the token ends kept" if cfg.keep_tokens else "") + ")"
+                                                          if cfg.flags == "marginal" else "")
               + "; ± one standard error (lm-eval's bootstrap or closed form)", flush=True)
     if cfg.json:
         report = {"config": asdict(cfg), **{k: {key: r.get(key) for key in ("results", "n-samples", "seconds")}

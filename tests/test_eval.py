@@ -112,7 +112,8 @@ def test_loglikelihood_empty_context_is_the_proper_likelihood(flags, student, te
 
 def test_marginal_loglikelihood_equals_the_beam(student64, teacher_and_tok):
     """The default: loglikelihood is the beam's marginal of the continuation after the context (the context's flags
-    the patcher's, its last byte's summed over; tested against brute force in test_marginal.py), contexts empty, one
+    the patcher's, its last byte's summed over; tested against brute force in test_marginal.py), the continuation's
+    canonical token ends kept in the beam (keep_tokens=False: the beam alone; at width 1 that path's joint), contexts empty, one
     byte, past the byte blocks' window and ending in whitespace (lm-eval's split moves it to the continuation); is_greedy is every continuation byte being the argmax of the beam's
     next-byte mixture, checked here at full width against the brute-force mixture of test_marginal.py."""
     from test_marginal import logsumexp, student_paths
@@ -121,10 +122,24 @@ def test_marginal_loglikelihood_equals_the_beam(student64, teacher_and_tok):
     got = lm.loglikelihood(requests(*pairs))
     split = [ev.lm_eval_split(*p) for p in pairs]  # lm-eval's: the context's trailing whitespace goes with the continuation
     assert split[-1] == (TEXT[:11], TEXT[11:14] + "If it")
-    want = marginal.marginal_logprobs(student64, [c.encode() for _, c in split], prompts=[c.encode() for c, _ in split])
+    tok = teacher_and_tok[1]
+    keep = [ev.token_ends(tok, c.encode()) for _, c in split]
+    assert all(k is not None and bool(k[-1]) for k in keep)  # the tokens spell each continuation; the last byte ends one
+    want = marginal.marginal_logprobs(student64, [c.encode() for _, c in split], prompts=[c.encode() for c, _ in split],
+                                      keep=keep)
     for (ll, _), shares in zip(got, want):
         assert ll == pytest.approx(float(shares.sum()), abs=1e-9)
-    wide = ev.StudentLM(student64, teacher_and_tok[1], beam=64)
+    alone = ev.StudentLM(student64, tok, keep_tokens=False).loglikelihood(requests(*pairs))  # the beam alone
+    want = marginal.marginal_logprobs(student64, [c.encode() for _, c in split], prompts=[c.encode() for c, _ in split])
+    for (ll, _), shares in zip(alone, want):
+        assert ll == pytest.approx(float(shares.sum()), abs=1e-9)
+    # at width 1 the kept path is the only one: the joint of the continuation's token ends (after a context, whose
+    # last byte's flag is "ends": the continuation starts a token)
+    ctx, cont = "I", " it"
+    ends = tuple(bool(e) for e in ev.token_ends(tok, cont.encode()))
+    [(ll, _)] = ev.StudentLM(student64, tok, beam=1).loglikelihood(requests((ctx, cont)))
+    assert ll == pytest.approx(student_paths(student64, cont.encode(), ctx.encode())[(True, *ends)], abs=1e-9)
+    wide = ev.StudentLM(student64, teacher_and_tok[1], beam=64, keep_tokens=False)
     ctx, cont = b"I", b"f i"
     logp, best, _, _ = wide.score([(ctx, cont)])[0]
     paths = student_paths(student64, cont, ctx)
@@ -272,22 +287,26 @@ def test_a_shared_context_scores_each_choice_as_alone(student, teacher_lm, teach
 
 def test_teacher_generate_until_cuts_before_the_stop_string(teacher_lm, teacher_and_tok):
     """The output is greedy decoding by full forwards (no cache; ids that spell nothing never chosen), cut before the
-    stop string."""
+    stop string, for prompts of different lengths batched together (right-padded in one cache, batch_size 2)."""
     teacher, tok = teacher_and_tok
-    prompt = "**MACBETH**  \nIf it were"
-    ids, out = [tok.doc_start_id, *tok.encode(prompt)], b""
-    with torch.no_grad():
-        for _ in range(12):
-            logits = teacher(torch.tensor([ids]))[0, -1].masked_fill(teacher_lm.unspellable, float("-inf"))
-            ids.append(int(logits.argmax()))
-            if ids[-1] in (tok.eos_id, tok.bos_id):
-                break
-            out += tok.token_bytes(ids[-1])
-    k = next(i for i in range(2, len(out)) if out[i] < 128 and out.index(out[i]) == i)
-    [text] = teacher_lm.generate_until(requests((prompt, {"until": [out[k:k + 1].decode()], "max_gen_toks": 12})))
-    assert text == out[:k].decode("utf-8", errors="replace")
-    [text] = teacher_lm.generate_until(requests((prompt, {"until": [], "max_gen_toks": 12})))
-    assert text == out.decode("utf-8", errors="replace")
+    prompts = ["**MACBETH**  \nIf it were", "To be", "Tomorrow, and tomorrow, and tomorrow,  \nCreeps in"]
+    outs = []
+    for prompt in prompts:
+        ids, out = [tok.doc_start_id, *tok.encode(prompt)], b""
+        with torch.no_grad():
+            for _ in range(12):
+                logits = teacher(torch.tensor([ids]))[0, -1].masked_fill(teacher_lm.unspellable, float("-inf"))
+                ids.append(int(logits.argmax()))
+                if ids[-1] in (tok.eos_id, tok.bos_id):
+                    break
+                out += tok.token_bytes(ids[-1])
+        outs.append(out)
+    cut = [next(i for i in range(2, len(o)) if o[i] < 128 and o.index(o[i]) == i) for o in outs]
+    texts = teacher_lm.generate_until(requests(*[(p, {"until": [o[k:k + 1].decode()], "max_gen_toks": 12})
+                                                 for p, o, k in zip(prompts, outs, cut)]))
+    assert texts == [o[:k].decode("utf-8", errors="replace") for o, k in zip(outs, cut)]
+    texts = teacher_lm.generate_until(requests(*[(p, {"until": [], "max_gen_toks": 12}) for p in prompts]))
+    assert texts == [o.decode("utf-8", errors="replace") for o in outs]
 
 
 # ---------------------------------------------------------------------------------------------------------------
