@@ -166,6 +166,7 @@ class StudentLM(LM):
             raise ValueError(f"beam={beam}: at least 1")
         self.model, self.tok, self.batch_size, self.flags, self.beam = model, tok, batch_size, flags, int(beam)
         self.keep_tokens = keep_tokens not in (False, "False", "false", "0")  # also from lm-eval's model_args string
+        self.work = {}  # --flags=marginal: the main network's rows (prefill and beam) and more, summed (evaluate)
         self.window = min(window, model.tcfg.max_seq_len)  # as bench/fidelity.py caps it
         self.max_bytes = min(model.tcfg.max_seq_len, model.scfg.max_bytes) - 1  # a patch is at least one byte
         self._device = model.head.weight.device
@@ -195,7 +196,7 @@ class StudentLM(LM):
             keep = [token_ends(self.tok, x) for x in conts] if self.keep_tokens else None
             with tqdm(total=len(pairs), desc="byte student: loglikelihood (marginal)", disable=len(pairs) < 2) as bar:
                 scored = marginal.marginal_logprobs(self.model, conts, self.beam, prompts=ctxs, keep=keep, argmax=True,
-                                                    progress=bar)
+                                                    stats=self.work, progress=bar)
             return [(s, best, torch.tensor([byte_model.BOS_BYTE, *c, *x]), None)
                     for (s, best), c, x in zip(scored, ctxs, conts)]
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
@@ -237,7 +238,7 @@ class StudentLM(LM):
         if self.flags == "marginal":  # the true token ends kept in the beam, as bench/fidelity.py's headline
             with tqdm(total=len(segs), desc="byte student: rolling (marginal)", disable=len(segs) < 2) as bar:
                 scored = marginal.marginal_logprobs(self.model, [s for _, s, _ in segs], self.beam,
-                                                    keep=[e for _, _, e in segs], progress=bar)
+                                                    keep=[e for _, _, e in segs], stats=self.work, progress=bar)
             for (i, _, _), shares in zip(segs, scored):
                 totals[i] += float(shares.sum())
             return totals
@@ -304,6 +305,7 @@ class TeacherLM(LM):
         self.teacher, self.tok, self.batch_size = teacher, tok, batch_size
         self.window = min(window, teacher.cfg.max_seq_len)
         self._device = teacher.head_weight.device
+        self.work = {}  # the tokens run through the network (padding not counted), summed (evaluate)
         stops = (tok.eos_id, tok.bos_id)  # as sample.py: never generate ids that spell nothing (or padding rows)
         self.unspellable = torch.tensor([i >= tok.n_vocab or (not tok.token_bytes(i) and i not in stops)
                                          for i in range(teacher.head_weight.shape[0])], device=self._device)
@@ -321,6 +323,9 @@ class TeacherLM(LM):
         args = {**simple_parse_args_string(arg_string), **{k: v for k, v in (additional_config or {}).items()
                                                            if k in ("device", "batch_size") and v is not None}}
         return cls.load(**args)
+
+    def count(self, tokens):
+        self.work["tokens"] = self.work.get("tokens", 0) + tokens
 
     def encode_pair(self, context, continuation):
         """lm-eval's HF split -> (context ids, continuation ids), after the normaliser."""
@@ -348,6 +353,7 @@ class TeacherLM(LM):
                 out[i] = scored
         for chunk in batches(alone, self.batch_size, "teacher: loglikelihood"):
             seqs = [([self.tok.doc_start_id] + pairs[i][0] + pairs[i][1])[-limit - 1:] for i in chunk]
+            self.count(sum(len(s) - 1 for s in seqs))
             ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)  # right padding: causal, never read
             for row, s in enumerate(seqs):
                 ids[row, :len(s)] = torch.tensor(s)
@@ -371,6 +377,7 @@ class TeacherLM(LM):
         owner = torch.tensor([g for g, conts in enumerate(continuations) for _ in conts])
         conts = [c for cs in continuations for c in cs]
         n_cont = max(map(len, conts))
+        self.count(int(lengths.sum()) + sum(len(c) - 1 for c in conts))
         ctx_cache = self.teacher.new_cache(len(contexts), int(lengths.max()))
         ids = torch.zeros(len(contexts), int(lengths.max()), dtype=torch.long)
         for row, c in enumerate(contexts):
@@ -392,6 +399,7 @@ class TeacherLM(LM):
         out = []
         for r in tqdm(requests, desc="teacher: rolling", disable=len(requests) < 2):
             ids = [i for _, seg_ids, _ in rolling_windows(r.args[0], self.tok, self.window) for i in seg_ids]
+            self.count(len(ids) + -(-len(ids) // (self.window - 1)))  # each window: the document start, its tokens
             out.append(-self.teacher.bits(ids, self.tok.doc_start_id, self.window) * math.log(2) if ids else 0.0)
         return out
 
@@ -414,6 +422,7 @@ class TeacherLM(LM):
                                           lambda _: bar.update(min(self.batch_size, bar.total - bar.n)),
                                           self.unspellable, temperature,
                                           lambda _, ids: stop_index(text(ids), stops) is not None)
+            self.count(sum(map(len, prompts)) + sum(max(len(a) - 1, 0) for a in answers))
             for i, ids in zip(rows, answers):
                 done = text(ids)
                 cut = stop_index(done, stops)
@@ -483,22 +492,25 @@ def leaf_tasks(manager, names):
 
 
 def evaluate(lm, cfg, manager, label):
-    """simple_evaluate once per task (so that each has its wall time), the results merged; samples are logged for
-    the bits per byte of each task's own text (own_text_bits)."""
+    """simple_evaluate once per task (so that each has its wall time and the work its model did: the teacher's tokens,
+    the student's main-network rows), the results merged; samples are logged for the bits per byte of each task's
+    own text (own_text_bits)."""
     limit = None if cfg.limit <= 0 else int(cfg.limit) if cfg.limit >= 1 else cfg.limit
-    merged, seconds = {}, {}
+    merged, seconds, work = {}, {}, {}
     for task in leaf_tasks(manager, cfg.tasks):
-        start = time.perf_counter()
+        start, before = time.perf_counter(), dict(getattr(lm, "work", {}))
         r = simple_evaluate(model=lm, tasks=[task], task_manager=manager,
                             num_fewshot=None if cfg.num_fewshot < 0 else cfg.num_fewshot, limit=limit,
                             bootstrap_iters=cfg.bootstrap_iters, log_samples=True, random_seed=cfg.seed,
                             numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed)
         seconds[task] = time.perf_counter() - start
-        print(f"{label}: {task} in {seconds[task]:,.0f} s", flush=True)
+        work[task] = {k: v - before.get(k, 0) for k, v in getattr(lm, "work", {}).items() if v != before.get(k, 0)}
+        done = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in work[task].items())
+        print(f"{label}: {task} in {seconds[task]:,.0f} s" + (f" ({done})" if done else ""), flush=True)
         for key, value in r.items():
             if isinstance(value, dict):
                 merged.setdefault(key, {}).update(value)
-    merged["seconds"] = seconds
+    merged["seconds"], merged["work"] = seconds, work
     return merged
 
 
@@ -608,7 +620,7 @@ def main(argv):
                                                           if cfg.flags == "marginal" else "")
               + "; ± one standard error (lm-eval's bootstrap or closed form)", flush=True)
     if cfg.json:
-        report = {"config": asdict(cfg), **{k: {key: r.get(key) for key in ("results", "n-samples", "seconds")}
+        report = {"config": asdict(cfg), **{k: {key: r.get(key) for key in ("results", "n-samples", "seconds", "work")}
                                             for k, r in runs.items()}}
         if table:
             report["retention"] = {"rows": table[0], "mean_mc_acc": table[1], "mc_tasks": table[2], "table": text}

@@ -142,8 +142,8 @@ def marginal_logprobs(model, texts, beam=BEAM, floor=FLOOR, prompts=None, keep=N
     than that path's joint (bench/fidelity.py keeps the true patches); causal only if those flags are. -> per text,
     each byte's share (n,) float64, natural log: their sum is log A_n, the text's figure; with argmax, (shares,
     whether each byte was the likeliest under the beam's predictive distribution (n,) bool: the kept hypotheses'
-    byte probabilities, both flags summed, mixed by their weights). stats (a dict): adds main-network row steps,
-    decoder row steps and forks. progress (e.g. a tqdm bar): its update(n) is called as each batch of n texts ends."""
+    byte probabilities, both flags summed, mixed by their weights). stats (a dict): adds main-network row steps
+    (main_rows; the prompts' prefill: prefill_rows, its patches, and prefill_bytes), decoder row steps and forks. progress (e.g. a tqdm bar): its update(n) is called as each batch of n texts ends."""
     prompts = [b""] * len(texts) if prompts is None else prompts
     keep = [None] * len(texts) if keep is None else keep
     out = [None] * len(texts)
@@ -163,6 +163,9 @@ def _student_beam(m, texts, prompts, K, floor, keep, stats, argmax):
     gen = ByteGeneration(m, unique, max(L, 1), all_logits=False)
     dev, prior, S = gen.x.device, m.has_prior, n * K
     src = torch.tensor([unique.index(p) for p in prompts], device=dev)  # each text's prefill row
+    if stats is not None:
+        stats["prefill_rows"] = stats.get("prefill_rows", 0) + int(gen.main_cache.pos.sum())
+        stats["prefill_bytes"] = stats.get("prefill_bytes", 0) + int(gen.lens.sum())
     force = forced_flags(keep, texts, L, dev)
     beam = Beam(n, K, floor, dev)
     first = torch.arange(n, device=dev) * K
