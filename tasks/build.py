@@ -7,8 +7,9 @@ Writes one JSON-lines file per task split (deterministic: a fixed seed; a few se
 read them through tasks/utils.py, which runs this build on first use when the files are missing, so nothing here
 needs to be run by hand or committed.
 
-  shakespeare_cloze   multiple choice: the raw text of a speech up to the last word of a verse line, and that word
-                      among 3 distractors of about its length that also end lines in the held-out plays (acc)
+  shakespeare_cloze   multiple choice: up to 400 bytes of the raw text before the last word of a verse line (from a
+                      line start), and that word among 3 distractors of about its length that also end lines in the
+                      held-out plays (acc)
   shakespeare_bpb     rolling likelihood: held-out Hamlet in documents of about 2 KB, cut at blank lines
                       (wikitext-style word_perplexity, byte_perplexity, bits_per_byte)
   cute_spell, cute_count, cute_reverse   generation, few-shot, in the style of CUTE (Edman et al. 2024,
@@ -37,10 +38,11 @@ import data  # noqa: E402
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SEED = 13
 N_CLOZE = 500             # cloze items over the three held-out plays
-CLOZE_CONTEXT = 400       # bytes of text before the hidden word, at most (cut back to the start of a paragraph)
+CLOZE_CONTEXT = 400       # bytes of text before the hidden word, at most (from the first line start in them)
 BPB_PLAY = "hamlet"       # the rolling task scores the play bench/fidelity.py scores
 BPB_DOC_BYTES = 2000      # a document ends at the first blank line after this many bytes
 N_CUTE, N_SHOTS = 200, 20  # test items per probe, and the few-shot pool (training split) drawn from other words
+LINE_START = re.compile(r"\n(?!\n)")
 LINE_END_WORD = re.compile(r"(?<= )([a-z]{4,})[,.;:!?']*  \n")  # the last word of a verse line (before the break)
 N_ITEMS = 500             # items per retention task
 LAMBADA_CONTEXT = 400     # bytes of text before the hidden word, at least (back to the start of a line)
@@ -59,8 +61,9 @@ def plays():
 
 
 def cloze(texts, rng):
-    """Hidden line-end words with the raw text before them; distractors: other line-end words within one letter of
-    the answer's length (so length normalisation cannot tell them apart)."""
+    """Hidden line-end words with up to CLOZE_CONTEXT bytes of the raw text before them (from a line start);
+    distractors: other line-end words within one letter of the answer's length (so length normalisation cannot tell
+    them apart)."""
     found = [(text, m) for text in texts.values() for m in LINE_END_WORD.finditer(text)]
     by_length = {}
     for _, m in found:
@@ -69,8 +72,9 @@ def cloze(texts, rng):
     docs = []
     for text, m in rng.sample(found, N_CLOZE):
         word, start = m.group(1), m.start(1) - 1  # the context stops before the space: the choice is " word"
-        para = text.rfind("\n\n", 0, max(start - CLOZE_CONTEXT, 0)) + 2 if start > CLOZE_CONTEXT else 0
-        context = text[para:start]
+        lo = max(start - CLOZE_CONTEXT, 0)
+        line = LINE_START.search(text, lo, start) if lo else None  # the first line start (not a blank line) in them
+        context = text[line.end() if line else lo:start]
         others = rng.sample([w for w in pools[len(word)] if w != word], 3)
         choices = sorted([word, *others], key=lambda _: rng.random())
         docs.append({"context": context, "choices": choices, "answer": choices.index(word)})
@@ -86,8 +90,10 @@ def lambada(texts, rng):
     docs = []
     for text, m in rng.sample(found, min(N_ITEMS, len(found))):
         start = m.start(1) - 1
-        cut = text.rfind("\n", 0, start - LAMBADA_CONTEXT) + 1
-        docs.append({"context": text[cut:start], "word": m.group(1)})
+        cut = text.rfind("\n", 0, start - LAMBADA_CONTEXT)
+        while cut >= 0 and text[cut + 1] == "\n":  # a blank line: the line start before it
+            cut = text.rfind("\n", 0, cut)
+        docs.append({"context": text[cut + 1:start], "word": m.group(1)})
     return docs
 
 

@@ -333,7 +333,8 @@ def test_task_files_hold_what_they_claim(tmp_path):
     plays = "\n".join(open(data.play_path(p), encoding="utf-8").read() for p in data.HELD_OUT_PLAYS)
     for d in read("shakespeare_cloze.test"):
         answer = d["choices"][d["answer"]]
-        assert re.search(re.escape(d["context"] + " " + answer) + r"[,.;:!?']*  \n", plays)
+        assert re.search(r"(?:^|\n)" + re.escape(d["context"] + " " + answer) + r"[,.;:!?']*  \n", plays)
+        assert len(d["context"]) <= 400 and not d["context"].startswith("\n")  # at most 400 bytes, from a line start
         assert len(set(d["choices"])) == 4 and all(abs(len(c) - len(answer)) <= 2 for c in d["choices"])
     assert "".join(d["text"] for d in read("shakespeare_bpb.test")) == open(data.play_path("hamlet"), encoding="utf-8").read()
     for split in ("test", "train"):
@@ -345,7 +346,8 @@ def test_task_files_hold_what_they_claim(tmp_path):
     lambada = read("lambada_plays.test")
     assert len(lambada) == 500 and len({(d["context"], d["word"]) for d in lambada}) == 500
     for d in lambada:
-        assert re.search(re.escape(d["context"] + " " + d["word"]) + r"[.!?]?\n\n", plays) and len(d["context"]) >= 400
+        assert re.search(r"(?:^|\n)" + re.escape(d["context"] + " " + d["word"]) + r"[.!?]?\n\n", plays)
+        assert len(d["context"]) >= 400 and not d["context"].startswith("\n")  # at least 400 bytes, from a line start
     modules = {m: open(data.module_path(m), encoding="utf-8").read() for m in data.HELD_OUT_MODULES}
     for name, source in (("swag_plays", plays), ("code_nextline", "\n".join(modules.values()))):
         items = read(f"{name}.test")
@@ -411,6 +413,22 @@ def test_cli_compare_runs_local_tasks_end_to_end(student, student_lm, teacher_lm
         n_bytes = sum(len((" " + d["choices"][d["answer"]]).encode()) for d in cloze)
         assert rows[("shakespeare_cloze", "acc")][f"{key}_bpb"] == pytest.approx(-sum(gold) / n_bytes / math.log(2))
         assert r["cute_spell"]["exact_match,none"] in (0.0, 1 / 3, 2 / 3, 1.0)
+    # the work recorded per task: the teacher's tokens are its contexts (after the document start) once and each
+    # choice's tokens after them; the student's main-network rows, prefill and beam
+    pairs = [teacher_lm.encode_pair(d["context"], " " + c) for d in cloze for c in d["choices"]]
+    tokens = sum(1 + len(pairs[4 * i][0]) for i in range(3)) + sum(len(cont) - 1 for _, cont in pairs)
+    assert results["teacher"]["work"]["shakespeare_cloze"] == {"tokens": tokens}
+    assert all(results["student"]["work"][task]["prefill_rows"] > 0 and results["student"]["work"][task]["main_rows"] > 0
+               for task in mc)
+    floor = load_module(os.path.join(sf.REPO, "bench", "eval_floor.py"), "eval_floor_for_test")
+    floor.main([f"--json={out}", "--rows=2", "--length=16"])
+    printed = capsys.readouterr().out
+    rate = float(re.search(r": ([\d,]+) rows/s", printed).group(1).replace(",", ""))
+    work = results["student"]["work"]["shakespeare_cloze"]
+    rows_s = work["prefill_rows"] + work["main_rows"]
+    line = next(x for x in printed.splitlines() if x.startswith("| shakespeare_cloze |"))
+    assert line.startswith(f"| shakespeare_cloze | {tokens:,} | {rows_s:,} ({work['prefill_rows']:,} + "
+                           f"{work['main_rows']:,}) | {tokens / rate:,.0f}, {rows_s / rate:,.0f} |")
     docs, old = read("shakespeare_bpb", 3), teacher_lm.window
     teacher_lm.window = 64
     try:
