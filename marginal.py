@@ -171,7 +171,7 @@ def _student_beam(m, texts, prompts, K, floor, keep, stats, argmax):
     first = torch.arange(n, device=dev) * K
     # the main network's KV cache starts small and grows (most hypotheses patch sparsely), up to one patch per byte
     cap = min(m.tcfg.max_seq_len, int(gen.main_cache.pos.max()) + L + 1)
-    main = m.main.new_cache(S, min(cap, int(gen.main_cache.pos.max()) + L // 4 + 64))
+    main = m.main.new_cache(S, min(cap, int(gen.main_cache.pos.max()) + L // 2 + 8))
     main.copy_rows(first, src, gen.main_cache)
     dec = m.decoder.new_cache(S, gen.dec_cache.max_len)
     dec.copy_rows(first, src, gen.dec_cache)
