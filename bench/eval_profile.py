@@ -1,0 +1,96 @@
+"""Where the byte student's time goes on a multiple-choice task: cProfile of the marginal's beam on the first items of
+a local task, the requests eval.py makes (each choice after its item's context, lm-eval's split, the continuation's
+token ends kept), with the share of the whole each part takes.
+
+    python bench/eval_profile.py --ckpt=out/stage2 --task=swag_plays --items=32 [--slots=128,512]
+
+One row per slots value (hypotheses per lockstep batch; eval.py uses 128), each a fresh profile of the same requests.
+The parts (each a share of the whole; they overlap where one calls another): the main network in the beam's steps;
+the reads of cached keys and values (every network's, each row its own copy) and attention, mostly within those
+steps; the prefill of the contexts; copying cache rows at forks; the decoder; the prior's prefix sums.
+"""
+import cProfile
+import json
+import os
+import pstats
+import sys
+import time
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks"))
+import torch  # noqa: E402
+
+import cli  # noqa: E402
+import marginal  # noqa: E402
+
+MULTIPLE_CHOICE = {"swag_plays": "", "code_nextline": "", "shakespeare_cloze": " ", "cute_contains": " "}  # delimiters
+
+
+@dataclass
+class Config:
+    ckpt: str = "out/stage2"
+    task: str = "swag_plays"   # swag_plays | code_nextline | shakespeare_cloze
+    items: int = 32
+    slots: str = "128"         # comma-separated
+    beam: int = marginal.BEAM
+    threads: int = 0           # 0: torch's default
+
+
+def cumtime(stats, file, name, caller=None):
+    """Seconds spent in a function, callees included (from one caller only, given as (file, name))."""
+    total = 0.0
+    for (f, _, n), (_, _, _, ct, callers) in stats.stats.items():
+        if f.endswith(file) and n == name:
+            total += ct if caller is None else sum(v[3] for (cf, _, cn), v in callers.items()
+                                                   if cf.endswith(caller[0]) and cn == caller[1])
+    return total
+
+
+def main(argv):
+    cfg = cli.parse_args(Config, argv)
+    if cfg.task not in MULTIPLE_CHOICE or cfg.task == "cute_contains":
+        raise ValueError(f"--task={cfg.task}: one of swag_plays, code_nextline, shakespeare_cloze")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    import build
+    import eval as ev
+    path = os.path.join(build.OUT, f"{cfg.task}.test.jsonl")
+    if not os.path.exists(path):
+        build.build()
+    with open(path, encoding="utf-8") as f:
+        docs = [json.loads(line) for line in f][:cfg.items]
+    lm = ev.StudentLM.load(cfg.ckpt)
+    delim = MULTIPLE_CHOICE[cfg.task]
+    pairs = [ev.normalized_pair(lm.tok, *ev.lm_eval_split(d["context"], delim + c)) for d in docs for c in d["choices"]]
+    ctxs, conts = [c for c, _ in pairs], [x for _, x in pairs]
+    keep = [ev.token_ends(lm.tok, x) for x in conts]
+    print(f"{cfg.task}: {len(docs)} items, {len(pairs)} requests, {sum(map(len, conts)):,} choice bytes, "
+          f"beam {cfg.beam}, {torch.get_num_threads()} threads\n")
+    print("| slots | seconds | main in beam steps | cache reads | attention | prefill | forks | decoder | "
+          "prior sums | main rows (prefill + beam) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for slots in map(int, cfg.slots.split(",")):
+        work, profile = {}, cProfile.Profile()
+        start = time.perf_counter()
+        profile.enable()
+        marginal.marginal_logprobs(lm.model, conts, cfg.beam, prompts=ctxs, keep=keep, slots=slots, stats=work)
+        profile.disable()
+        total = time.perf_counter() - start
+        s = pstats.Stats(profile)
+        prefill = cumtime(s, "decoding.py", "_prefill")
+        attention = sum(v[3] for k, v in s.stats.items() if "scaled_dot_product_attention" in k[2])
+        parts = [cumtime(s, "teacher.py", "run_blocks", ("marginal.py", "_student_beam")),
+                 cumtime(s, "teacher.py", "_read"), attention, cumtime(s, "decoding.py", "_prefill"),
+                 cumtime(s, "marginal.py", "fork"), cumtime(s, "model.py", "decode"),
+                 cumtime(s, "model.py", "prior_cumulative")]
+        print(f"| {slots} | {total:.1f} | " + " | ".join(f"{p / total:.0%}" for p in parts) +
+              f" | {work['prefill_rows'] + work['main_rows']:,} ({work['prefill_rows']:,} + {work['main_rows']:,}) |")
+    print("\n(cache reads and attention count every network, prefill included; the decoder counts the prefill's pass)")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
