@@ -24,7 +24,7 @@ import torch  # noqa: E402
 import cli  # noqa: E402
 import marginal  # noqa: E402
 
-MULTIPLE_CHOICE = {"swag_plays": "", "code_nextline": "", "shakespeare_cloze": " ", "cute_contains": " "}  # delimiters
+MULTIPLE_CHOICE = {"swag_plays": "", "code_nextline": "", "shakespeare_cloze": " "}  # each task's target_delimiter
 
 
 @dataclass
@@ -49,7 +49,7 @@ def cumtime(stats, file, name, caller=None):
 
 def main(argv):
     cfg = cli.parse_args(Config, argv)
-    if cfg.task not in MULTIPLE_CHOICE or cfg.task == "cute_contains":
+    if cfg.task not in MULTIPLE_CHOICE:
         raise ValueError(f"--task={cfg.task}: one of swag_plays, code_nextline, shakespeare_cloze")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
