@@ -16,7 +16,7 @@ import torch
 
 from model import BOS_BYTE, byte_logprobs
 from targets import patch_prefix_nodes
-from teacher import sample_from_logits
+from transformer import sample_from_logits
 
 
 @torch.no_grad()

@@ -130,7 +130,7 @@ def shard_student(student, device, bf16):
 
 
 def fsdp_units(student):
-    """The student's FSDP units, inner ones first: each block of a stack (teacher.Teacher: encoder, main, decoder),
+    """The student's FSDP units, inner ones first: each block of a stack (transformer.Transformer: encoder, main, decoder),
     then the stack itself (its final norm), and every other part that has parameters."""
     for part in student.children():
         if not any(True for _ in part.parameters()):

@@ -3,7 +3,7 @@ generation (decoding.py) call one at a time. The byte-model folder format is che
 
 bytes -> encoder -> projection to the teacher width (h) -> patcher -> the teacher's own blocks on patch vectors ->
 dechunk to bytes -> decoder -> 512-way head (next byte v, and whether it ends a patch). The README's "Method" section
-explains each piece; the byte blocks reuse teacher.py's transformer code (Llama-style blocks, sliding-window attention).
+explains each piece; the byte blocks reuse transformer.py's code (Llama-style blocks, sliding-window attention).
 """
 import itertools
 import math
@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from targets import ByteTrie, at_least_fp32, exact_byte_targets, patch_prefix_nodes
-from teacher import Teacher, TeacherConfig
 from tokenizer import DOC_START_BYTE
+from transformer import Transformer, TransformerConfig
 
 BOS_BYTE = DOC_START_BYTE  # 0xFE starts every document; it never occurs in UTF-8
 
@@ -46,10 +46,11 @@ class StudentConfig:
         return StudentConfig(**{**base, **overrides})
 
 
-def _local_config(scfg, n_layers):
-    """The byte blocks are Llama-style blocks (one code path with the teacher) with sliding-window attention."""
+def byte_blocks_config(scfg, n_layers):
+    """The encoder's or decoder's stack: Llama-style blocks (one code path with the teacher) over bytes, with
+    sliding-window attention and no token embedding (the student embeds bytes itself)."""
     ff = scfg.local_ff or -(-8 * scfg.d_local // 3 // 64) * 64
-    return TeacherConfig(family="llama", vocab_size=256, d_model=scfg.d_local, n_layers=n_layers,
+    return TransformerConfig(vocab_size=0, d_model=scfg.d_local, n_layers=n_layers,
                          n_heads=scfg.n_local_heads, n_kv_heads=scfg.n_local_heads,
                          head_dim=scfg.d_local // scfg.n_local_heads, d_ff=ff, norm_eps=1e-5, rope_theta=10000.0,
                          max_seq_len=scfg.max_bytes, sliding_window=scfg.local_window)
@@ -82,16 +83,16 @@ class ByteLM(nn.Module):
         self.scfg, self.tcfg = scfg, tcfg
         D, d = tcfg.d_model, scfg.d_local
         self.byte_embed = nn.Embedding(256, d)
-        self.encoder = Teacher(_local_config(scfg, scfg.n_enc), with_embeddings=False)
+        self.encoder = Transformer(byte_blocks_config(scfg, scfg.n_enc))
         self.enc_proj = Projection(d, D, scfg.proj_hidden)
         self.patcher_q = nn.Linear(D, D, bias=False)
         self.patcher_k = nn.Linear(D, D, bias=False)
-        self.main = Teacher(tcfg, with_embeddings=False)  # the teacher's blocks + final norm
+        self.main = Transformer(tcfg, with_embeddings=False)  # the teacher's blocks + final norm
         self.null_patch = nn.Parameter(torch.zeros(D))
         self.residual = nn.Linear(D, D, bias=False)
         self.main_to_local = nn.Linear(D, d, bias=False)
         self.byte_embed_dec = nn.Embedding(256, d)
-        self.decoder = Teacher(_local_config(scfg, scfg.n_dec), with_embeddings=False)
+        self.decoder = Transformer(byte_blocks_config(scfg, scfg.n_dec))
         self.head = nn.Linear(d, 512, bias=False)
         # the teacher's vocabulary, its output layer and input embedding rows: buffers, part of the model, never trained
         self.has_prior = bool(scfg.prior_vocab) and scfg.prior

@@ -40,9 +40,10 @@ from cli import parse_args
 import decoding
 import model
 from chat import ChatFormat, read_chat_template
-from teacher import check_device, load_teacher, resolve_teacher_dir, sample_from_logits
+from teacher import check_device, load_teacher, resolve_teacher_dir
 from tokenizer import SPECIAL_BYTE
 from train import inference_dtype
+from transformer import sample_from_logits
 
 
 @dataclass

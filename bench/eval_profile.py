@@ -80,8 +80,8 @@ def main(argv):
         s = pstats.Stats(profile)
         prefill = cumtime(s, "decoding.py", "_prefill")
         attention = sum(v[3] for k, v in s.stats.items() if "scaled_dot_product_attention" in k[2])
-        parts = [cumtime(s, "teacher.py", "run_blocks", ("marginal.py", "_student_beam")),
-                 cumtime(s, "teacher.py", "_read"), attention, cumtime(s, "decoding.py", "_prefill"),
+        parts = [cumtime(s, "transformer.py", "run_blocks", ("marginal.py", "_student_beam")),
+                 cumtime(s, "transformer.py", "_read"), attention, cumtime(s, "decoding.py", "_prefill"),
                  cumtime(s, "marginal.py", "fork"), cumtime(s, "model.py", "decode"),
                  cumtime(s, "model.py", "prior_cumulative")]
         print(f"| {slots} | {total:.1f} | " + " | ".join(f"{p / total:.0%}" for p in parts) +

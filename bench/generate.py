@@ -39,7 +39,8 @@ import cli  # noqa: E402
 import data  # noqa: E402
 import decoding  # noqa: E402
 import model  # noqa: E402
-from teacher import load_teacher, sample_from_logits  # noqa: E402
+from teacher import load_teacher  # noqa: E402
+from transformer import sample_from_logits  # noqa: E402
 import train  # noqa: E402
 
 PROMPT = "HAMLET. To be, or not to be, that is the question:"

@@ -17,6 +17,7 @@ from decoding import ByteGeneration, LateFlagGeneration
 from model import BOS_BYTE
 import sample
 import teacher as teachers
+import transformer
 from test_student import build_student, build_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -246,7 +247,7 @@ def test_teacher_never_samples_ids_the_tokenizer_cannot_spell(monkeypatch, capsy
             return torch.cat([logits, torch.full((*logits.shape[:-1], extra), 1e4)], dim=-1)
 
     seen = []
-    sample_from_logits = teachers.sample_from_logits
+    sample_from_logits = transformer.sample_from_logits
     monkeypatch.setattr(sample, "load_teacher", lambda *a, **k: (Padded(), tok))
     monkeypatch.setattr(sample, "sample_from_logits", lambda logits, *a: seen.append(logits) or sample_from_logits(logits, *a))
     sample.main(["--teacher=tiny", f"--prompt={PROMPT}", "--temperature=0", "--max_bytes=24"])

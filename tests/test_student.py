@@ -16,7 +16,8 @@ from checkpoint import load_student, save_student
 from decoding import ByteGeneration
 from model import BOS_BYTE, ByteLM, StudentConfig, byte_logprobs, patch_order
 from safetensors_io import write_safetensors
-from teacher import Teacher, TeacherConfig, sample_from_logits
+from teacher import Teacher, TeacherConfig
+from transformer import sample_from_logits
 
 TCFG = TeacherConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12, d_ff=80)
 SCFG = StudentConfig(d_local=32, n_local_heads=2, proj_hidden=64, local_window=8)

@@ -1,4 +1,4 @@
-"""Teacher families (teacher.py part 2) and presets / the embedded SmolLM2 teacher (part 3).
+"""Teacher families (teacher.py on transformer.py) and presets / the embedded SmolLM2 teacher (gguf_teacher.py).
 
 Oracle: HF transformers. Each family is a tiny random HF model (GQA, odd sizes, every weight randomised, norms and
 biases included, so a missed norm, bias or RoPE detail changes the logits), saved with save_pretrained and loaded by
