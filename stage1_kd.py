@@ -24,7 +24,7 @@ import checkpoint
 import cli
 import data
 import distributed
-from kernels import byte_cross_entropy, chunked_reverse_kl
+from losses import byte_cross_entropy, chunked_reverse_kl
 import model
 from targets import ByteTrie, exact_byte_targets, next_token_nodes
 from teacher import load_teacher, resolve_teacher_dir

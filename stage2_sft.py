@@ -22,7 +22,7 @@ import checkpoint
 import cli
 import data
 import distributed
-from kernels import byte_cross_entropy
+from losses import byte_cross_entropy
 import model
 from teacher import resolve_teacher_dir
 from tokenizer import load_tokenizer

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The one prepared check for a machine with a CUDA GPU (issue 7):
-#   1. tests/test_kernels.py with the compiled Triton kernels (TRITON_INTERPRET unset),
-#   2. bench/kernels.py --json (byte-loss ms/memory vs eager and torch.compile; chunked vs plain KL memory),
+#   1. tests/test_losses.py with the compiled Triton kernels (TRITON_INTERPRET unset),
+#   2. bench/losses.py --json (byte-loss ms/memory vs eager and torch.compile; chunked vs plain KL memory),
 #   3. a few bf16 training steps of each stage script that exists.
 # Usage, from anywhere:  bash bench/gpu_check.sh [OUT_DIR]
 # OUT_DIR defaults to $OUT (set on the lent device machine) or out/gpu_check. It receives gpu_check.log and
-# kernels.json. Every step runs even if an earlier one fails; the exit status is non-zero if any step failed.
+# losses.json. Every step runs even if an earlier one fails; the exit status is non-zero if any step failed.
 # PYTHON=... picks the interpreter; otherwise the first of .venv/bin/python, python3 whose torch sees CUDA.
 # GPU_CHECK_ALLOW_CPU=1 runs the same steps on a CPU machine (to check this script's plumbing, nothing more).
 set -uo pipefail
@@ -44,8 +44,8 @@ step() {  # step NAME COMMAND...: run, log, remember a failure, keep going
 
 step environment "$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda,
       "triton", triton.__version__, "|", torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")'
-step kernel-tests "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py
-step kernel-bench "$PY" bench/kernels.py --json="$OUT_DIR/kernels.json"
+step kernel-tests "$PY" -m pytest -q -p no:cacheprovider tests/test_losses.py
+step kernel-bench "$PY" bench/losses.py --json="$OUT_DIR/losses.json"
 
 # ==== 3. A few bf16 training steps of each stage (embedded teacher, a handful of steps, output under OUT_DIR) ======
 # The shards and the converted teacher are prepared by the stage script itself if missing (needs setup.sh's packages).
@@ -59,4 +59,4 @@ if [ ${#failed[@]} -gt 0 ]; then
     echo "gpu_check: FAILED steps: ${failed[*]} (log: $LOG)" | tee -a "$LOG"
     exit 1
 fi
-echo "gpu_check: all steps passed (log: $LOG, figures: $OUT_DIR/kernels.json)" | tee -a "$LOG"
+echo "gpu_check: all steps passed (log: $LOG, figures: $OUT_DIR/losses.json)" | tee -a "$LOG"

@@ -1,6 +1,6 @@
 """Test set-up shared by the whole suite.
 
-Environment variables must be set before anything imports tiktoken, torch.compile or kernels.py, so they live
+Environment variables must be set before anything imports tiktoken, torch.compile or losses.py, so they live
 at module level here (pytest imports conftest.py before any test module)."""
 import os
 import sys

@@ -1,4 +1,4 @@
-"""Loss kernels: the byte head's cross-entropy and the teacher-vocabulary reverse KL.
+"""The losses and their kernels: the byte head's cross-entropy and the teacher-vocabulary reverse KL.
 
 Two losses dominate the cost of this project's training steps (README, Method):
 

@@ -1,7 +1,7 @@
-"""Measures kernels.py: the byte-head loss (speed and memory, GPU) and the chunked teacher-vocabulary KL (peak memory).
+"""Measures losses.py: the byte-head loss (speed and memory, GPU) and the chunked teacher-vocabulary KL (peak memory).
 
-    python bench/kernels.py                      # CPU: correctness checks + KL peak memory; GPU: everything
-    python bench/kernels.py --json=out/kernels.json
+    python bench/losses.py                      # CPU: correctness checks + KL peak memory; GPU: everything
+    python bench/losses.py --json=out/losses.json
 
 1. correctness: the byte-loss kernel and the chunked KL against their fp32 oracles (max errors). On CPU the
    Triton kernel runs in the interpreter, so timings there would mean nothing and are not taken.
@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton` (inside kernels.py)
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton` (inside losses.py)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[0] = REPO  # this file is also called kernels.py: make `import kernels` find the repo's module
+sys.path[0] = REPO  # this file is also called losses.py: make `import losses` find the repo's module
 import cli  # noqa: E402
-import kernels  # noqa: E402
+import losses  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def check_correctness(device):
         targets = torch.randint(0, 512, (1000,), generator=gen).to(device)
         targets[::7] = -100
         errors = {}
-        for name, fn, x in (("kernel", kernels.byte_cross_entropy, logits),
+        for name, fn, x in (("kernel", losses.byte_cross_entropy, logits),
                             ("torch_same_dtype", F.cross_entropy, logits),
                             ("oracle", F.cross_entropy, logits.float())):
             x = x.detach().clone().requires_grad_()
@@ -72,7 +72,7 @@ def check_correctness(device):
     head = torch.randn(5000, 64, generator=gen) / 2
     mask = torch.rand(300, generator=gen) > 0.2
     outputs = []
-    for fn, kwargs in ((kernels.chunked_reverse_kl, {"chunk_rows": 77}), (kernels.reverse_kl_reference, {})):
+    for fn, kwargs in ((losses.chunked_reverse_kl, {"chunk_rows": 77}), (losses.reverse_kl_reference, {})):
         h = student.to(device).requires_grad_()
         loss, matches = fn(h, teacher.to(device), head.to(device), mask.to(device), **kwargs)
         loss.backward()
@@ -113,11 +113,11 @@ def bench_byte_loss_cuda(config):
     logits = torch.randn(config.ce_rows, config.ce_vocab, device="cuda", generator=gen).to(torch.bfloat16) * 3
     targets = torch.randint(0, config.ce_vocab, (config.ce_rows,), device="cuda", generator=gen)
     targets[::50] = -100
-    compiled = torch.compile(kernels.byte_cross_entropy_reference, dynamic=False)
+    compiled = torch.compile(losses.byte_cross_entropy_reference, dynamic=False)
     variants = {
-        "triton kernel": lambda x: kernels.byte_cross_entropy(x, targets),
-        "triton kernel, inplace": lambda x: kernels.byte_cross_entropy(x * 1, targets, inplace=True),
-        "eager reference (fp32 math)": lambda x: kernels.byte_cross_entropy_reference(x, targets),
+        "triton kernel": lambda x: losses.byte_cross_entropy(x, targets),
+        "triton kernel, inplace": lambda x: losses.byte_cross_entropy(x * 1, targets, inplace=True),
+        "eager reference (fp32 math)": lambda x: losses.byte_cross_entropy_reference(x, targets),
         "torch.compile(reference)": lambda x: compiled(x, targets),
         "F.cross_entropy(x.float())": lambda x: F.cross_entropy(x.float(), targets),
     }
@@ -149,9 +149,9 @@ def kl_step(impl, inputs, chunk_rows):
     student, teacher, head, mask = inputs
     student.grad = None
     if impl == "plain":
-        loss, _ = kernels.reverse_kl_reference(student, teacher, head, mask)
+        loss, _ = losses.reverse_kl_reference(student, teacher, head, mask)
     else:
-        loss, _ = kernels.chunked_reverse_kl(student, teacher, head, mask, chunk_rows=chunk_rows,
+        loss, _ = losses.chunked_reverse_kl(student, teacher, head, mask, chunk_rows=chunk_rows,
                                              use_triton=(impl == "chunked_triton"))
     loss.backward()
     return loss.item()
@@ -181,7 +181,7 @@ def kl_case_cpu(config):
 
 def bench_kl(config, device):
     vocabs = [int(v) for v in config.kl_vocabs.split(",")]
-    impls = ["chunked", "plain"] + (["chunked_triton"] if device == "cuda" and kernels.triton is not None else [])
+    impls = ["chunked", "plain"] + (["chunked_triton"] if device == "cuda" and losses.triton is not None else [])
     results = {impl: {} for impl in impls}
     for vocab in vocabs:
         for impl in impls:
@@ -215,7 +215,7 @@ def main():
     print(f"config: {asdict(config)}")
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton in the interpreter)"
     print(f"device: {name}, torch {torch.__version__}, triton "
-          f"{getattr(kernels.triton, '__version__', 'absent')}")
+          f"{getattr(losses.triton, '__version__', 'absent')}")
     report = {"device": name, "config": asdict(config)}
 
     report["correctness"] = check_correctness(device)

@@ -1,6 +1,6 @@
-"""kernels.py against its oracles: F.cross_entropy / F.kl_div in fp32 for the byte loss, the full-logits formula
+"""losses.py against its oracles: F.cross_entropy / F.kl_div in fp32 for the byte loss, the full-logits formula
 for the chunked reverse KL. On CPU the Triton kernels run in the interpreter (conftest sets TRITON_INTERPRET=1
-before anything imports kernels.py); on a GPU machine the same tests run the compiled kernels."""
+before anything imports losses.py); on a GPU machine the same tests run the compiled kernels."""
 import os
 import subprocess
 import sys
@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels
+import losses
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(not kernels._use_triton(torch.empty(0, device=DEVICE)),
+needs_triton = pytest.mark.skipif(not losses._use_triton(torch.empty(0, device=DEVICE)),
                                   reason="no CUDA and no TRITON_INTERPRET=1: the Triton path cannot run here")
 
 
@@ -33,7 +33,7 @@ def loss_and_grad(fn, logits, targets, grad_output=1.0, **kwargs):
 
 
 def kernel_ce(logits, targets, **kwargs):
-    loss = kernels.byte_cross_entropy(logits, targets, **kwargs)
+    loss = losses.byte_cross_entropy(logits, targets, **kwargs)
     assert type(loss.grad_fn).__name__ == "_ByteCrossEntropyBackward", "the Triton path was not taken"
     return loss
 
@@ -105,7 +105,7 @@ def test_kernel_all_rows_ignored_gives_zero_not_nan(dtype):
     targets[:] = -100
     k_loss, k_grad = loss_and_grad(kernel_ce, logits, targets, z_loss=1e-4)
     assert k_loss.item() == 0.0 and (k_grad == 0).all()
-    ref_loss, ref_grad = loss_and_grad(kernels.byte_cross_entropy_reference, logits, targets, z_loss=1e-4)
+    ref_loss, ref_grad = loss_and_grad(losses.byte_cross_entropy_reference, logits, targets, z_loss=1e-4)
     assert ref_loss.item() == 0.0 and (ref_grad == 0).all()
 
 
@@ -114,7 +114,7 @@ def test_kernel_all_rows_ignored_gives_zero_not_nan(dtype):
 def test_kernel_grad_output_scales_gradient(grad_output):
     logits, targets = make_logits(100, 512, torch.float32, seed=5)
     k_loss, k_grad = loss_and_grad(kernel_ce, logits, targets, grad_output=grad_output, z_loss=1e-3)
-    ref_loss, ref_grad = loss_and_grad(kernels.byte_cross_entropy_reference, logits, targets, grad_output=grad_output,
+    ref_loss, ref_grad = loss_and_grad(losses.byte_cross_entropy_reference, logits, targets, grad_output=grad_output,
                                        z_loss=1e-3)
     torch.testing.assert_close(k_grad, ref_grad, rtol=1e-5, atol=1e-7)
 
@@ -126,7 +126,7 @@ def test_kernel_grad_output_inside_a_larger_graph():
     hidden = torch.randn(50, 32, device=DEVICE)
     targets = torch.randint(0, 512, (50,), device=DEVICE)
     grads = []
-    for fn in (kernel_ce, kernels.byte_cross_entropy_reference):
+    for fn in (kernel_ce, losses.byte_cross_entropy_reference):
         torch.manual_seed(7)  # the same head for both
         head = torch.nn.Linear(32, 512, device=DEVICE)
         (0.3 * fn(head(hidden), targets) + 0.1 * head.weight.square().sum()).backward()
@@ -146,7 +146,7 @@ def test_kernel_z_loss_and_soft_targets_match_reference(z_loss, soft_weight, dty
     soft = (soft / soft.sum(-1, keepdim=True)).to(DEVICE)
     kwargs = dict(z_loss=z_loss, soft_targets=soft, soft_weight=soft_weight)
     k_loss, k_grad = loss_and_grad(kernel_ce, logits, targets, **kwargs)
-    ref_loss, ref_grad = loss_and_grad(kernels.byte_cross_entropy_reference, logits, targets, **kwargs)
+    ref_loss, ref_grad = loss_and_grad(losses.byte_cross_entropy_reference, logits, targets, **kwargs)
     torch.testing.assert_close(k_loss, ref_loss, rtol=1e-5, atol=1e-5)
     # In bf16 both round the same fp32 gradient once (the reference's autograd casts back to bf16): 1 ulp apart.
     tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-7)
@@ -231,30 +231,30 @@ def test_kernel_any_vocabulary_up_to_its_limit():
     logits, targets = make_logits(37, 300, torch.float32, seed=26)
     targets[::4] = -100
     k_loss, k_grad = loss_and_grad(kernel_ce, logits, targets, z_loss=1e-3)
-    ref_loss, ref_grad = loss_and_grad(kernels.byte_cross_entropy_reference, logits, targets, z_loss=1e-3)
+    ref_loss, ref_grad = loss_and_grad(losses.byte_cross_entropy_reference, logits, targets, z_loss=1e-3)
     torch.testing.assert_close(k_loss, ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(k_grad, ref_grad, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="chunked_reverse_kl"):
-        kernels.byte_cross_entropy(*make_logits(2, kernels.MAX_KERNEL_VOCAB + 1, torch.float32))
+        losses.byte_cross_entropy(*make_logits(2, losses.MAX_KERNEL_VOCAB + 1, torch.float32))
 
 
 @needs_triton
 def test_kernel_out_of_range_target_gives_nan():
     logits, targets = make_logits(30, 512, torch.float32, seed=15)
     targets[3] = 512  # a label off the end of the head: NaN instead of a silent wrong loss
-    assert torch.isnan(kernels.byte_cross_entropy(logits, targets))
+    assert torch.isnan(losses.byte_cross_entropy(logits, targets))
 
 
 @needs_triton
 def test_kernel_without_grad_matches_reference(monkeypatch):
     logits, targets = make_logits(40, 512, torch.bfloat16, seed=16)
     calls = []  # spy: the kernel path runs, and is told not to write a gradient
-    forward = kernels._byte_cross_entropy_forward
-    monkeypatch.setattr(kernels, "_byte_cross_entropy_forward", lambda *a: calls.append(a[-2]) or forward(*a))
+    forward = losses._byte_cross_entropy_forward
+    monkeypatch.setattr(losses, "_byte_cross_entropy_forward", lambda *a: calls.append(a[-2]) or forward(*a))
     with torch.no_grad():
-        loss = kernels.byte_cross_entropy(logits, targets, z_loss=1e-3)
+        loss = losses.byte_cross_entropy(logits, targets, z_loss=1e-3)
     assert calls == [False]
-    ref = kernels.byte_cross_entropy_reference(logits, targets, z_loss=1e-3)
+    ref = losses.byte_cross_entropy_reference(logits, targets, z_loss=1e-3)
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-5)
 
 
@@ -262,11 +262,11 @@ def test_kernel_without_grad_matches_reference(monkeypatch):
 def test_kernel_has_no_host_sync():
     logits, targets = make_logits(4096, 512, torch.bfloat16, seed=17)
     x = logits.clone().requires_grad_()
-    kernels.byte_cross_entropy(x, targets).backward()  # compile outside the checked region
+    losses.byte_cross_entropy(x, targets).backward()  # compile outside the checked region
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        kernels.byte_cross_entropy(x, targets, z_loss=1e-4).backward()
+        losses.byte_cross_entropy(x, targets, z_loss=1e-4).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -280,7 +280,7 @@ def test_reference_matches_torch_formulas(dtype):
     targets[::3] = -100
     gen = torch.Generator().manual_seed(19)
     soft = torch.softmax(torch.randn(50, 512, generator=gen), dim=-1).to(DEVICE)
-    got = kernels.byte_cross_entropy_reference(logits, targets, z_loss=0.01, soft_targets=soft, soft_weight=0.5)
+    got = losses.byte_cross_entropy_reference(logits, targets, z_loss=0.01, soft_targets=soft, soft_weight=0.5)
     x, valid = logits.float(), targets != -100
     z_term = 0.01 * torch.logsumexp(x[valid], -1).square().mean()
     kl_term = 0.5 * F.kl_div(F.log_softmax(x[valid], -1), soft[valid], reduction="batchmean")
@@ -292,26 +292,26 @@ def test_reference_matches_torch_formulas(dtype):
 def test_dispatch_uses_reference_without_triton(monkeypatch):
     logits, targets = make_logits(10, 256, torch.float32, seed=20)
     x = logits.clone().requires_grad_()
-    monkeypatch.setattr(kernels, "triton", None)
-    loss = kernels.byte_cross_entropy(x, targets)
+    monkeypatch.setattr(losses, "triton", None)
+    loss = losses.byte_cross_entropy(x, targets)
     assert type(loss.grad_fn).__name__ != "_ByteCrossEntropyBackward"
     torch.testing.assert_close(loss, F.cross_entropy(logits, targets))
 
 
 def test_module_imports_and_works_without_triton():
-    """A fresh interpreter in which `import triton` fails: kernels.py imports and every loss runs on PyTorch."""
+    """A fresh interpreter in which `import triton` fails: losses.py imports and every loss runs on PyTorch."""
     code = (
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
-        "import torch, torch.nn.functional as F, kernels\n"
-        "assert kernels.triton is None\n"
+        "import torch, torch.nn.functional as F, losses\n"
+        "assert losses.triton is None\n"
         "x, t = torch.randn(9, 512), torch.randint(0, 512, (9,))\n"
-        "torch.testing.assert_close(kernels.byte_cross_entropy(x, t), F.cross_entropy(x, t))\n"
+        "torch.testing.assert_close(losses.byte_cross_entropy(x, t), F.cross_entropy(x, t))\n"
         "h = torch.randn(5, 8); w = torch.randn(100, 8)\n"
-        "loss, _ = kernels.chunked_reverse_kl(h, h + 0.1, w, chunk_rows=2)\n"
-        "torch.testing.assert_close(loss, kernels.reverse_kl_reference(h, h + 0.1, w)[0])\n"
+        "loss, _ = losses.chunked_reverse_kl(h, h + 0.1, w, chunk_rows=2)\n"
+        "torch.testing.assert_close(loss, losses.reverse_kl_reference(h, h + 0.1, w)[0])\n"
         "print('ok')\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(kernels.__file__), env=env,
+    result = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(losses.__file__), env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
@@ -341,8 +341,8 @@ def kl_loss_and_grads(fn, student, teacher, head, mask, grad_output=1.0, **kwarg
     pytest.param(rows, True, marks=needs_triton) for rows in (7, 1024)])  # the interpreter pays per chunk
 def test_chunked_kl_matches_plain_formula(chunk_rows, use_triton):
     student, teacher, head, mask = make_hidden(64, 24, 3000, seed=21)  # 7 does not divide 64; 1024 > N
-    ref = kl_loss_and_grads(kernels.reverse_kl_reference, student, teacher, head, mask, grad_output=1.7)
-    got = kl_loss_and_grads(kernels.chunked_reverse_kl, student, teacher, head, mask, grad_output=1.7,
+    ref = kl_loss_and_grads(losses.reverse_kl_reference, student, teacher, head, mask, grad_output=1.7)
+    got = kl_loss_and_grads(losses.chunked_reverse_kl, student, teacher, head, mask, grad_output=1.7,
                             chunk_rows=chunk_rows, use_triton=use_triton)
     assert 0 < ref[1].item() < mask.sum().item()  # agreement counting is exercised both ways
     assert ref[0].item() > 0.1
@@ -354,19 +354,19 @@ def test_chunked_kl_matches_plain_formula(chunk_rows, use_triton):
 
 def test_chunked_kl_without_mask_and_all_masked():
     student, teacher, head, _ = make_hidden(20, 16, 500, seed=22)
-    ref = kl_loss_and_grads(kernels.reverse_kl_reference, student, teacher, head, None)
-    got = kl_loss_and_grads(kernels.chunked_reverse_kl, student, teacher, head, None, chunk_rows=6)
+    ref = kl_loss_and_grads(losses.reverse_kl_reference, student, teacher, head, None)
+    got = kl_loss_and_grads(losses.chunked_reverse_kl, student, teacher, head, None, chunk_rows=6)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[2], ref[2], rtol=1e-4, atol=1e-6)
     nothing = torch.zeros(20, dtype=torch.bool, device=DEVICE)
-    loss, matches, grad = kl_loss_and_grads(kernels.chunked_reverse_kl, student, teacher, head, nothing, chunk_rows=6)
+    loss, matches, grad = kl_loss_and_grads(losses.chunked_reverse_kl, student, teacher, head, nothing, chunk_rows=6)
     assert loss.item() == 0.0 and matches.item() == 0 and (grad == 0).all()
 
 
 def test_chunked_kl_bf16_inputs_match_fp32_formula():
     student, teacher, head, mask = make_hidden(40, 32, 2000, dtype=torch.bfloat16, seed=23)
-    ref = kl_loss_and_grads(kernels.reverse_kl_reference, student, teacher, head, mask)
-    got = kl_loss_and_grads(kernels.chunked_reverse_kl, student, teacher, head, mask, chunk_rows=16)
+    ref = kl_loss_and_grads(losses.reverse_kl_reference, student, teacher, head, mask)
+    got = kl_loss_and_grads(losses.chunked_reverse_kl, student, teacher, head, mask, chunk_rows=16)
     assert got[2].dtype == torch.bfloat16
     torch.testing.assert_close(got[0], ref[0], rtol=1e-3, atol=1e-4)  # fp32 logits from the same bf16 operands
     # The gradient is stored in bf16 (and on CUDA its logits-gradient is rounded to bf16 before the matmul with the
@@ -394,11 +394,11 @@ def test_chunked_kl_never_materialises_full_logits():
     n_rows, width, vocab, chunk_rows = 256, 8, 4000, 32
     student, teacher, head, mask = make_hidden(n_rows, width, vocab, seed=24)
     student.requires_grad_()
-    for fn, kwargs in ((kernels.chunked_reverse_kl, dict(chunk_rows=chunk_rows)), (kernels.reverse_kl_reference, {})):
+    for fn, kwargs in ((losses.chunked_reverse_kl, dict(chunk_rows=chunk_rows)), (losses.reverse_kl_reference, {})):
         with LargestTensor() as tracker:
             loss, _ = fn(student, teacher, head, mask, **kwargs)
             loss.backward()
-        if fn is kernels.reverse_kl_reference:
+        if fn is losses.reverse_kl_reference:
             assert tracker.numel >= n_rows * vocab  # the tracker sees the plain formula's full logits
         else:
             assert tracker.numel <= max(chunk_rows * vocab, vocab * width)
@@ -418,8 +418,8 @@ def test_triton_kl_chunk_matches_torch_chunk_with_ties():
     student[3, :] = 1.0; teacher[3, 0] = 50.0  # all equal: argmax 0 -> agree
     scale = torch.rand(n_rows, generator=gen)
     student, teacher, scale = student.to(DEVICE), teacher.to(DEVICE), scale.to(DEVICE)
-    kl_t, grad_t, agree_t = kernels._kl_chunk_torch(student.clone(), teacher.clone(), scale)
-    kl_k, grad_k, agree_k = kernels._kl_chunk_triton(student.clone(), teacher.clone(), scale)
+    kl_t, grad_t, agree_t = losses._kl_chunk_torch(student.clone(), teacher.clone(), scale)
+    kl_k, grad_k, agree_k = losses._kl_chunk_triton(student.clone(), teacher.clone(), scale)
     assert agree_t[:4].tolist() == [True, False, True, True]
     assert agree_k.tolist() == agree_t.tolist()
     torch.testing.assert_close(kl_k, kl_t, rtol=1e-5, atol=1e-5)
