@@ -181,6 +181,13 @@ class ByteLM(nn.Module):
         """subword_rows' rows -> the teacher's embedding rows (..., D), zero where -1."""
         return self.subword_embed[rows.clamp(min=0)] * (rows >= 0)[..., None].to(self.subword_embed.dtype)
 
+    def recompute_blocks(self, on=True):
+        """Activation checkpointing for the three stacks (encoder, main network, decoder): a training forward keeps
+        each block's input only and recomputes the block in backward (the stage scripts' --checkpoint_blocks)."""
+        for stack in (self.encoder, self.main, self.decoder):
+            stack.checkpoint_blocks = on
+        return self
+
     @torch.no_grad()
     def load_main_from(self, teacher):
         state = {k: v for k, v in teacher.state_dict().items() if not k.startswith(("embed_tokens.", "lm_head."))}

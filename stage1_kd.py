@@ -49,6 +49,8 @@ class Config:
     grad_accum: int = 1               # micro-steps per optimizer update (gradients sync on the last one only)
     fsdp: bool = False                # shard the student's parameters, gradients and AdamW state (and the teacher's
                                       # blocks) over the ranks with FSDP2 (README: FSDP)
+    checkpoint_blocks: bool = False   # recompute every transformer block in backward (activation checkpointing): at
+                                      # paper-scale windows the saved activations, not the weights, fill a GPU
     # student size (0 / -1 = the default for the teacher's width, StudentConfig.for_teacher)
     d_local: int = 0
     n_enc: int = 2
@@ -260,6 +262,7 @@ def main(argv):
     scfg.prior, scfg.subword = cfg.prior, cfg.subword
     student = model.ByteLM(scfg, teacher.cfg).to(device)
     student.init_weights(teacher)
+    student.recompute_blocks(cfg.checkpoint_blocks)
     if cfg.prior or cfg.subword:
         student.attach_prior(teacher.head_weight, tok.id_to_bytes, teacher.embed_tokens.weight, tok.doc_start_id)
     distributed.broadcast_params(student)

@@ -45,6 +45,8 @@ class Config:
     seq_len: int = 512
     grad_accum: int = 1
     fsdp: bool = False                # shard the student's parameters, gradients and AdamW state over the ranks (FSDP2)
+    checkpoint_blocks: bool = False   # recompute every transformer block in backward (activation checkpointing): at
+                                      # paper-scale windows the saved activations, not the weights, fill a GPU
     warmup_bytes: int = 400_000      # CPU demo budgets: about 5.5 + 2.5 minutes on 2 cores (see README for GPU)
     warmup_lr: float = 1e-3
     e2e_bytes: int = 49_152
@@ -116,6 +118,7 @@ def main(argv):
     if meta.get("stage") not in (1, 2):
         raise ValueError(f"{cfg.init} is not a stage-1 checkpoint")
     student.train()
+    student.recompute_blocks(cfg.checkpoint_blocks)
     teacher_name = meta["teacher"]
     teacher_dir = resolve_teacher_dir(teacher_name)
     tok = load_tokenizer(teacher_dir)

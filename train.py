@@ -316,7 +316,7 @@ def print_results(stage, results, seconds):
 # Settings that a resumed run may change mid-phase: where it writes, how much it logs, when it stops. Every other one
 # shapes the data order, the batches, the schedule or the model, and the run would no longer continue the same one.
 RESUME_MAY_CHANGE = {"out_dir", "resume", "phase", "data_dir", "device", "log_interval", "ckpt_interval", "stop_after",
-                     "eval_batches", "init", "teacher", "fsdp"}
+                     "eval_batches", "init", "teacher", "fsdp", "checkpoint_blocks"}
 
 
 # Settings added after runs were saved, by stage: the value that continues such a run as it was.
