@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from targets import ByteTrie, at_least_fp32, exact_byte_targets, patch_prefix_nodes
 from tokenizer import DOC_START_BYTE
@@ -182,8 +183,9 @@ class ByteLM(nn.Module):
         return self.subword_embed[rows.clamp(min=0)] * (rows >= 0)[..., None].to(self.subword_embed.dtype)
 
     def recompute_blocks(self, on=True):
-        """Activation checkpointing for the three stacks (encoder, main network, decoder): a training forward keeps
-        each block's input only and recomputes the block in backward (the stage scripts' --checkpoint_blocks)."""
+        """Activation checkpointing for the three stacks (encoder, main network, decoder), the projection to the
+        teacher width and the patcher: a training forward keeps each block's (and projection's) input only and
+        recomputes the rest in backward (the stage scripts' --checkpoint_blocks)."""
         for stack in (self.encoder, self.main, self.decoder):
             stack.checkpoint_blocks = on
         return self
@@ -201,7 +203,7 @@ class ByteLM(nn.Module):
         phase needs it only at token ends. With StudentConfig.subword, h adds the subword embedding of subword_rows:
         sub (B, T) gives those rows (generation, where x is only the newest bytes), else they are computed from x."""
         states = self.encoder.run_blocks(self.byte_embed(x), cache=cache, advance=advance)
-        h = self.enc_proj(states if at is None else states[at])
+        h = self._maybe_recompute(self.enc_proj, states if at is None else states[at])
         if self.scfg.subword:
             sub = self.vocab.subword_rows(x) if sub is None else sub
             h = h + self.subword_vectors(sub if at is None else sub[at]).to(h.dtype)
@@ -210,6 +212,16 @@ class ByteLM(nn.Module):
     def boundary_probs(self, h):
         """p_t = (1 - cos(W_q h_t, W_k h_{t+1})) / 2, the probability that byte t ends a patch (one-byte lookahead);
         the last byte of the sequence is always an end. (B, T, D) -> (B, T), in fp32."""
+        return self._maybe_recompute(self._boundary_probs, h)
+
+    def _maybe_recompute(self, fn, *args):
+        """fn(*args), its inside recomputed in backward under recompute_blocks: the projection to the teacher width and
+        the patcher work at the teacher's width on every byte, and would save more than the byte blocks."""
+        if self.encoder.checkpoint_blocks and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def _boundary_probs(self, h):
         q = self.patcher_q(h[:, :-1]).float()
         k = self.patcher_k(h[:, 1:]).float()
         p = (1 - F.cosine_similarity(q, k, dim=-1)) / 2
