@@ -110,6 +110,28 @@ class ByteGeneration:
         self.max_new_bytes = max_new_bytes  # the main network's cache is made in _prefill, once the patches are known
         self.prefill_logits = self._prefill(L, all_logits)
 
+    @classmethod
+    def resume(cls, model, x, lens, ends, caches, y_cur, h_last, pending_end, node=None, cum=None, max_new_bytes=0,
+               flags="greedy"):
+        """Generation that goes on from a state made elsewhere (marginal.StudentBeam.generation: hypotheses of the
+        byte marginal over a prompt's patchings) instead of the patcher's prefill: bytes x (B, T) of which lens (B,)
+        are read, the flags so far ends (B, T), the (encoder, decoder, main network) caches, the newest patch output
+        y_cur (B, D), the newest byte's encoder state h_last (B, D) and flag pending_end (B,), and with the prior
+        the trie node before the newest byte and the patch's prefix sums. Rows then step as after a prefill."""
+        if flags not in ("greedy", "joint"):
+            raise ValueError(f"flags={flags!r}: greedy or joint")
+        self = cls.__new__(cls)
+        self.model, self.joint, self.max_new_bytes = model, flags == "joint", max_new_bytes
+        self.x, self.lens, self.ends, self.rows = x, lens, ends, torch.arange(len(x), device=x.device)
+        self.enc_cache, self.dec_cache, self.main_cache = caches
+        self.y_cur, self.h_last, self.pending_end = y_cur, h_last, pending_end
+        self.waiting = pending_end.clone()
+        if model.has_prior:
+            self.node, self.cum = node, cum
+        self.done = torch.zeros_like(lens, dtype=torch.bool)
+        self.prefill_logits = None
+        return self
+
     @torch.no_grad()
     def _prefill(self, L, all_logits=True):
         """-> per row the logits at its prompt positions but the last (L_i - 1, 512); all_logits=False: only the
@@ -262,7 +284,7 @@ class ByteGeneration:
 
 
 @torch.no_grad()
-def beam_search(model, prompt, max_bytes, beam=4, stop=b"", on_commit=None):
+def beam_search(model, prompt, max_bytes, beam=4, stop=b"", on_commit=None, start=None):
     """The likeliest continuation of prompt (bytes) under the greedy-flag byte model (each byte from the two halves
     summed, its flag the likelier half), by a beam of `beam` byte strings, at most max_bytes long: each step extends
     every hypothesis by every byte, and keeps the `beam` heaviest by total log-probability. A hypothesis that writes
@@ -270,11 +292,18 @@ def beam_search(model, prompt, max_bytes, beam=4, stop=b"", on_commit=None):
     finished one (scores only fall), or at max_bytes. Byte-greedy decoding can miss the likeliest string when the
     likeliest first byte leads to many strings that are each unlikely (the teacher's own first token "The" against
     its "L", "La", "Le" ...); a beam sees that. -> (bytes without the stop, ended: it wrote stop). on_commit(bytes)
-    sees the bytes that every live hypothesis shares, as they become shared (streaming)."""
-    gen = ByteGeneration(model, [prompt] * beam, max_bytes + 2, flags="greedy", all_logits=False)
+    sees the bytes that every live hypothesis shares, as they become shared (streaming). start: (a ByteGeneration of
+    `beam` rows after the prompt with room for max_bytes + 2 more, their scores (beam,) float64, -inf for an unused
+    row): the search starts from those hypotheses of the prompt's flags (conditioning.search_start: the byte
+    marginal's over the prompt's patchings, each scored by its weight); by default one, the patcher's flags."""
+    if start is None:
+        gen = ByteGeneration(model, [prompt] * beam, max_bytes + 2, flags="greedy", all_logits=False)
+        score = torch.full((beam,), -math.inf, dtype=torch.float64, device=gen.x.device)
+        score[0] = 0.0  # the rows start as copies of one hypothesis
+    else:
+        gen, score = start
+        score = score.to(torch.float64).clone()
     start, dev = int(gen.lens[0]), gen.x.device
-    score = torch.full((beam,), -math.inf, dtype=torch.float64, device=dev)
-    score[0] = 0.0  # the rows start as copies of one hypothesis
     best, best_score, committed = (b"", False), -math.inf, 0
     for _ in range(max_bytes):
         closing = gen.waiting.nonzero()[:, 0]

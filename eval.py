@@ -17,7 +17,8 @@ Needs lm-eval (bash setup.sh installs it); nothing else in the repo imports it.
 
 Both models split a (context, continuation) request as lm-eval's HF model does: trailing whitespace of the context
 moves to the continuation, so both score the same bytes. A multiple-choice item's choices share their context, and
-both models run it once: the student's beam copies the prefilled context rows (marginal.py), the teacher its cache rows.
+both models run it once: the student's beam over the context forks into its choices (conditioning.py), the teacher
+copies its cache rows.
 
 How each request is scored (text is normalised by the teacher's tokenizer first, as the training text was):
   byte student  by default (--flags=marginal) the joint model that sample.py writes from, scored by its byte
@@ -25,19 +26,23 @@ How each request is scored (text is normalised by the teacher's tokenizer first,
                 on the exact marginal's bits); --flags=late the late-flag byte model (decoding.LateFlagGeneration:
                 each flag decided once the next byte is known), --flags=greedy the greedy-flag one
                 (decoding.ByteGeneration: each flag decided with its byte).
-                loglikelihood: the continuation's likelihood given the context bytes: generation's prefill on
-                [0xFE] + context (the patcher decides the context's boundaries except its last byte's), then the
-                continuation's bytes. marginal: the last context byte's flag and every continuation flag summed
-                over by the beam, which keeps the continuation's canonical token ends as one of its paths
-                (--keep_tokens, as the fidelity headline keeps the true token ends); late / greedy: that flag decided by the model, each continuation byte
-                teacher-forced. is_greedy: every continuation byte was the likeliest byte (marginal: under the
-                beam's next-byte distribution).
+                loglikelihood: the continuation's likelihood given the context bytes. marginal (--context=marginal,
+                the default): log A(context + continuation) - log A(context), A the beam's kept sum over the whole
+                string's patchings from the document start (conditioning.conditional_logprobs): the beam reads the
+                context, then goes on from all its surviving hypotheses over the continuation; it keeps the
+                canonical token ends of the context and of the continuation as one of its paths (--keep_tokens,
+                as the fidelity headline keeps the true token ends). --context=patcher, the old rule: generation's
+                prefill on [0xFE] + context (the patcher's boundaries, except the last context byte's flag, which
+                the beam sums over with the continuation's). late / greedy: the patcher's prefill, then that flag
+                decided by the model, each continuation byte teacher-forced. is_greedy: every continuation byte was
+                the likeliest byte (marginal: under the beam's next-byte distribution).
                 loglikelihood_rolling: bench/fidelity.py's windows: the text tokenised once by the teacher, cut into
                 runs of --window - 1 tokens, each run's bytes scored from a fresh document start: marginal with the
                 true token ends kept in the beam, as bench/fidelity.py's headline student_bpb_marginal (late:
                 student_bpb_late, greedy: student_bpb_greedy).
                 generate_until: cached generation at the request's temperature (0: the likeliest entry of the joint,
-                or of the late / greedy model), stopped at the first stop string (cut before it), at 0xFE (a new
+                or of the late / greedy model), after the prompt read as loglikelihood reads a context (marginal: one
+                hypothesis of the beam over the prompt, the heaviest at temperature 0, else drawn by weight), stopped at the first stop string (cut before it), at 0xFE (a new
                 document) or after 4 bytes per max_gen_toks (a token of English is 3 to 4 bytes).
   teacher       our own forward and tokenizer (no transformers at run time); every sequence starts with the
                 document-start token, as in training; the (context, continuation) split as lm-eval's HF model makes
@@ -55,10 +60,12 @@ import torch
 
 import checkpoint
 import cli
+import conditioning
 import decoding
 import marginal
 import model as byte_model
 from chat import teacher_answers
+from conditioning import token_ends
 from teacher import check_device, load_teacher, resolve_teacher_dir
 from tokenizer import align_document, load_tokenizer
 
@@ -93,20 +100,6 @@ def normalized_pair(tok, context, continuation):
     if not whole.startswith(ctx):
         return ctx.encode("utf-8"), tok.normalize(continuation).encode("utf-8")
     return ctx.encode("utf-8"), whole[len(ctx):].encode("utf-8")
-
-
-def token_ends(tok, data):
-    """Each byte's "a token ends here" flag (bool (len(data),)) under the canonical tokenization of data (normalised
-    UTF-8), or None where those tokens do not spell it byte for byte: the path the marginal's beam keeps for a
-    continuation, as bench/fidelity.py keeps the true token ends."""
-    if tok is None or not data:
-        return None
-    lengths = tok.token_lengths[tok.encode_array(data.decode("utf-8"))]
-    if (lengths == 0).any() or int(lengths.sum()) != len(data):
-        return None
-    flags = torch.zeros(len(data), dtype=torch.bool)
-    flags[torch.from_numpy(lengths.cumsum() - 1)] = True
-    return flags
 
 
 def keep_last(data, n):
@@ -158,25 +151,29 @@ def parse_gen_kwargs(kwargs, default_max):
 class StudentLM(LM):
     """lm-eval's model for a byte-model checkpoint (see the module docstring for the scoring)."""
 
-    def __init__(self, model, tok, batch_size=16, window=512, flags="marginal", beam=marginal.BEAM, keep_tokens=True):
+    def __init__(self, model, tok, batch_size=16, window=512, flags="marginal", beam=marginal.BEAM, keep_tokens=True,
+                 context="marginal"):
         super().__init__()
         if flags not in ("marginal", "late", "greedy"):
             raise ValueError(f"flags={flags!r}: marginal, late or greedy")
+        if context not in ("marginal", "patcher"):
+            raise ValueError(f"context={context!r}: marginal or patcher")
+        self.context = context  # --flags=marginal: the context read by the beam over its patchings, or the patcher's
         if int(beam) < 1:
             raise ValueError(f"beam={beam}: at least 1")
         self.model, self.tok, self.batch_size, self.flags, self.beam = model, tok, batch_size, flags, int(beam)
         self.keep_tokens = keep_tokens not in (False, "False", "false", "0")  # also from lm-eval's model_args string
-        self.work = {}  # --flags=marginal: the main network's rows (prefill and beam) and more, summed (evaluate)
+        self.work = {}  # --flags=marginal: the main network's rows (contexts, continuations) and more, summed (evaluate)
         self.window = min(window, model.tcfg.max_seq_len)  # as bench/fidelity.py caps it
         self.max_bytes = min(model.tcfg.max_seq_len, model.scfg.max_bytes) - 1  # a patch is at least one byte
         self._device = model.head.weight.device
 
     @classmethod
     def load(cls, ckpt, device="cpu", dtype="float32", batch_size=16, window=512, flags="marginal",
-             beam=marginal.BEAM, keep_tokens=True):
+             beam=marginal.BEAM, keep_tokens=True, context="marginal"):
         student, meta = checkpoint.load_student(ckpt, check_device(device), getattr(torch, dtype))
         return cls(student, load_tokenizer(resolve_teacher_dir(meta["teacher"])), int(batch_size), int(window), flags,
-                   beam, keep_tokens)
+                   beam, keep_tokens, context)
 
     @classmethod
     def create_from_arg_string(cls, arg_string, additional_config=None):  # simple_evaluate(model="byte-student")
@@ -193,10 +190,17 @@ class StudentLM(LM):
         if self.flags == "marginal":  # the beam batches its own texts (up to 128 hypotheses in lockstep)
             ctxs = [keep_last(c, self.max_bytes - len(x)) for c, x in pairs]
             conts = [x for _, x in pairs]
-            keep = [token_ends(self.tok, x) for x in conts] if self.keep_tokens else None
             with tqdm(total=len(pairs), desc="byte student: loglikelihood (marginal)", disable=len(pairs) < 2) as bar:
-                scored = marginal.marginal_logprobs(self.model, conts, self.beam, prompts=ctxs, keep=keep, argmax=True,
-                                                    stats=self.work, progress=bar)
+                if self.context == "marginal":  # log A(context + continuation) - log A(context)
+                    ends = {c: token_ends(self.tok, c) for c in dict.fromkeys(ctxs)} if self.keep_tokens else {}
+                    keep = [(ends.get(c), token_ends(self.tok, x) if self.keep_tokens else None)
+                            for c, x in zip(ctxs, conts)]
+                    scored = conditioning.conditional_logprobs(self.model, list(zip(ctxs, conts)), self.beam, keep=keep,
+                                                               argmax=True, stats=self.work, progress=bar)
+                else:  # the old way: the context prefilled along the patcher's flags
+                    keep = [token_ends(self.tok, x) for x in conts] if self.keep_tokens else None
+                    scored = marginal.marginal_logprobs(self.model, conts, self.beam, prompts=ctxs, keep=keep,
+                                                        argmax=True, stats=self.work, progress=bar)
             return [(s, best, torch.tensor([byte_model.BOS_BYTE, *c, *x]), None)
                     for (s, best), c, x in zip(scored, ctxs, conts)]
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
@@ -275,6 +279,10 @@ class StudentLM(LM):
         if self.flags == "late":  # rows in lockstep until every row is finished
             gen = decoding.LateFlagGeneration(self.model, prompts, max_new_bytes)
             steps = ((gen.rows, gen.step(temperature)[0]) for _ in range(max_new_bytes))
+        elif self.flags == "marginal" and self.context == "marginal":  # from a hypothesis of the prompt's beam
+            gen = conditioning.generation_after(self.model, prompts, max_new_bytes, "joint", temperature,
+                                                beam=self.beam)
+            steps = ((rows, new) for rows, _, new, _ in gen.run(max_new_bytes, temperature))
         else:  # rows out of step; a finished row stops (gen.live)
             gen = decoding.ByteGeneration(self.model, prompts, max_new_bytes,
                                           flags="joint" if self.flags == "marginal" else "greedy")
@@ -451,8 +459,11 @@ class Config:
     flags: str = "marginal"    # the byte student's model: marginal (the joint, summed over patchings: the headline)
                                # | late | greedy
     beam: int = marginal.BEAM  # --flags=marginal: flag prefixes kept per text
-    keep_tokens: bool = True   # --flags=marginal: a continuation's canonical token ends stay in the beam (a path the
-                               # figure is never worse than; False: the beam alone)
+    keep_tokens: bool = True   # --flags=marginal: the canonical token ends of a context and of a continuation stay in
+                               # the beam (a path the figure is never worse than; False: the beam alone)
+    context: str = "marginal"  # --flags=marginal: marginal (log A(context + continuation) - log A(context), the beam
+                               # over the context's patchings) | patcher (the old rule: the context prefilled along
+                               # the patcher's flags), for comparison
     bootstrap_iters: int = 1000  # resamples for the standard errors (lm-eval's default is 100,000)
     seed: int = 1234
     json: str = ""             # write the results here
@@ -601,7 +612,8 @@ def main(argv):
     if cfg.ckpt:
         teacher_name = cfg.teacher or checkpoint.read_student_config(cfg.ckpt)[0]["teacher"]
         print(f"== byte student {cfg.ckpt}", flush=True)
-        lm = StudentLM.load(cfg.ckpt, **kwargs, flags=cfg.flags, beam=cfg.beam, keep_tokens=cfg.keep_tokens)
+        lm = StudentLM.load(cfg.ckpt, **kwargs, flags=cfg.flags, beam=cfg.beam, keep_tokens=cfg.keep_tokens,
+                            context=cfg.context)
         runs["student"] = evaluate(lm, cfg, manager, "byte student")
         print(make_table(runs["student"]), flush=True)
     if cfg.teacher or cfg.compare:
@@ -615,7 +627,7 @@ def main(argv):
         table = retention(runs["teacher"], runs["student"])
         text = retention_text(*table, seconds={k: r["seconds"] for k, r in runs.items()})
         print("\n" + text, flush=True)
-        print(f"student scored by --flags={cfg.flags}" + (f" (beam {cfg.beam}"
+        print(f"student scored by --flags={cfg.flags}" + (f" (beam {cfg.beam}, --context={cfg.context}"
                                                           + (", the token ends kept" if cfg.keep_tokens else "") + ")"
                                                           if cfg.flags == "marginal" else "")
               + "; ± one standard error (lm-eval's bootstrap or closed form)", flush=True)

@@ -27,6 +27,7 @@ import math
 import torch
 
 from decoding import ByteGeneration
+from model import BOS_BYTE
 from targets import at_least_fp32
 
 BEAM = 4               # the default beam width (bench/fidelity.py's study picks it)
@@ -135,125 +136,290 @@ def marginal_logprobs(model, texts, beam=BEAM, floor=FLOOR, prompts=None, keep=N
                       argmax=False, progress=None):
     """The student's byte marginal over patchings, by the beam (see the module docstring). texts: byte strings, each
     scored from a fresh document start (0xFE), or after its prompt (prompts: byte strings; the prompt's flags are the
-    patcher's, its last byte's flag is summed over with the head's two halves as weights). Texts go in lockstep
-    batches of at most `slots` hypotheses (slots // beam texts); texts with the same prompt (the choices of a
-    multiple-choice item) share a batch where they fit, and their prompt is prefilled once and copied. keep: per text, flags (len(text),) of one path that
-    the beam keeps whatever its weight (the prompt's last byte ends a patch on it), so that the figure is never worse
-    than that path's joint (bench/fidelity.py keeps the true patches); causal only if those flags are. -> per text,
-    each byte's share (n,) float64, natural log: their sum is log A_n, the text's figure; with argmax, (shares,
-    whether each byte was the likeliest under the beam's predictive distribution (n,) bool: the kept hypotheses'
-    byte probabilities, both flags summed, mixed by their weights). stats (a dict): adds main-network row steps
-    (main_rows; the prompts' prefill: prefill_rows, its patches, and prefill_bytes), decoder row steps and forks. progress (e.g. a tqdm bar): its update(n) is called as each batch of n texts ends."""
+    patcher's, its last byte's flag is summed over with the head's two halves as weights: the old way to condition on
+    a context, kept for comparison; conditioning.py conditions on the marginal over the prompt's patchings). Texts go
+    in lockstep batches of at most `slots` hypotheses (slots // beam texts); texts with the same prompt (the choices of
+    a multiple-choice item) share a batch where they fit, and their prompt is prefilled once and copied. keep: per
+    text, flags (len(text),) of one path that the beam keeps whatever its weight (the prompt's last byte ends a patch
+    on it), so that the figure is never worse than that path's joint (bench/fidelity.py keeps the true patches);
+    causal only if those flags are. -> per text, each byte's share (n,) float64, natural log: their sum is log A_n, the
+    text's figure; with argmax, (shares, whether each byte was the likeliest under the beam's predictive distribution
+    (n,) bool: the kept hypotheses' byte probabilities, both flags summed, mixed by their weights). stats (a dict):
+    adds main-network row steps (main_rows; the prompts' prefill: prefill_rows, its patches, and prefill_bytes),
+    decoder row steps and forks. progress (e.g. a tqdm bar): its update(n) is called as each batch of n texts ends."""
     prompts = [b""] * len(texts) if prompts is None else prompts
     keep = [None] * len(texts) if keep is None else keep
     out = [None] * len(texts)
     for chunk in chunks([len(t) for t in texts], max(1, slots // beam), prompts):
-        shares = _student_beam(model, [texts[i] for i in chunk], [prompts[i] for i in chunk], beam, floor,
-                               [keep[i] for i in chunk], stats, argmax)
-        for i, s in zip(chunk, shares):
+        args = ([texts[i] for i in chunk], beam, floor, [keep[i] for i in chunk], stats)
+        if all(not prompts[i] for i in chunk):
+            state = StudentBeam.from_document_start(model, *args)
+        else:
+            state = StudentBeam.after_prefill(model, [prompts[i] for i in chunk], *args)
+        for i, s in zip(chunk, state.run(argmax)):
             out[i] = s
         if progress is not None:
             progress.update(len(chunk))
     return out
 
 
-def _student_beam(m, texts, prompts, K, floor, keep, stats, argmax):
-    n, L = len(texts), max(map(len, texts))
-    unique = list(dict.fromkeys(prompts))  # each distinct prompt prefilled once: its caches, flags and newest states
-    gen = ByteGeneration(m, unique, max(L, 1), all_logits=False)
-    dev, prior, S = gen.x.device, m.has_prior, n * K
-    src = torch.tensor([unique.index(p) for p in prompts], device=dev)  # each text's prefill row
-    if stats is not None:
-        stats["prefill_rows"] = stats.get("prefill_rows", 0) + int(gen.main_cache.pos.sum())
-        stats["prefill_bytes"] = stats.get("prefill_bytes", 0) + int(gen.lens.sum())
-    force = forced_flags(keep, texts, L, dev)
-    beam = Beam(n, K, floor, dev)
-    first = torch.arange(n, device=dev) * K
-    # the main network's KV cache starts small and grows (most hypotheses patch sparsely), up to one patch per byte
-    cap = min(m.tcfg.max_seq_len, int(gen.main_cache.pos.max()) + L + 1)
-    main = m.main.new_cache(S, min(cap, int(gen.main_cache.pos.max()) + L // 2 + 8))
-    main.copy_rows(first, src, gen.main_cache)
-    dec = m.decoder.new_cache(S, gen.dec_cache.max_len)
-    dec.copy_rows(first, src, gen.dec_cache)
-    owner = beam.owner
-    y = gen.y_cur[src][owner].clone()
-    cum, node = (gen.cum[src][owner].clone(), gen.node[src][owner].clone()) if prior else (None, None)
-    x, lens, h_last = gen.x[src].clone(), gen.lens[src].clone(), gen.h_last[src].clone()
-    enc = m.encoder.new_cache(n, gen.enc_cache.max_len)
-    enc.copy_rows(torch.arange(n, device=dev), src, gen.enc_cache)
-    prefill_logits = [gen.prefill_logits[i] for i in src.tolist()]
-    rows = torch.arange(n, device=dev)
-    del gen
+class StudentBeam:
+    """The student's beam as a state that reads bytes, forks into texts that continue it, and hands hypotheses to
+    generation. n texts, each with the bytes it has read (x[:, :lens]) and the bytes it reads next (target; their
+    encoder states h precomputed in one pass, since the encoder is flag-free: h[:, j] is the state of the newest
+    byte before target byte j); n * K slots (Beam), each with what its flags decide: the main network's and the
+    decoder's KV caches, the newest patch output y (and its prior's prefix sums cum, the trie node before the newest
+    byte), the newest byte's flag (pending: it closes a patch, so the main network takes it before the next byte),
+    and every flag so far (ends). Build with from_document_start, after_prefill (the patcher's flags for a prompt) or
+    spawn (continuations of this beam's texts)."""
 
-    def fork(src, dst):
+    def __init__(self, m, beam, x, lens, target, n_target, h, enc, force, stats, rows_key="main_rows"):
+        self.m, self.beam, self.x, self.lens, self.enc, self.stats = m, beam, x, lens, enc, stats
+        self.target, self.n_target, self.h, self.force, self.j = target, n_target, h, force, 0
+        self.rows_key = rows_key  # the stats key for main-network rows (conditioning.py counts contexts apart)
+
+    def slots_from(self, main, dec, y, cum, node, pending, ends, cap):
+        self.main, self.dec, self.y, self.cum, self.node = main, dec, y, cum, node
+        self.pending, self.ends, self.cap = pending, ends, cap
+        return self
+
+    @classmethod
+    def from_document_start(cls, m, texts, K, floor, keep=None, stats=None, room=0, rows_key="main_rows"):
+        """texts read from a fresh document start: one hypothesis per text, the lone 0xFE its own patch (forced as the
+        kept path's first flag). room: bytes more that generation or spawn may add."""
+        n, L = len(texts), max(map(len, texts), default=0)
+        dev = m.head.weight.device
+        x = torch.zeros(n, 1 + L + room, dtype=torch.long, device=dev)
+        x[:, 0] = BOS_BYTE
+        target = _padded(texts, L, dev)
+        x[:, 1:1 + L] = target
+        n_target = torch.tensor([len(t) for t in texts], device=dev)
+        enc = m.encoder.new_cache(n, 1 + L + room)
+        h = m.encode(x[:, :1 + L], cache=enc, advance=1 + n_target)  # (n, 1 + L, D), BOS first
+        beam, S = Beam(n, K, floor, dev), n * K
+        first = torch.arange(n, device=dev) * K
+        cap = min(m.tcfg.max_seq_len, 1 + L + room)  # at most one patch per byte
+        y = m.null_patch.detach().to(h.dtype).expand(S, -1).clone()
+        cum = m.prior_cumulative(y[:1]).expand(S, -1).clone() if m.has_prior else None
+        pending = torch.zeros(S, dtype=torch.bool, device=dev)
+        pending[first] = True
+        ends = torch.zeros(S, 1 + L + room, dtype=torch.bool, device=dev)
+        ends[first, 0] = True
+        state = cls(m, beam, x, torch.ones(n, dtype=torch.long, device=dev), target, n_target, h, enc,
+                    forced_flags(keep, texts, L, dev), stats, rows_key)
+        return state.slots_from(m.main.new_cache(S, min(cap, L // 2 + 8)), m.decoder.new_cache(S, 1 + L + room), y,
+                                cum, torch.full((S,), -1, dtype=torch.long, device=dev), pending, ends, cap)
+
+    @classmethod
+    def after_prefill(cls, m, prompts, texts, K, floor, keep=None, stats=None):
+        """texts read after prompts whose flags are the patcher's (generation's prefill, each distinct prompt once),
+        the prompt's last byte's flag summed over with the head's two halves as weights (the old conditioning)."""
+        n, L = len(texts), max(map(len, texts), default=0)
+        unique = list(dict.fromkeys(prompts))
+        gen = ByteGeneration(m, unique, max(L, 1), all_logits=False)
+        dev, S = gen.x.device, n * K
+        src = torch.tensor([unique.index(p) for p in prompts], device=dev)  # each text's prefill row
+        if stats is not None:
+            stats["prefill_rows"] = stats.get("prefill_rows", 0) + int(gen.main_cache.pos.sum())
+            stats["prefill_bytes"] = stats.get("prefill_bytes", 0) + int(gen.lens.sum())
+        beam = Beam(n, K, floor, dev)
+        first = torch.arange(n, device=dev) * K
+        cap = min(m.tcfg.max_seq_len, int(gen.main_cache.pos.max()) + L + 1)
+        main = m.main.new_cache(S, min(cap, int(gen.main_cache.pos.max()) + L // 2 + 8))
+        main.copy_rows(first, src, gen.main_cache)
+        dec = m.decoder.new_cache(S, gen.dec_cache.max_len)
+        dec.copy_rows(first, src, gen.dec_cache)
+        owner = beam.owner
+        y = gen.y_cur[src][owner].clone()
+        cum, node = (gen.cum[src][owner].clone(), gen.node[src][owner].clone()) if m.has_prior else (None, None)
+        x, lens = gen.x[src].clone(), gen.lens[src].clone()
+        enc = m.encoder.new_cache(n, gen.enc_cache.max_len)
+        enc.copy_rows(torch.arange(n, device=dev), src, gen.enc_cache)
+        target = _padded(texts, L, dev)
+        n_target = torch.tensor([len(t) for t in texts], device=dev)
+        h = torch.cat([gen.h_last[src][:, None], _encode_after(m, enc, x, lens, target, n_target)], 1)
+        ends = gen.ends[src][owner].clone()
+        state = cls(m, beam, x, lens, target, n_target, h, enc, forced_flags(keep, texts, L, dev), stats)
+        state.slots_from(main, dec, y, cum, node, torch.zeros(S, dtype=torch.bool, device=dev), ends, cap)
+        # the newest prompt byte's flag (a lone 0xFE is its own patch): its two values are the first two children
+        last = x[torch.arange(n, device=dev), lens - 1]
+        log_e = torch.full((S, 2), -math.inf, dtype=torch.float64, device=dev)
+        for i, r in enumerate(src.tolist()):
+            logits = gen.prefill_logits[r]
+            if len(logits):
+                two = torch.stack([logits[-1, last[i]], logits[-1, last[i] + 256]]).to(torch.float64)
+                log_e[i * K] = torch.log_softmax(two, 0)
+            else:
+                log_e[i * K, 1] = 0.0
+        force = state.force
+        state.pending, forks, _ = beam.choose(log_e, torch.ones(n, dtype=torch.bool, device=dev),
+                                              None if force is None else torch.where(force[:, 0] >= 0, 1, -1))
+        state.fork(*forks)
+        state.ends[torch.arange(S, device=dev), lens[owner] - 1] = state.pending
+        beam.log_sum.zero_()  # A_0 = 1: what pruning the prompt's flag loses is charged to the first byte
+        return state
+
+    def fork(self, src, dst):
+        """Slots dst take copies of slots src (a hypothesis whose two children are both kept)."""
         if len(src):
-            main.copy_rows(dst, src)
-            dec.copy_rows(dst, src)
-            y[dst] = y[src]
-            if prior:
-                cum[dst], node[dst] = cum[src], node[src]
-            if stats is not None:
-                stats["forks"] = stats.get("forks", 0) + len(src)
+            self.main.copy_rows(dst, src)
+            self.dec.copy_rows(dst, src)
+            self.y[dst], self.ends[dst] = self.y[src], self.ends[src]
+            if self.cum is not None:
+                self.cum[dst], self.node[dst] = self.cum[src], self.node[src]
+            if self.stats is not None:
+                self.stats["forks"] = self.stats.get("forks", 0) + len(src)
 
-    # the newest prompt byte's flag (a lone 0xFE is its own patch): its two values are the first two children
-    last = x[rows, lens - 1]
-    log_e = torch.full((S, 2), -math.inf, dtype=torch.float64, device=dev)
-    for i, logits in enumerate(prefill_logits):
-        if len(logits):
-            two = torch.stack([logits[-1, last[i]], logits[-1, last[i] + 256]]).to(torch.float64)
-            log_e[i * K] = torch.log_softmax(two, 0)
-        else:
-            log_e[i * K, 1] = 0.0
-    pending, forks, _ = beam.choose(log_e, torch.ones(n, dtype=torch.bool, device=dev),
-                                    None if force is None else torch.where(force[:, 0] >= 0, 1, -1))
-    fork(*forks)
-    beam.log_sum.zero_()  # A_0 = 1: what pruning the prompt's flag loses is charged to the first byte
-    target = torch.zeros(n, L, dtype=torch.long, device=dev)
-    for i, t in enumerate(texts):
-        target[i, :len(t)] = torch.tensor(list(t), dtype=torch.long)
-    n_bytes = torch.tensor([len(t) for t in texts], device=dev)
-    shares = torch.zeros(n, L, dtype=torch.float64, device=dev)
-    best = torch.zeros(n, L, dtype=torch.bool, device=dev)
-    for t in range(L):
-        active = t < n_bytes
+    def step(self, argmax=False):
+        """Every text with bytes left reads its next one -> (each text's share log A_t - log A_t-1 (n,) float64,
+        whether the byte was the likeliest of the beam's next-byte mixture (n,) bool, or None)."""
+        m, beam, j, prior = self.m, self.beam, self.j, self.cum is not None
+        owner, S = beam.owner, len(beam.w)
+        active = j < self.n_target
         live = beam.alive & active[owner]
-        closing = (live & pending).nonzero()[:, 0]
+        closing = (live & self.pending).nonzero()[:, 0]
         if len(closing):  # hypotheses whose newest byte ends a patch: the main network takes it, in one call
-            make_room(main, closing, cap)
-            y[closing] = m.main.run_blocks(h_last[owner[closing], None], cache=main.select(closing))[:, 0]
+            make_room(self.main, closing, self.cap)
+            z = self.h[owner[closing], j][:, None]
+            self.y[closing] = m.main.run_blocks(z, cache=self.main.select(closing))[:, 0]
             if prior:
-                cum[closing] = m.prior_cumulative(y[closing])
+                self.cum[closing] = m.prior_cumulative(self.y[closing])
         r = live.nonzero()[:, 0]
         text = owner[r]
-        newest = x[text, lens[text] - 1]
+        newest = self.x[text, self.lens[text] - 1]
         p = None
         if prior:
-            node[r] = torch.where(pending[r], 0, m.vocab.trie.step(node[r], newest))
-            p = m.prior_at(cum, r, node[r])[:, None]
-        logits = m.decode(newest[:, None], h_last[text, None], y[r, None], prior=p,
-                          cache=dec if len(r) == S else dec.select(r))[:, 0]
+            self.node[r] = torch.where(self.pending[r], 0, m.vocab.trie.step(self.node[r], newest))
+            p = m.prior_at(self.cum, r, self.node[r])[:, None]
+        logits = m.decode(newest[:, None], self.h[text, j][:, None], self.y[r, None], prior=p,
+                          cache=self.dec if len(r) == S else self.dec.select(r))[:, 0]
         logp = torch.log_softmax(logits.to(at_least_fp32(logits.dtype)), -1)
-        b = target[text, t]
-        child = torch.full((S, 2), -math.inf, dtype=torch.float64, device=dev)
+        b = self.target[text, j]
+        child = torch.full((S, 2), -math.inf, dtype=torch.float64, device=r.device)
         child[r] = torch.stack([logp.gather(1, b[:, None]), logp.gather(1, b[:, None] + 256)], 1)[..., 0].double()
+        best = None
         if argmax:  # the beam's next-byte distribution: each hypothesis' bytes, both flags summed, by its weight
-            mixed = torch.full((S, 256), -math.inf, dtype=torch.float64, device=dev)
+            mixed = torch.full((S, 256), -math.inf, dtype=torch.float64, device=r.device)
             mixed[r] = beam.w[r, None] + torch.logaddexp(logp[:, :256], logp[:, 256:]).double()
-            best[:, t] = torch.logsumexp(mixed.view(n, K, 256), 1).argmax(-1) == target[:, t]
-        pending, forks, shares[:, t] = beam.choose(child, active, None if force is None else force[:, t])
-        fork(*forks)
-        if stats is not None:
-            stats["main_rows"] = stats.get("main_rows", 0) + len(closing)
-            stats["decoder_rows"] = stats.get("decoder_rows", 0) + len(r)
-        if t + 1 < L:  # the new byte through the encoder, once per text
-            a = active.nonzero()[:, 0]
-            x[a, lens[a]] = target[a, t]
-            lens[a] += 1
-            sub = m.vocab.subword_newest(x[a], lens[a]) if m.scfg.subword else None
-            h_last[a] = m.encode(target[a, t, None], cache=enc if len(a) == n else enc.select(a), sub=sub)[:, 0]
-    if argmax:
-        return [(shares[i, :len(t)].cpu(), best[i, :len(t)].cpu()) for i, t in enumerate(texts)]
-    return [shares[i, :len(t)].cpu() for i, t in enumerate(texts)]
+            best = torch.logsumexp(mixed.view(beam.n, beam.K, 256), 1).argmax(-1) == self.target[:, j]
+        flag, forks, share = beam.choose(child, active, None if self.force is None else self.force[:, j])
+        self.pending = torch.where(active[owner], flag, self.pending)  # a text that is done keeps its newest flag
+        self.fork(*forks)
+        moved = (beam.alive & active[owner]).nonzero()[:, 0]
+        self.ends[moved, self.lens[owner[moved]]] = self.pending[moved]
+        a = active.nonzero()[:, 0]
+        self.x[a, self.lens[a]] = self.target[a, j]
+        self.lens[a] += 1
+        self.j += 1
+        if self.stats is not None:
+            self.stats[self.rows_key] = self.stats.get(self.rows_key, 0) + len(closing)
+            self.stats["decoder_rows"] = self.stats.get("decoder_rows", 0) + len(r)
+        return share, best
+
+    def run(self, argmax=False):
+        """Read every text to its end -> per text its bytes' shares (float64, on the CPU); with argmax, (shares,
+        whether each byte was the likeliest) as marginal_logprobs gives them."""
+        n, L = self.target.shape
+        shares = torch.zeros(n, L, dtype=torch.float64, device=self.x.device)
+        best = torch.zeros(n, L, dtype=torch.bool, device=self.x.device)
+        for j in range(self.j, L):
+            shares[:, j], b = self.step(argmax)
+            if argmax:
+                best[:, j] = b
+        counts = self.n_target.tolist()
+        if argmax:
+            return [(shares[i, :c].cpu(), best[i, :c].cpu()) for i, c in enumerate(counts)]
+        return [shares[i, :c].cpu() for i, c in enumerate(counts)]
+
+    def slot_rows(self, texts):
+        """The slots of these texts (R,) -> (R * K,) in order."""
+        K = self.beam.K
+        return (texts[:, None] * K + torch.arange(K, device=texts.device)).reshape(-1)
+
+    def spawn(self, src, texts, keep=None, room=0, rows_key="main_rows"):
+        """New texts that continue this beam's texts (all read): text i reads texts[i] after everything text src[i]
+        has read, starting from all of src[i]'s hypotheses with their weights and its running log A, so that its
+        shares are log A(read + texts[i]) - log A(read) (the choices of an item fork their context once). keep: per
+        text the flags of the path to keep (the forced path goes on from the context's kept one)."""
+        m, K, dev = self.m, self.beam.K, self.x.device
+        src = torch.as_tensor(src, dtype=torch.long, device=dev)
+        n, L = len(texts), max(map(len, texts), default=0)
+        lens = self.lens[src].clone()
+        T = int(lens.max()) + L + room
+        x = torch.zeros(n, T, dtype=torch.long, device=dev)
+        width = min(T, self.x.shape[1])
+        x[:, :width] = self.x[src, :width]
+        target = _padded(texts, L, dev)
+        n_target = torch.tensor([len(t) for t in texts], device=dev)
+        enc = m.encoder.new_cache(n, T)
+        enc.copy_rows(torch.arange(n, device=dev), src, self.enc)
+        newest = self.h[src, self.n_target[src]]  # the state of each context's last byte
+        h = torch.cat([newest[:, None], _encode_after(m, enc, x, lens, target, n_target)], 1)
+        beam = Beam(n, K, self.beam.floor, dev)
+        parent = self.slot_rows(src)
+        beam.w, beam.forced, beam.log_sum = self.beam.w[parent].clone(), self.beam.forced[parent].clone(), \
+            self.beam.log_sum[src].clone()
+        dst = beam.alive.nonzero()[:, 0]
+        cap = min(m.tcfg.max_seq_len, T)
+        main = m.main.new_cache(n * K, min(cap, int(self.main.pos[parent].max()) + L // 2 + 8))
+        main.copy_rows(dst, parent[dst], self.main)
+        dec = m.decoder.new_cache(n * K, T)
+        dec.copy_rows(dst, parent[dst], self.dec)
+        ends = torch.zeros(n * K, T, dtype=torch.bool, device=dev)
+        ends[:, :width] = self.ends[parent, :width]
+        cum, node = (self.cum[parent].clone(), self.node[parent].clone()) if self.cum is not None else (None, None)
+        state = StudentBeam(m, beam, x, lens, target, n_target, h, enc, forced_flags(keep, texts, L, dev),
+                            self.stats, rows_key)
+        return state.slots_from(main, dec, self.y[parent].clone(), cum, node, self.pending[parent].clone(), ends, cap)
+
+    def generation(self, slots, max_new_bytes, flags="joint"):
+        """Cached generation (decoding.ByteGeneration) whose row i continues hypothesis slots[i] (R,) from its state:
+        its text's bytes and encoder cache, the slot's flags, caches, newest patch output and newest byte's flag."""
+        m, dev = self.m, self.x.device
+        slots = torch.as_tensor(slots, dtype=torch.long, device=dev)
+        text, B, rows = self.beam.owner[slots], len(slots), torch.arange(len(slots), device=dev)
+        lens = self.lens[text].clone()
+        T = int(lens.max()) + max_new_bytes
+        width = min(T, self.x.shape[1])
+        x = torch.zeros(B, T, dtype=torch.long, device=dev)
+        x[:, :width] = self.x[text, :width]
+        ends = torch.zeros(B, T, dtype=torch.bool, device=dev)
+        ends[:, :width] = self.ends[slots, :width]
+        enc, dec = m.encoder.new_cache(B, T), m.decoder.new_cache(B, T)
+        enc.copy_rows(rows, text, self.enc)
+        dec.copy_rows(rows, slots, self.dec)
+        main = m.main.new_cache(B, min(m.tcfg.max_seq_len, int(self.main.pos[slots].max()) + 1 + max_new_bytes))
+        main.copy_rows(rows, slots, self.main)
+        prior = self.cum is not None
+        return ByteGeneration.resume(m, x, lens, ends, (enc, dec, main), self.y[slots].clone(),
+                                     self.h[text, self.n_target[text]], self.pending[slots].clone(),
+                                     self.node[slots].clone() if prior else None,
+                                     self.cum[slots].clone() if prior else None, max_new_bytes, flags)
+
+
+def _padded(texts, L, device):
+    """Byte strings -> (n, L) long, zero after each one's end."""
+    out = torch.zeros(len(texts), L, dtype=torch.long, device=device)
+    for i, t in enumerate(texts):
+        out[i, :len(t)] = torch.tensor(list(t), dtype=torch.long)
+    return out
+
+
+def _encode_after(m, enc, x, lens, target, n_target):
+    """The encoder states of target (n, L) read after x[:, :lens] (whose states enc holds), in one pass -> (n, L, D).
+    The subword rows look back into x, up to the longest vocabulary entry."""
+    n, L = target.shape
+    if L == 0:
+        return torch.zeros(n, 0, m.tcfg.d_model, device=x.device, dtype=m.null_patch.dtype)
+    sub = None
+    if m.scfg.subword:
+        span = m.vocab.suffix_tables(x.device)[3]
+        cols = torch.arange(span + L, device=x.device)
+        at = lens[:, None] - span + cols  # the span bytes before, then the targets
+        seen = torch.where((at >= lens[:, None]), target.gather(1, (at - lens[:, None]).clamp(0, L - 1)),
+                           x.gather(1, at.clamp(min=0)))
+        sub = m.vocab.subword_rows(seen)[:, span:]
+    return m.encode(target, cache=enc, advance=n_target, sub=sub)
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ import torch
 
 import checkpoint
 from cli import parse_args
+import conditioning
 import decoding
 import model
 from chat import ChatFormat, read_chat_template
@@ -65,6 +66,8 @@ class Config:
     system: str = ""             # with --chat: a system message (empty: the template's default, if it has one)
     device: str = "cpu"
     flags: str = "joint"         # the student's byte model: joint | greedy | late (see above)
+    context: str = "marginal"    # how the student reads the prompt (joint, greedy): marginal (a beam over its
+                                 # patchings, one hypothesis drawn by its weight) | patcher (the patcher's flags)
     dtype: str = "auto"          # weights: float32 | bfloat16 | auto (bf16 on CUDA, and on a CPU that a short timing
                                  # at start shows clearly faster in it: AMX / AVX512-BF16; fp32 on AVX2-only CPUs)
 
@@ -128,15 +131,22 @@ class Printer:
         sys.stdout.flush()
 
 
-def generate_student(student, texts, max_bytes, settings, flags="joint", stop=None, on_byte=None):
-    """Bytes from the byte student after each prompt (bytes) -> (outputs, ended, n bytes). A row stops at its first
-    0xFE (a new document: not kept) or, given stop, once its output ends with those bytes (the end-of-turn code: not
-    kept, ended=True). on_byte(row, byte) sees every byte kept, as soon as it is known not to begin the stop."""
+def generate_student(student, texts, max_bytes, settings, flags="joint", stop=None, on_byte=None, context="marginal",
+                     keep=None):
+    """Bytes from the byte student after each prompt (bytes) -> (outputs, ended, n bytes). context="marginal" (joint
+    and greedy): each row continues a hypothesis of the beam over its prompt's patchings, drawn by its weight with
+    the settings' generator (the heaviest at temperature 0; keep: per prompt the flags its beam keeps, or None);
+    "patcher" (and late): the prompt prefilled along the patcher's flags. A row stops at its first 0xFE (a new
+    document: not kept) or, given stop, once its output ends with those bytes (the end-of-turn code: not kept,
+    ended=True). on_byte(row, byte) sees every byte kept, as soon as it is known not to begin the stop."""
     if flags == "late":  # rows in lockstep, every row one byte per step
         run = decoding.LateFlagGeneration(student, texts, max_bytes)
         steps = ((run.rows, run.step(*settings)[0]) for _ in range(max_bytes))
     else:  # rows out of step (ByteGeneration.run): one main-network call serves many rows
-        run = decoding.ByteGeneration(student, texts, max_bytes, flags=flags)
+        if context == "marginal":
+            run = conditioning.generation_after(student, texts, max_bytes, flags, settings[0], settings[3], keep=keep)
+        else:
+            run = decoding.ByteGeneration(student, texts, max_bytes, flags=flags)
         steps = ((rows, new) for rows, _, new, _ in run.run(max_bytes, *settings))
     stop = stop or b""
     outputs, held = [bytearray() for _ in texts], [b""] * len(texts)  # held: a proper prefix of stop, maybe its start
@@ -219,12 +229,15 @@ def sample_student(cfg, prompts, dtype=torch.float32):
         beam = cfg.beam or 4
         if cfg.temperature == 0 and beam > 1:
             def reply(text, on_bytes):
-                out, ended = decoding.beam_search(student, text, cfg.max_bytes, beam, fmt.end_of_turn, on_bytes)
+                start = conditioning.search_start(student, text, cfg.max_bytes, beam, keep=conditioning.token_ends(
+                    tok, text)) if cfg.context == "marginal" else None
+                out, ended = decoding.beam_search(student, text, cfg.max_bytes, beam, fmt.end_of_turn, on_bytes, start)
                 return [out], [ended], len(out)
         else:
             def reply(text, on_bytes):
                 return generate_student(student, [text], cfg.max_bytes, settings, cfg.flags, fmt.end_of_turn,
-                                        lambda i, b: on_bytes(bytes([b])))
+                                        lambda i, b: on_bytes(bytes([b])), cfg.context,
+                                        [conditioning.token_ends(tok, text)])
         return chat_turns(cfg, fmt, normalize, reply, names)
     texts = [normalize(p).encode("utf-8") for p in prompts]
     printer = Printer(cfg, names)
@@ -232,7 +245,8 @@ def sample_student(cfg, prompts, dtype=torch.float32):
         printer.write(texts[0])
     t0 = time.perf_counter()
     outputs, _, n = generate_student(student, texts, cfg.max_bytes, settings, cfg.flags,
-                                     on_byte=(lambda i, b: printer.write(bytes([b]))) if len(texts) == 1 else None)
+                                     on_byte=(lambda i, b: printer.write(bytes([b]))) if len(texts) == 1 else None,
+                                     context=cfg.context, keep=[conditioning.token_ends(tok, t) for t in texts])
     if len(texts) == 1:
         printer.write(b"", final=True)  # a sequence cut off at the end shows as U+FFFD
     return texts, outputs, n, time.perf_counter() - t0, names
@@ -326,6 +340,8 @@ def main(argv):
         raise ValueError("--top_p must be in (0, 1] and --top_k >= 0 (0 = off)")
     if cfg.flags not in ("joint", "greedy", "late"):
         raise ValueError(f"--flags={cfg.flags!r}: joint, greedy or late")
+    if cfg.context not in ("marginal", "patcher"):
+        raise ValueError(f"--context={cfg.context!r}: marginal or patcher")
     if cfg.beam < 0 or cfg.beam > 1 and (cfg.temperature != 0 or not cfg.chat):
         raise ValueError("--beam is a width (0 = the default), and a search only with --chat at --temperature=0")
     try:

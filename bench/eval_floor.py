@@ -1,5 +1,6 @@
 """The least time the retention suite could take here: the work `eval.py --compare --json` recorded per task (the
-teacher's tokens; the student's main-network rows, prefill and beam) at the main network's best measured throughput.
+teacher's tokens; the student's main-network rows over the contexts, by the beam or the old prefill, and over
+the continuations) at the main network's best measured throughput.
 
     python bench/eval_floor.py --json=out/eval_full.json [--rows=16] [--length=512]
 
@@ -61,14 +62,15 @@ def main(argv):
     rate = rows_per_second(teacher, cfg.rows, cfg.length)
     print(f"teacher {name}: {rate:,.0f} rows/s through the network ({cfg.rows} x {cfg.length} tokens, best of 3, "
           f"{torch.get_num_threads()} threads)\n")
-    print("| task | teacher tokens | student main rows (prefill + beam) | floor s (teacher, student) | "
+    print("| task | teacher tokens | student main rows (contexts + continuations) | floor s (teacher, student) | "
           "measured s (teacher, student) |")
     print("|---|---|---|---|---|")
     total = {"floor_t": 0.0, "floor_s": 0.0, "t": 0.0, "s": 0.0}
     t_work, s_work = report["teacher"]["work"], report["student"]["work"]
     for task in sorted(report["teacher"]["seconds"]):
         tokens = t_work.get(task, {}).get("tokens", 0)
-        prefill, beam = (s_work.get(task, {}).get(k, 0) for k in ("prefill_rows", "main_rows"))
+        work = s_work.get(task, {})  # the contexts' rows: the beam's over them (context_rows), or the old prefill's
+        prefill, beam = work.get("prefill_rows", 0) + work.get("context_rows", 0), work.get("main_rows", 0)
         ft, fs = tokens / rate, (prefill + beam) / rate
         t, s = report["teacher"]["seconds"][task], report["student"]["seconds"].get(task, 0.0)
         for k, v in zip(total, (ft, fs, t, s)):

@@ -12,6 +12,7 @@ import torch
 
 import chat
 import checkpoint
+import conditioning
 import data
 import sample
 import stage_fixtures as sf
@@ -145,7 +146,8 @@ def test_generation_stops_at_the_end_of_turn_code(monkeypatch):
 
     monkeypatch.setattr(sample.decoding, "ByteGeneration", Scripted)
     seen = []
-    outputs, ended, n = sample.generate_student(None, [b""] * 3, 14, (), "joint", code, lambda i, b: seen.append(i))
+    outputs, ended, n = sample.generate_student(None, [b""] * 3, 14, (), "joint", code, lambda i, b: seen.append(i),
+                                                context="patcher")
     assert outputs == [b"Paris.\xff", b"ab", b"\xff\x03 no stop yy"][:2] + [script[2][:14]] or True
     assert outputs[0] == b"Paris." and ended[0]
     assert outputs[1] == b"ab" and not ended[1]
@@ -165,7 +167,7 @@ def test_no_output_keeps_a_stop_code_byte(monkeypatch):
                 yield torch.tensor([0]), None, torch.tensor([b]), None
 
     monkeypatch.setattr(sample.decoding, "ByteGeneration", Scripted)
-    outputs, ended, _ = sample.generate_student(None, [b""], 10, (), "joint", code)
+    outputs, ended, _ = sample.generate_student(None, [b""], 10, (), "joint", code, context="patcher")
     assert outputs == [b"ok"] and ended == [True]
 
 
@@ -294,15 +296,17 @@ def test_bench_chat_end_to_end(chatml_teacher, tmp_path, capsys):
     fmt = chat.ChatFormat(SMOLLM2_TEMPLATE, tok.codes)
     asks = [fmt.render([{"role": "user", "content": p}]) for p in data.chat_prompts("val", 3)]
     outs, ended, _ = sample.generate_student(checkpoint.load_student(path)[0], asks, 24, (0.0, None, 1.0, None),
-                                             "joint", fmt.end_of_turn)
+                                             "joint", fmt.end_of_turn, keep=[conditioning.token_ends(tok, a) for a in asks])
     assert r["student_ended"] == sum(ended) / 3
     assert [a["student"] for a in r["answers"]] == [fmt.show(o) for o in outs]
     assert r["scored_answers"] == sum(a["teacher_ended"] for a in r["answers"])
     assert 0 <= r["prefix"] <= 1 and 0 <= r["exact"] <= 1
+    assert "student_bpb_patcher_context" in r  # both conditionings' bits (none here when the teacher ended none)
 
 
 def test_sample_chat_at_temperature_0_is_the_beam_search(chatml_teacher, tmp_path):
-    """sample.py --chat --temperature=0: the reply is decoding.beam_search's (width 4 by default), streamed."""
+    """sample.py --chat --temperature=0: the reply is decoding.beam_search's (width 4 by default), streamed, started
+    from the heaviest hypotheses of the beam over the prompt's patchings (conditioning.search_start)."""
     from decoding import beam_search
     from test_student import build_student, build_teacher
     tok = tokenizer.load_tokenizer(chatml_teacher)
@@ -312,8 +316,9 @@ def test_sample_chat_at_temperature_0_is_the_beam_search(chatml_teacher, tmp_pat
         "results": {}, **checkpoint.chat_meta(tok, chatml_teacher)})
     student, meta = checkpoint.load_student(path)
     fmt = sample.chat_format(meta, path)
-    out, ended = beam_search(student, fmt.render([{"role": "user", "content": "Who is Banquo?"}]), 12, 4,
-                             fmt.end_of_turn)
+    prompt = fmt.render([{"role": "user", "content": "Who is Banquo?"}])
+    out, ended = beam_search(student, prompt, 12, 4, fmt.end_of_turn, start=conditioning.search_start(student, prompt,
+                                                                                                      12, 4))
     proc = subprocess.run([sys.executable, "sample.py", f"--ckpt={path}", "--chat", "--prompt=Who is Banquo?",
                            "--max_bytes=12", "--temperature=0", "--dtype=float32"], cwd=sf.REPO, capture_output=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8"))

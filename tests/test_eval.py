@@ -18,6 +18,7 @@ import torch
 
 pytest.importorskip("lm_eval")
 import checkpoint  # noqa: E402
+import conditioning  # noqa: E402
 import decoding  # noqa: E402
 import eval as ev  # noqa: E402
 import marginal  # noqa: E402
@@ -111,11 +112,14 @@ def test_loglikelihood_empty_context_is_the_proper_likelihood(flags, student, te
 
 
 def test_marginal_loglikelihood_equals_the_beam(student64, teacher_and_tok):
-    """The default: loglikelihood is the beam's marginal of the continuation after the context (the context's flags
-    the patcher's, its last byte's summed over; tested against brute force in test_marginal.py), the continuation's
-    canonical token ends kept in the beam (keep_tokens=False: the beam alone; at width 1 that path's joint), contexts empty, one
-    byte, past the byte blocks' window and ending in whitespace (lm-eval's split moves it to the continuation); is_greedy is every continuation byte being the argmax of the beam's
-    next-byte mixture, checked here at full width against the brute-force mixture of test_marginal.py."""
+    """The default: loglikelihood is log A(context + continuation) - log A(context) by the beam over the whole
+    string's patchings (conditioning.conditional_logprobs; tested against brute force in test_conditioning.py), the
+    canonical token ends of context and continuation kept in the beam (keep_tokens=False: the beam alone; at width 1
+    that path's conditional joint), contexts empty, one byte, past the byte blocks' window and ending in whitespace
+    (lm-eval's split moves it to the continuation); --context=patcher, the old rule: the beam after the context
+    prefilled along the patcher's flags (marginal.marginal_logprobs with prompts). is_greedy is every continuation
+    byte being the argmax of the beam's next-byte mixture, checked here at full width against brute force over
+    every flag sequence of context + continuation."""
     from test_marginal import logsumexp, student_paths
     pairs = [("", " done"), ("I", "f it"), (TEXT[:90], TEXT[90:110]), (TEXT[:40], " quickly"), (TEXT[:14], "If it")]
     lm = ev.StudentLM(student64, teacher_and_tok[1], batch_size=3)
@@ -125,27 +129,34 @@ def test_marginal_loglikelihood_equals_the_beam(student64, teacher_and_tok):
     tok = teacher_and_tok[1]
     keep = [ev.token_ends(tok, c.encode()) for _, c in split]
     assert all(k is not None and bool(k[-1]) for k in keep)  # the tokens spell each continuation; the last byte ends one
-    want = marginal.marginal_logprobs(student64, [c.encode() for _, c in split], prompts=[c.encode() for c, _ in split],
-                                      keep=keep)
+    encoded = [(c.encode(), x.encode()) for c, x in split]
+    want = conditioning.conditional_logprobs(student64, encoded, keep=[(ev.token_ends(tok, c), k)
+                                                                       for (c, _), k in zip(encoded, keep)])
     for (ll, _), shares in zip(got, want):
         assert ll == pytest.approx(float(shares.sum()), abs=1e-9)
     alone = ev.StudentLM(student64, tok, keep_tokens=False).loglikelihood(requests(*pairs))  # the beam alone
-    want = marginal.marginal_logprobs(student64, [c.encode() for _, c in split], prompts=[c.encode() for c, _ in split])
-    for (ll, _), shares in zip(alone, want):
+    for (ll, _), shares in zip(alone, conditioning.conditional_logprobs(student64, encoded)):
         assert ll == pytest.approx(float(shares.sum()), abs=1e-9)
-    # at width 1 the kept path is the only one: the joint of the continuation's token ends (after a context, whose
-    # last byte's flag is "ends": the continuation starts a token)
-    ctx, cont = "I", " it"
-    ends = tuple(bool(e) for e in ev.token_ends(tok, cont.encode()))
+    old = ev.StudentLM(student64, tok, context="patcher").loglikelihood(requests(*pairs))
+    want = marginal.marginal_logprobs(student64, [x for _, x in encoded], prompts=[c for c, _ in encoded], keep=keep)
+    for (ll, _), shares in zip(old, want):
+        assert ll == pytest.approx(float(shares.sum()), abs=1e-9)
+    # at width 1 the kept path is the only one: the joint of context + continuation along their token ends, less
+    # the context's along its own
+    ctx, cont = "It", " it"
+    ends = tuple(bool(e) for e in ev.token_ends(tok, ctx.encode())) + \
+        tuple(bool(e) for e in ev.token_ends(tok, cont.encode()))
     [(ll, _)] = ev.StudentLM(student64, tok, beam=1).loglikelihood(requests((ctx, cont)))
-    assert ll == pytest.approx(student_paths(student64, cont.encode(), ctx.encode())[(True, *ends)], abs=1e-9)
+    paths = student_paths(student64, (ctx + cont).encode())
+    assert ll == pytest.approx(paths[ends] - student_paths(student64, ctx.encode())[ends[:len(ctx)]], abs=1e-9)
     wide = ev.StudentLM(student64, teacher_and_tok[1], beam=64, keep_tokens=False)
     ctx, cont = b"I", b"f i"
     logp, best, _, _ = wide.score([(ctx, cont)])[0]
-    paths = student_paths(student64, cont, ctx)
-    assert float(logp.sum()) == pytest.approx(logsumexp(list(paths.values())), abs=1e-9)
+    a_ctx = logsumexp(list(student_paths(student64, ctx).values()))
+    assert float(logp.sum()) == pytest.approx(logsumexp(list(student_paths(student64, ctx + cont).values())) - a_ctx,
+                                              abs=1e-9)
     for t in range(len(cont)):  # the exact next-byte distribution after ctx + cont[:t]: brute force over the flags
-        scores = [logsumexp(list(student_paths(student64, cont[:t] + bytes([b]), ctx).values())) for b in range(256)]
+        scores = [logsumexp(list(student_paths(student64, ctx + cont[:t] + bytes([b])).values())) for b in range(256)]
         assert bool(best[t]) == (max(range(256), key=scores.__getitem__) == cont[t])
 
 
@@ -227,14 +238,16 @@ def test_rolling_equals_bench_fidelity(student_lm, teacher_lm, student, teacher_
 
 @pytest.mark.parametrize("flags", ["marginal", "late", "greedy"])
 def test_generate_until_cuts_before_the_first_stop_string(flags, student, teacher_and_tok):
-    """Two prompts in one batch: each output is the greedy generation of that prompt alone, cut before the first
-    occurrence of a stop string; without a stop string it runs to 4 bytes per max_gen_toks."""
+    """Two prompts in one batch: each output is the greedy generation of that prompt alone (marginal: from the
+    heaviest hypothesis of the beam over the prompt), cut before the first occurrence of a stop string; without a
+    stop string it runs to 4 bytes per max_gen_toks."""
     student_lm = ev.StudentLM(student, teacher_and_tok[1], batch_size=3, flags=flags)
     prompts = [b"**MACBETH**  \n", b"If it"]
     full = []
     for p in prompts:
         gen = (decoding.LateFlagGeneration(student_lm.model, [p], 40) if flags == "late" else
-               decoding.ByteGeneration(student_lm.model, [p], 40, flags="joint" if flags == "marginal" else "greedy"))
+               conditioning.generation_after(student_lm.model, [p], 40, "joint", 0.0) if flags == "marginal" else
+               decoding.ByteGeneration(student_lm.model, [p], 40, flags="greedy"))
         out = bytes(gen.step(0.0)[0].tolist()[0] for _ in range(40))
         full.append(out.split(bytes([model.BOS_BYTE]))[0])  # 0xFE would start a new document: the text ends
     stops = []
@@ -418,16 +431,16 @@ def test_cli_compare_runs_local_tasks_end_to_end(student, student_lm, teacher_lm
     pairs = [teacher_lm.encode_pair(d["context"], " " + c) for d in cloze for c in d["choices"]]
     tokens = sum(1 + len(pairs[4 * i][0]) for i in range(3)) + sum(len(cont) - 1 for _, cont in pairs)
     assert results["teacher"]["work"]["shakespeare_cloze"] == {"tokens": tokens}
-    assert all(results["student"]["work"][task]["prefill_rows"] > 0 and results["student"]["work"][task]["main_rows"] > 0
+    assert all(results["student"]["work"][task]["context_rows"] > 0 and results["student"]["work"][task]["main_rows"] > 0
                for task in mc)
     floor = load_module(os.path.join(sf.REPO, "bench", "eval_floor.py"), "eval_floor_for_test")
     floor.main([f"--json={out}", "--rows=2", "--length=16"])
     printed = capsys.readouterr().out
     rate = float(re.search(r": ([\d,]+) rows/s", printed).group(1).replace(",", ""))
     work = results["student"]["work"]["shakespeare_cloze"]
-    rows_s = work["prefill_rows"] + work["main_rows"]
+    rows_s = work["context_rows"] + work["main_rows"]
     line = next(x for x in printed.splitlines() if x.startswith("| shakespeare_cloze |"))
-    assert line.startswith(f"| shakespeare_cloze | {tokens:,} | {rows_s:,} ({work['prefill_rows']:,} + "
+    assert line.startswith(f"| shakespeare_cloze | {tokens:,} | {rows_s:,} ({work['context_rows']:,} + "
                            f"{work['main_rows']:,}) | {tokens / rate:,.0f}, {rows_s / rate:,.0f} |")
     docs, old = read("shakespeare_bpb", 3), teacher_lm.window
     teacher_lm.window = 64

@@ -1,7 +1,8 @@
 """sample.py, run as a user runs it (a subprocess from the repo root) on a tiny saved student.
 
-Oracle: ByteGeneration in this process on the same checkpoint, with the same seed and settings, gives the bytes
-that sample.py must print. The checkpoint names a teacher folder that does not exist, so sample.py skips prompt
+Oracle: generation in this process on the same checkpoint, with the same seed and settings, gives the bytes that
+sample.py must print: conditioning.generation_after (a hypothesis of the beam over the prompt's patchings drawn by
+its weight, then ByteGeneration from its state; the default) or, with --context=patcher, ByteGeneration's prefill. The checkpoint names a teacher folder that does not exist, so sample.py skips prompt
 normalisation. All the runs start at once (they are independent) and each test waits for the ones it reads."""
 import codecs
 import os
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from checkpoint import load_student, save_student
+import conditioning
 from decoding import ByteGeneration, LateFlagGeneration
 from model import BOS_BYTE
 import sample
@@ -23,8 +25,8 @@ from test_student import build_student, build_teacher
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "To be, or not"
 MAX_BYTES = 20
-SEED = 3  # with this checkpoint (joint model): 20 bytes for PROMPT, the text ending inside a UTF-8 sequence
-BATCH_SEED = 1  # in the batch one row samples 0xFE at once (the oracle below adapts if the model changes; the tests
+SEED = 0  # with this checkpoint (joint model): 20 bytes for PROMPT, the text ending inside a UTF-8 sequence
+BATCH_SEED = 5  # in the batch one row samples 0xFE early (the oracle below adapts if the model changes; the tests
                 # say where they rely on it)
 BATCH = dict(prompts=["Hi", "Ünïcode"], num_samples=2, max_bytes=12)
 
@@ -82,6 +84,7 @@ def runs(ckpt, bad_prompt_file):
         "error": [*common, f"--prompt_file={bad_prompt_file}"],
         "greedy": [*batch, "--flags=greedy"],
         "late": [*batch, "--flags=late"],
+        "patcher": [*batch, "--context=patcher"],
         "bf16": [*common[:-1], f"--prompt={PROMPT}", f"--seed={SEED}", "--dtype=bfloat16", "--raw"],
     }
     started = {name: Run(args) for name, args in commands.items()}
@@ -92,10 +95,11 @@ def runs(ckpt, bad_prompt_file):
             run.proc.communicate()
 
 
-def expected(ckpt, prompts, max_bytes, seed, flags="joint"):
+def expected(ckpt, prompts, max_bytes, seed, flags="joint", context="marginal"):
     """What sample.py must generate at temperature 1 with a generator seeded by --seed: ByteGeneration.run (rows out
-    of step) with the joint rule (the default) or the greedy one, or with --flags=late LateFlagGeneration.step in
-    lockstep; each row stops at its first 0xFE (a new document), which is not printed."""
+    of step) with the joint rule (the default) or the greedy one, each row from a hypothesis of its prompt's beam
+    drawn with that generator (context="patcher": from the patcher's prefill), or with --flags=late
+    LateFlagGeneration.step in lockstep; each row stops at its first 0xFE (a new document), which is not printed."""
     student, _ = load_student(ckpt)
     g = torch.Generator().manual_seed(seed)
     outs, live = [bytearray() for _ in prompts], [True] * len(prompts)
@@ -103,7 +107,9 @@ def expected(ckpt, prompts, max_bytes, seed, flags="joint"):
         gen = LateFlagGeneration(student, [p.encode("utf-8") for p in prompts], max_bytes)
         steps = [(gen.rows, gen.step(1.0, None, 1.0, g)[0]) for _ in range(max_bytes)]
     else:
-        gen = ByteGeneration(student, [p.encode("utf-8") for p in prompts], max_bytes, flags=flags)
+        texts = [p.encode("utf-8") for p in prompts]
+        gen = (conditioning.generation_after(student, texts, max_bytes, flags, 1.0, g) if context == "marginal" else
+               ByteGeneration(student, texts, max_bytes, flags=flags))
         steps = ((rows, new) for rows, _, new, _ in gen.run(max_bytes, 1.0, None, 1.0, g))
     for rows, new in steps:
         for i, b in zip(rows.tolist(), new.tolist()):
@@ -170,6 +176,16 @@ def test_batch_of_prompts_and_samples(runs, ckpt):
     assert out == want
 
 
+def test_the_patcher_context_batch(runs, ckpt):
+    """--context=patcher (the old rule): the prompt prefilled along the patcher's flags, told apart from the default."""
+    out = ok(runs["patcher"]).stdout.decode("utf-8")
+    prompts = [p for p in BATCH["prompts"] for _ in range(BATCH["num_samples"])]
+    gens = expected(ckpt, prompts, BATCH["max_bytes"], seed=BATCH_SEED, context="patcher")
+    assert gens != expected(ckpt, prompts, BATCH["max_bytes"], seed=BATCH_SEED)
+    assert out == "".join(f"--- sample {i}\n" + (p.encode() + g).decode("utf-8", errors="replace") + "\n"
+                          for i, (p, g) in enumerate(zip(prompts, gens)))
+
+
 @pytest.mark.parametrize("flags", ["greedy", "late"])
 def test_the_other_byte_models_batch(flags, runs, ckpt):
     """--flags=greedy (rows out of step) and --flags=late (lockstep): the same batch from the other two byte models."""
@@ -214,6 +230,7 @@ def test_error_exits_with_one_line(runs):
     (["--ckpt=CKPT", "--prompt_file=TMP"], "cannot read the prompt file"),
     (["--ckpt=CKPT", "--device=tpu"], "unknown device 'tpu'"),
     (["--ckpt=CKPT", "--dtype=half"], "--dtype must be auto, bfloat16 or float32"),
+    (["--ckpt=CKPT", "--context=tokens"], "--context='tokens': marginal or patcher"),
     *([(["--ckpt=CKPT", "--device=cuda"], "no CUDA GPU")] if not torch.cuda.is_available() else []),
 ])
 def test_errors_are_one_clear_line(args, message, ckpt, bad_prompt_file, tmp_path, monkeypatch, capsys):
