@@ -1,13 +1,16 @@
 """Where the byte student's time goes on a multiple-choice task: cProfile of the marginal's beam on the first items of
-a local task, the requests eval.py makes (each choice after its item's context, lm-eval's split, the continuation's
-token ends kept), with the share of the whole each part takes.
+a local task, the requests eval.py makes (each choice after its item's context, lm-eval's split, the token ends
+kept), with the share of the whole each part takes.
 
-    python bench/eval_profile.py --ckpt=out/stage2 --task=swag_plays --items=32 [--slots=128,512]
+    python bench/eval_profile.py --ckpt=out/stage2 --task=swag_plays --items=32 [--slots=128,512] [--context=patcher]
 
 One row per slots value (hypotheses per lockstep batch; eval.py uses 128), each a fresh profile of the same requests.
-The parts (each a share of the whole; they overlap where one calls another): the main network in the beam's steps;
-the reads of cached keys and values (every network's, each row its own copy) and attention, mostly within those
-steps; the prefill of the contexts; copying cache rows at forks; the decoder; the prior's prefix sums.
+--context=marginal (eval.py's default: the beam reads each context from the document start, then forks into its
+choices; conditioning.py) or patcher (the old rule: the contexts prefilled along the patcher's flags, then the beam
+over the choices). The parts (each a share of the whole; they overlap where one calls another): the beam over the
+contexts (marginal) or their prefill (patcher); the main network in the beam's steps (contexts' and choices'); the
+reads of cached keys and values (every network's, each row its own copy) and attention; copying cache rows at forks;
+the decoder; the prior's prefix sums; the beam's bookkeeping (Beam.choose).
 """
 import cProfile
 import json
@@ -22,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import torch  # noqa: E402
 
 import cli  # noqa: E402
+import conditioning  # noqa: E402
 import marginal  # noqa: E402
 
 MULTIPLE_CHOICE = {"swag_plays": "", "code_nextline": "", "shakespeare_cloze": " "}  # each task's target_delimiter
@@ -34,6 +38,7 @@ class Config:
     items: int = 32
     slots: str = "128"         # comma-separated
     beam: int = marginal.BEAM
+    context: str = "marginal"  # marginal | patcher (eval.py --context)
     threads: int = 0           # 0: torch's default
 
 
@@ -49,6 +54,8 @@ def cumtime(stats, file, name, caller=None):
 
 def main(argv):
     cfg = cli.parse_args(Config, argv)
+    if cfg.context not in ("marginal", "patcher"):
+        raise ValueError(f"--context={cfg.context}: marginal or patcher")
     if cfg.task not in MULTIPLE_CHOICE:
         raise ValueError(f"--task={cfg.task}: one of swag_plays, code_nextline, shakespeare_cloze")
     if cfg.threads:
@@ -65,28 +72,35 @@ def main(argv):
     pairs = [ev.normalized_pair(lm.tok, *ev.lm_eval_split(d["context"], delim + c)) for d in docs for c in d["choices"]]
     ctxs, conts = [c for c, _ in pairs], [x for _, x in pairs]
     keep = [ev.token_ends(lm.tok, x) for x in conts]
+    ends = {c: ev.token_ends(lm.tok, c) for c in dict.fromkeys(ctxs)}
     print(f"{cfg.task}: {len(docs)} items, {len(pairs)} requests, {sum(map(len, conts)):,} choice bytes, "
-          f"beam {cfg.beam}, {torch.get_num_threads()} threads\n")
-    print("| slots | seconds | main in beam steps | cache reads | attention | prefill | forks | decoder | "
-          "prior sums | main rows (prefill + beam) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"{sum(map(len, dict.fromkeys(ctxs))):,} context bytes, beam {cfg.beam}, --context={cfg.context}, "
+          f"{torch.get_num_threads()} threads\n")
+    print("| slots | seconds | contexts | main in beam steps | cache reads | attention | forks | decoder | "
+          "prior sums | bookkeeping | main rows (contexts + choices) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for slots in map(int, cfg.slots.split(",")):
         work, profile = {}, cProfile.Profile()
         start = time.perf_counter()
         profile.enable()
-        marginal.marginal_logprobs(lm.model, conts, cfg.beam, prompts=ctxs, keep=keep, slots=slots, stats=work)
+        if cfg.context == "marginal":
+            conditioning.conditional_logprobs(lm.model, list(zip(ctxs, conts)), cfg.beam,
+                                              keep=[(ends[c], k) for c, k in zip(ctxs, keep)], slots=slots, stats=work)
+        else:
+            marginal.marginal_logprobs(lm.model, conts, cfg.beam, prompts=ctxs, keep=keep, slots=slots, stats=work)
         profile.disable()
         total = time.perf_counter() - start
         s = pstats.Stats(profile)
-        prefill = cumtime(s, "decoding.py", "_prefill")
         attention = sum(v[3] for k, v in s.stats.items() if "scaled_dot_product_attention" in k[2])
-        parts = [cumtime(s, "transformer.py", "run_blocks", ("marginal.py", "_student_beam")),
-                 cumtime(s, "transformer.py", "_read"), attention, cumtime(s, "decoding.py", "_prefill"),
-                 cumtime(s, "marginal.py", "fork"), cumtime(s, "model.py", "decode"),
-                 cumtime(s, "model.py", "prior_cumulative")]
+        contexts = cumtime(s, "conditioning.py", "context_beam") + cumtime(s, "decoding.py", "_prefill")
+        parts = [contexts, cumtime(s, "transformer.py", "run_blocks", ("marginal.py", "step")),
+                 cumtime(s, "transformer.py", "_read"), attention, cumtime(s, "marginal.py", "fork"),
+                 cumtime(s, "model.py", "decode"), cumtime(s, "model.py", "prior_cumulative"),
+                 cumtime(s, "marginal.py", "choose")]
+        context_rows = work.get("context_rows", 0) + work.get("prefill_rows", 0)
         print(f"| {slots} | {total:.1f} | " + " | ".join(f"{p / total:.0%}" for p in parts) +
-              f" | {work['prefill_rows'] + work['main_rows']:,} ({work['prefill_rows']:,} + {work['main_rows']:,}) |")
-    print("\n(cache reads and attention count every network, prefill included; the decoder counts the prefill's pass)")
+              f" | {context_rows + work['main_rows']:,} ({context_rows:,} + {work['main_rows']:,}) |")
+    print("\n(cache reads and attention count every network, contexts included; the decoder counts the prefill's pass)")
 
 
 if __name__ == "__main__":
