@@ -2,10 +2,13 @@
 FSDP2 sharding of the student and the frozen teacher (--fsdp) with the memory each rank holds.
 
 Data parallelism is explicit: every rank holds a full student, computes gradients on its own batches, and the
-gradients of the parameters that the current phase trains are averaged with one all-reduce per optimizer update (after
-the last micro-step of gradient accumulation). We do this rather than wrap the student in DistributedDataParallel
-because each phase calls a different part of the student (encoder only, patcher only, ...), and DDP only syncs what
-goes through its forward(). The frozen teacher is never synchronised: every rank loads its own copy.
+gradients of the parameters that the current phase trains are summed over the ranks by GradReducer while backward
+runs (on the last micro-step of gradient accumulation), then divided by the global element count. We do this rather
+than wrap the student in DistributedDataParallel because each phase calls a different part of the student (encoder
+only, patcher only, ...), and DDP only syncs what goes through its forward(); GradReducer does what DDP's reducer
+does (flat buckets of about 25 MB, each all-reduced asynchronously as soon as backward has filled it) with
+post-accumulate-grad hooks on exactly the parameters a phase trains. The frozen teacher is never synchronised: every
+rank loads its own copy.
 
 With --fsdp (FSDP2, torch.distributed.fsdp.fully_shard) each rank keeps only its 1/N piece of the student's parameters,
 gradients and AdamW state, and of the frozen teacher's blocks (see "FSDP2 sharding" below); checkpoints are gathered
@@ -47,31 +50,114 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
-def sync_grads(params, total):
-    """Gradients hold sums over this rank's loss elements; turn them into the mean over all ranks' elements:
-    one flat all-reduce (sum) of the gradients, then a division by the global element count `total`. FSDP shards
-    (DTensors) arrive already summed over the ranks by FSDP's reduce-scatter (shard_student): only divided here."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    whole = [g for g in grads if not isinstance(g, DTensor)]
-    if whole and dist.is_initialized() and dist.get_world_size() > 1:
-        flat = torch.cat([g.reshape(-1).float() for g in whole])
-        dist.all_reduce(flat)
-        offset = 0
-        for g in whole:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
-    for g in grads:
-        g.div_(max(total, 1.0))
+# ----------------------------------------------------------------------------------------------------------------
+# Gradient sync. Every loss backpropagated is a sum over this rank's elements (train.py: loss * n); the update wants the
+# mean over all ranks' elements: sum the gradients over the ranks, divide by the global count. The count stays on the
+# device: nothing here reads a tensor to the host.
+
+BUCKET_BYTES = 25 * 2 ** 20  # DDP's default bucket_cap_mb: big enough for full-bandwidth all-reduces, small enough to
+                             # start the first ones early in backward
 
 
-def all_reduce_sum(values, device):
-    """Sum a list of floats over ranks (for metrics) -> list of floats."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+class GradReducer:
+    """Sums the gradients of `params` over the ranks while backward runs, like DDP's reducer. The parameters are laid out
+    in flat buckets of about bucket_bytes, in reverse order (backward produces the last layers' gradients first); each
+    parameter's .grad becomes a view into its bucket the first time a step accumulates it (gradients then accumulate in
+    place there: no copy of all gradients at sync time), and as soon as the last gradient of a bucket is accumulated
+    on the syncing micro-step (a post-accumulate-grad hook), that bucket's all-reduce starts asynchronously while
+    backward goes on. Buckets start in their order on every rank, as collectives must. `sync` is DDP's no_sync() the
+    other way round: set it for the last micro-step of gradient accumulation only; wait() before the optimizer step.
+    The buckets stay allocated while the reducer lives (as DDP's do); remove() drops the hooks and buckets."""
+
+    def __init__(self, params, bucket_bytes=BUCKET_BYTES):
+        self.sync, self.handles, self.next = False, [], 0
+        self.buckets, open_buckets = [], {}
+        for p in reversed(list(params)):
+            key = (p.device, p.dtype)
+            bucket = open_buckets.get(key)
+            if bucket is not None and bucket["bytes"] + p.numel() * p.element_size() > bucket_bytes:
+                self.buckets.append(open_buckets.pop(key))
+                bucket = None
+            if bucket is None:
+                bucket = open_buckets[key] = {"params": [], "bytes": 0}
+            bucket["params"].append(p)
+            bucket["bytes"] += p.numel() * p.element_size()
+        self.buckets += open_buckets.values()
+        self.hooks = []
+        for b, bucket in enumerate(self.buckets):
+            first = bucket["params"][0]
+            bucket["flat"] = torch.zeros(sum(p.numel() for p in bucket["params"]), dtype=first.dtype,
+                                         device=first.device)
+            bucket["views"], bucket["ready"], offset = [], 0, 0
+            for i, p in enumerate(bucket["params"]):
+                bucket["views"].append(bucket["flat"][offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+                self.hooks.append(p.register_post_accumulate_grad_hook(
+                    lambda p, b=b, i=i: self._accumulated(p, b, i)))
+
+    def _accumulated(self, p, b, i):
+        bucket = self.buckets[b]
+        view = bucket["views"][i]
+        if p.grad.data_ptr() != view.data_ptr():  # the step's first gradient of p: move it into its bucket
+            view.copy_(p.grad)
+            p.grad = view
+        if self.sync:
+            bucket["ready"] += 1
+            while self.next < len(self.buckets) and \
+                    self.buckets[self.next]["ready"] == len(self.buckets[self.next]["params"]):
+                self._start(self.buckets[self.next])
+
+    def _start(self, bucket):
+        for p, view in zip(bucket["params"], bucket["views"]):
+            if p.grad is None:  # no gradient this step on this rank: its slot holds an earlier step's
+                view.zero_()
+        self.handles.append(dist.all_reduce(bucket["flat"], async_op=True))
+        self.next += 1
+
+    def wait(self):
+        """Start the buckets that backward left unfinished (parameters without a gradient in the last micro-step),
+        wait for every all-reduce; the gradients then hold the sums over the ranks."""
+        while self.next < len(self.buckets):
+            self._start(self.buckets[self.next])
+        for handle in self.handles:
+            handle.wait()
+        self.handles, self.next, self.sync = [], 0, False
+        for bucket in self.buckets:
+            bucket["ready"] = 0
+
+    def remove(self):
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks, self.buckets = [], []
+
+
+def sync_grads(params, total, reducer=None):
+    """Gradients hold sums over this rank's loss elements; turn them into the mean over all ranks' elements: the sums
+    over the ranks (reducer's all-reduces, started during backward; None on one process), then a division by the global
+    element count `total` (a tensor, on the device). FSDP shards (DTensors) arrive already summed over the ranks by
+    FSDP's reduce-scatter (shard_student): only divided here."""
+    if reducer is not None:
+        reducer.wait()
+    scale = total.clamp(min=1).to(torch.float32)
+    for p in params:
+        if p.grad is not None:
+            local(p.grad).div_(scale)
+
+
+def all_reduce_sums(sums):
+    """{name: 0-dim tensor} summed over ranks -> (the names, sorted; one float64 tensor of their sums), on the device:
+    one all-reduce, no host read."""
+    keys = sorted(sums)
+    stacked = torch.stack([sums[k].to(torch.float64) for k in keys])
     if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
+        dist.all_reduce(stacked)
+    return keys, stacked
+
+
+def all_reduce_sum(sums):
+    """{name: 0-dim tensor} summed over ranks -> {name: float}, read to the host at once (evaluations)."""
+    keys, stacked = all_reduce_sums(sums)
+    return dict(zip(keys, stacked.tolist()))
 
 
 def broadcast_params(module):

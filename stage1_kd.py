@@ -87,7 +87,9 @@ PHASES = ("align", "distill", "boundary")  # always run; "decoder" follows them 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The three losses. Each returns (loss to backpropagate, dict of metric sums for logging and evaluation).
+# The losses. Each returns (loss to backpropagate, {name: 0-dim tensor} of metric sums for logging and evaluation):
+# the loss is a mean over stats["n"] elements (train.train_step's contract). The sums stay on the device; products
+# that a person reads are formed in float64, as Python's floats did when these were read at every step.
 
 def align_step(student, batch, embed, embed_var):
     """Relative MSE between h at token-end bytes and the teacher's input embedding rows of those tokens."""
@@ -96,7 +98,8 @@ def align_step(student, batch, embed, embed_var):
     target = embed[batch["token_id"][ends]].float()
     loss = (h - target).pow(2).mean() / embed_var  # 1.0 = as far off as the average row is from the mean row
     cos = F.cosine_similarity(h.detach(), target, dim=-1)
-    return loss, {"rel_mse": loss.item() * len(h), "cos": cos.sum().item(), "n": len(h)}
+    n = ends.sum()  # h's rows, counted on the device
+    return loss, {"rel_mse": loss.detach().double() * n, "cos": cos.sum().double(), "n": n}
 
 
 def distill_step(student, teacher, batch, chunk_rows, with_nll=False):
@@ -111,8 +114,8 @@ def distill_step(student, teacher, batch, chunk_rows, with_nll=False):
         teacher_hidden = teacher(token_ids, return_hidden=True)
     kl, agree = chunked_reverse_kl(y[patch_mask], teacher_hidden[patch_mask], teacher.head_weight,
                                    chunk_rows=chunk_rows)
-    n = int(patch_mask.sum())
-    stats = {"kl": kl.item() * n, "top1": float(agree), "n": n}
+    n = patch_mask.sum()
+    stats = {"kl": kl.detach().double() * n, "top1": agree, "n": n}
     if with_nll:  # evaluation: bits of the true next token under student and teacher, per byte of that token
         stats.update(next_token_bits(y, teacher_hidden, token_ids, patch_mask, order, teacher.head_weight, chunk_rows))
     return kl, stats
@@ -124,14 +127,14 @@ def next_token_bits(y, teacher_hidden, token_ids, patch_mask, order, head_weight
     order[i]+1 .. order[i+1]. Chunked over rows so the full logits never exist at once."""
     scored = patch_mask[:, 1:]  # positions whose next token is in the window
     targets = token_ids[:, 1:][scored]
-    n_bytes = (order[:, 1:] - order[:, :-1])[scored].sum().item()
+    n_bytes = (order[:, 1:] - order[:, :-1])[scored].sum()
     bits = {}
     for name, hidden in (("student_bits", y), ("teacher_bits", teacher_hidden)):
         rows = hidden[:, :-1][scored]
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=rows.device)
         for i in range(0, len(rows), chunk_rows):
             logits = rows[i:i + chunk_rows].float() @ head_weight.float().T
-            total += F.cross_entropy(logits, targets[i:i + chunk_rows], reduction="sum").item()
+            total += F.cross_entropy(logits, targets[i:i + chunk_rows], reduction="sum").double()
         bits[name] = total / math.log(2)
     return {**bits, "token_bytes": n_bytes}
 
@@ -147,8 +150,9 @@ def boundary_step(student, batch):
     prob = p[sel].clamp(1e-6, 1 - 1e-6)
     loss = -(target * prob.log() + (1 - target) * (1 - prob).log()).mean()  # BCE (F.binary_cross_entropy refuses autocast)
     pred = prob > student.scfg.boundary_threshold
-    tp, fp, fn = (pred & (target > 0)).sum().item(), (pred & (target == 0)).sum().item(), (~pred & (target > 0)).sum().item()
-    return loss, {"bce": loss.item() * len(prob), "tp": tp, "fp": fp, "fn": fn, "n": len(prob)}
+    tp, fp, fn = (pred & (target > 0)).sum(), (pred & (target == 0)).sum(), (~pred & (target > 0)).sum()
+    n = sel.sum()  # prob's rows, counted on the device
+    return loss, {"bce": loss.detach().double() * n, "tp": tp, "fp": fp, "fn": fn, "n": n}
 
 
 def decoder_step(student, teacher, trie, batch, chunk_rows, soft_weight):
@@ -174,18 +178,18 @@ def decoder_step(student, teacher, trie, batch, chunk_rows, soft_weight):
     loss = byte_cross_entropy(logits[:, :-1].reshape(-1, 512), labels.reshape(-1),
                               soft_targets=soft[:, :-1].reshape(-1, 512), soft_weight=soft_weight)
     with torch.no_grad():
-        n = int(has[:, :-1].sum())
+        n = has[:, :-1].sum()
         logp = torch.log_softmax(logits[:, :-1].float(), -1)[has[:, :-1]]
         hard = labels[has[:, :-1]]
         q = soft[:, :-1][has[:, :-1]]
-        stats = {"ce": -logp.gather(1, hard[:, None]).sum().item(), "n": n,
-                 "kl": (torch.xlogy(q, q) - q * logp).sum().item(),
-                 "teacher_ce": -q.gather(1, hard[:, None]).clamp(min=1e-30).log().sum().item()}
+        stats = {"ce": -logp.gather(1, hard[:, None]).sum().double(), "n": n,
+                 "kl": (torch.xlogy(q, q) - q * logp).sum().double(),
+                 "teacher_ce": -q.gather(1, hard[:, None]).clamp(min=1e-30).log().sum().double()}
     return loss, stats
 
 
 def summarize(phase, sums):
-    """Metric sums (over batches and ranks) -> the figures a person reads."""
+    """Metric sums (over batches and ranks, read to the host: floats) -> the figures a person reads."""
     n = max(sums["n"], 1)
     if phase == "align":
         return {"rel_mse": sums["rel_mse"] / n, "cos": sums["cos"] / n}
@@ -203,12 +207,6 @@ def summarize(phase, sums):
     recall = sums["tp"] / max(sums["tp"] + sums["fn"], 1)
     return {"bce": sums["bce"] / n, "precision": precision, "recall": recall,
             "f1": 2 * precision * recall / max(precision + recall, 1e-12)}
-
-
-def add_sums(total, stats):
-    for k, v in stats.items():
-        total[k] = total.get(k, 0.0) + v
-    return total
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,9 +283,8 @@ def main(argv):
     def evaluate(step_fn):  # the phase's metrics on eval_batches fixed validation batches (each rank its stride)
         loader, sums = make_loader(0, "val"), {}
         for _ in range(cfg.eval_batches):
-            add_sums(sums, step_fn({k: v.to(device) for k, v in loader.next_batch().items()})[1])
-        keys = sorted(sums)
-        return dict(zip(keys, distributed.all_reduce_sum([sums[k] for k in keys], device)))
+            train.add_sums(sums, step_fn({k: v.to(device) for k, v in loader.next_batch().items()})[1])
+        return distributed.all_reduce_sum(sums)  # over the ranks, read to the host once
 
     align = lambda batch: align_step(student, batch, embed, embed_var)  # noqa: E731
     distill = lambda batch, nll=False: distill_step(student, teacher, batch, cfg.kl_chunk_rows, nll)  # noqa: E731

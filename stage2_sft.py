@@ -64,16 +64,19 @@ class Config:
 
 def sft_step(student, batch, boundary_weight=0.0):
     """Forward with the patcher's patches; loss = 512-way CE (+ boundary_weight * BCE of the patcher).
-    Position t predicts byte t+1 and whether byte t+1 ends a teacher token. Returns (loss, metric sums)."""
+    Position t predicts byte t+1 and whether byte t+1 ends a teacher token. Returns (loss, {name: 0-dim tensor} of
+    metric sums, on the device). train.train_step's contract: the loss is a mean over stats["n"], the scored bytes,
+    as the CE is. The patcher's BCE is a mean over another count, n_p (its decisions: every real byte but the last),
+    and enters the update weighted by n all the same (train.train_step backpropagates loss * n)."""
     x, valid, token_end = batch["bytes"], batch["valid"], batch["token_end"]
     logits, p, ends = student(x)
     scored = valid[:, 1:] & valid[:, :-1]  # (B, T-1): both bytes real
     labels = (x[:, 1:] + 256 * token_end[:, 1:].long()).masked_fill(~scored, -100)
     ce = byte_cross_entropy(logits[:, :-1].reshape(-1, 512), labels.reshape(-1))
-    n = int(scored.sum())
+    n = scored.sum()
     with torch.no_grad():  # bits per byte: the byte's probability summed over both halves of the head
         logp = model.byte_logprobs(logits[:, :-1]).gather(-1, x[:, 1:, None])[..., 0]
-        byte_nats = -(logp[scored]).sum().item()
+        byte_nats = -(logp[scored]).sum().double()
     # the patcher against token ends (the last byte's p is fixed at 1 and not scored)
     sel = valid[:, :-1]
     target = token_end[:, :-1][sel].float()
@@ -81,13 +84,15 @@ def sft_step(student, batch, boundary_weight=0.0):
     bce = -(target * prob.log() + (1 - target) * (1 - prob).log()).mean()
     pred = ends[:, :-1][sel]
     truth = target > 0
-    stats = {"ce": ce.item() * n, "byte_nats": byte_nats, "n": n, "bce": bce.item() * len(prob), "n_p": len(prob),
-             "tp": (pred & truth).sum().item(), "fp": (pred & ~truth).sum().item(), "fn": (~pred & truth).sum().item(),
-             "patches": ends.sum().item(), "bytes": valid.sum().item()}
+    n_p = sel.sum()  # prob's rows, counted on the device
+    stats = {"ce": ce.detach().double() * n, "byte_nats": byte_nats, "n": n, "bce": bce.detach().double() * n_p,
+             "n_p": n_p, "tp": (pred & truth).sum(), "fp": (pred & ~truth).sum(), "fn": (~pred & truth).sum(),
+             "patches": ends.sum(), "bytes": valid.sum()}
     return ce + boundary_weight * bce if boundary_weight else ce, stats
 
 
 def summarize(sums):
+    """Metric sums (over batches and ranks, read to the host: floats) -> the figures a person reads."""
     n, ln2 = max(sums["n"], 1), math.log(2)
     precision = sums["tp"] / max(sums["tp"] + sums["fp"], 1)
     recall = sums["tp"] / max(sums["tp"] + sums["fn"], 1)
@@ -147,11 +152,8 @@ def main(argv):
     def evaluate():
         loader, sums = make_loader(0, "val"), {}
         for _ in range(cfg.eval_batches):
-            stats = sft_step(student, {k: v.to(device) for k, v in loader.next_batch().items()})[1]
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-        keys = sorted(sums)
-        return summarize(dict(zip(keys, distributed.all_reduce_sum([sums[k] for k in keys], device))))
+            train.add_sums(sums, sft_step(student, {k: v.to(device) for k, v in loader.next_batch().items()})[1])
+        return summarize(distributed.all_reduce_sum(sums))  # over the ranks, read to the host once
 
     everything = ("",)  # every parameter name starts with ""
     phases = [

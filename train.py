@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import checkpoint
-from distributed import (all_reduce_sum, clip_grad_norm, gather_full, print_memory, memory_bytes, shard_frozen,
-                         shard_like, shard_student, sharded, sync_grads)
+from distributed import (GradReducer, all_reduce_sums, clip_grad_norm, gather_full, print_memory, memory_bytes,
+                         shard_frozen, shard_like, shard_student, sharded, sync_grads)
 from safetensors_io import read_safetensors, read_safetensors_header, write_safetensors
 
 
@@ -222,8 +222,8 @@ class Phase:
     budget: int                       # training bytes, all ranks together
     lr: float
     prefixes: tuple                   # names of the student's parameters this phase trains (prefixes)
-    step: Callable                    # batch -> (loss, dict of metric sums)
-    summarize: Callable               # metric sums -> figures to print
+    step: Callable                    # batch -> (loss, {name: 0-dim tensor of a metric sum}): see train_step
+    summarize: Callable               # {name: float} metric sums -> figures to print
     evaluate: Callable                # () -> validation figures, at the end of the phase
     lr_scale: Callable | None = None  # parameter name -> multiplier of lr
     seed: int = 0                     # the loader's shuffling seed
@@ -383,10 +383,115 @@ def resume_from(folder, student, stage, cfg, meta, world, names):
     return resume, state
 
 
+def add_sums(total, stats):
+    """Add a step's stats ({name: 0-dim tensor}) into total, on the device, in float64: the sums add up the figures of
+    many micro-batches, as Python's floats did when the stats were read at every step. -> total."""
+    for k, v in stats.items():
+        v = v.detach().to(torch.float64)
+        total[k] = total[k] + v if k in total else v
+    return total
+
+
+def train_step(phase, loader, cfg, device, trainable, optimizer, reducer=None):
+    """One optimizer update: cfg.grad_accum micro-steps, the gradients summed over micro-steps and ranks and divided
+    by the global count, clipped, applied. -> (metric names; their sums over the micro-steps and ranks, one float64
+    tensor; the gradient norm before clipping), all on the device: nothing here reads a tensor to the host.
+
+    The loss contract of phase.step(batch) -> (loss, stats): stats maps names to 0-dim tensors, the micro-batch's
+    metric sums, and stats["n"] is the number of elements (token ends, patches, bytes) that `loss` is a mean over.
+    Those counts differ between micro-batches and ranks, so loss * n (the micro-batch's sum) is backpropagated and the
+    summed gradient is divided by the global count n afterwards, a tensor on the device: the update is the one a
+    single process makes over the whole global batch. A loss term that is a mean over another count (stage 2's
+    patcher BCE, over its n_p boundary decisions) enters the update weighted by the micro-batch's n like the rest."""
+    sums = {}
+    for micro in range(cfg.grad_accum):
+        batch = {k: v.to(device) for k, v in loader.next_batch().items()}
+        if reducer is not None:  # all-reduce during the last micro-step's backward only (DDP's no_sync before it)
+            reducer.sync = micro == cfg.grad_accum - 1
+        with autocast(cfg, device):
+            loss, stats = phase.step(batch)
+        (loss * stats["n"]).backward()  # the micro-batch's sum; sync_grads divides by the global n
+        add_sums(sums, stats)
+    keys, totals = all_reduce_sums(sums)
+    sync_grads(trainable, totals[keys.index("n")], reducer)
+    grad_norm = clip_grad_norm(trainable, cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return keys, totals, grad_norm
+
+
+class StepLog:
+    """metrics.jsonl, one line per step, written in batches: each step's sums and gradient norm stay on the device in
+    a short list until a logging step (or a checkpoint), when one host read (.tolist() of one stacked tensor) serves
+    them all; a step in between reads nothing. Only rank 0 reads and writes; the other ranks drop theirs."""
+
+    def __init__(self, path, phase, master):
+        self.path, self.phase, self.master, self.pending = path, phase, master, []
+
+    def add(self, step, keys, totals, grad_norm):
+        self.pending.append((step, keys, torch.cat([totals, grad_norm.detach().to(totals).reshape(1)])))
+
+    def flush(self):
+        """Write the pending steps' lines -> the latest step's figures, {} if there is none or this is not rank 0."""
+        pending, self.pending = self.pending, []
+        if not self.master or not pending:
+            return {}
+        rows = torch.stack([row for _, _, row in pending]).tolist()  # the one host read
+        lines = []
+        for (step, keys, _), row in zip(pending, rows):
+            figures = self.phase.summarize(dict(zip(keys, row[:-1])))
+            lines.append(json.dumps({"phase": self.phase.name, "step": step, **figures, "grad_norm": row[-1]}) + "\n")
+        with open(self.path, "a") as f:
+            f.writelines(lines)
+        return figures
+
+
+def start_run(stage, phases, student, cfg, meta, world, master):
+    """run_phases' start: with cfg.resume, the checkpoint's weights into `student` and the phases still to run; a
+    fresh metrics.jsonl for a fresh run, the lines of steps after the checkpoint dropped for a resumed one.
+    -> (phases to run, resume (config.json's contents) or None, resume state or None, results so far)."""
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    names = [p.name for p in phases]
+    resume, resume_state = None, None
+    if cfg.resume:
+        resume, resume_state = resume_from(cfg.out_dir, student, stage, cfg, meta, world, names)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if master and not cfg.resume and os.path.exists(metrics_path):
+        os.remove(metrics_path)  # a fresh run starts a fresh log; a resumed one appends
+    if resume is None:
+        return phases, None, None, {}
+    if master:
+        trim_metrics(metrics_path, names, resume["phase"], resume["step"])
+    if resume["phase"] in names:  # skip what the checkpoint already finished
+        done = names.index(resume["phase"]) + (1 if resume["phase_done"] else 0)
+        phases = phases[done:]
+    if master:
+        print(f"resuming from {cfg.out_dir}: phase {resume['phase']} step {resume['step']}"
+              f"{' (finished)' if resume['phase_done'] else ''}")
+    return phases, resume, resume_state, dict(resume.get("results", {}))
+
+
+def start_phase(phase, student, cfg, make_loader, resume=None, resume_state=None):
+    """A phase's trained parameters, its optimizer over them and its loader, at the checkpoint's position (and RNG state)
+    when the run resumes in this phase -> (trained parameters, optimizer, loader, first step)."""
+    params = select_params(student, phase.prefixes)
+    optimizer = make_optimizer(params, phase.lr, cfg.weight_decay, lr_scale=phase.lr_scale)
+    loader = make_loader(phase.seed)
+    start = 0
+    if resume is not None and resume["phase"] == phase.name and not resume["phase_done"]:
+        load_optimizer_state(optimizer, {p: n for n, p in params}, shard_like(resume_state["optimizer"], params),
+                             resume_state["optimizer_groups"])
+        loader.load_state_dict(resume_state["loader"])
+        set_rng_state(resume_state["rng"])
+        start = resume["step"]
+    return [p for _, p in params], optimizer, loader, start
+
+
 def run_phases(stage, phases, student, cfg, meta, make_loader, device, frozen=None):
     """Train `phases` in order, each with its own optimizer over only its parameters, warm-up + cosine schedule,
-    gradient accumulation (one gradient all-reduce per update), a log line per interval, a metrics.jsonl line per
-    step, an evaluation and a checkpoint at the end, and a checkpoint every cfg.ckpt_interval steps.
+    gradient accumulation (gradients summed over the ranks during the last micro-step's backward), a log line per
+    interval, a metrics.jsonl line per step (written at logging steps), an evaluation and a checkpoint at the end, and
+    a checkpoint every cfg.ckpt_interval steps.
     With cfg.fsdp on more than one rank, the student and the blocks of `frozen` (stage 1's teacher) are sharded with
     FSDP2 after any resume has loaded the whole weights, and every phase starts with a line of memory per rank.
     The checkpoints: out_dir itself, a byte-model folder of the latest weights with out_dir/resume/ beside them, and
@@ -395,25 +500,9 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device, frozen=No
     Returns {phase: {"bytes", "steps", "val", "bytes_per_s"}} and whether the run stopped early (cfg.stop_after)."""
     master = not dist.is_initialized() or dist.get_rank() == 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    names = [p.name for p in phases]
     make_loader(0, "val")  # every phase ends with an evaluation on it: fail now, not after a phase of training
-    resume, resume_state = None, None
-    if cfg.resume:
-        resume, resume_state = resume_from(cfg.out_dir, student, stage, cfg, meta, world, names)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    if master and not cfg.resume and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # a fresh run starts a fresh log; a resumed one appends
-    if resume is not None:
-        if master:
-            trim_metrics(metrics_path, names, resume["phase"], resume["step"])
-        if resume["phase"] in names:  # skip what the checkpoint already finished
-            done = names.index(resume["phase"]) + (1 if resume["phase_done"] else 0)
-            phases = phases[done:]
-        if master:
-            print(f"resuming from {cfg.out_dir}: phase {resume['phase']} step {resume['step']}"
-                  f"{' (finished)' if resume['phase_done'] else ''}")
-    results, steps_run = dict(resume.get("results", {})) if resume else {}, 0
+    phases, resume, resume_state, results = start_run(stage, phases, student, cfg, meta, world, master)
+    steps_run = 0
     fsdp = getattr(cfg, "fsdp", False)
     if fsdp and world > 1:
         shard_student(student, device, bf16=cfg.dtype == "bfloat16")
@@ -423,65 +512,44 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device, frozen=No
         bytes_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * world
         total = max(1, phase.budget // bytes_per_step)
         warmup = max(1, int(cfg.warmup_frac * total))
-        params = select_params(student, phase.prefixes)
-        optimizer = make_optimizer(params, phase.lr, cfg.weight_decay, lr_scale=phase.lr_scale)
-        loader = make_loader(phase.seed)
-        start = 0
-        if resume is not None and resume["phase"] == phase.name and not resume["phase_done"]:
-            load_optimizer_state(optimizer, {p: n for n, p in params}, shard_like(resume_state["optimizer"], params),
-                                 resume_state["optimizer_groups"])
-            loader.load_state_dict(resume_state["loader"])
-            set_rng_state(resume_state["rng"])
-            start = resume["step"]
+        trainable, optimizer, loader, start = start_phase(phase, student, cfg, make_loader, resume, resume_state)
         resume = None
-        trainable = [p for _, p in params]
         progress = Progress(phase.name, total, bytes_per_step, start, enabled=master)
         if master:
             print(f"== {phase.name}: {total} steps x {bytes_per_step:,} bytes, lr {phase.lr:g}, "
                   f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable parameters", flush=True)
         if fsdp:
             print_memory(phase.name, memory_bytes(student, trainable, frozen), device)
+        log = StepLog(os.path.join(cfg.out_dir, "metrics.jsonl"), phase, master)
 
         def save(step, done, folder=cfg.out_dir, full=True):
+            log.flush()  # the lines of every step the checkpoint holds, before it
             if master or sharded(student):  # FSDP: every rank takes part in gathering the shards
                 info = {"stage": stage, "config": asdict(cfg), **meta, "world_size": world, "phase": phase.name,
                         "step": step, "phase_done": done, "results": results}
                 save_checkpoint(folder, student, info, (optimizer, loader) if full else None)  # full: exact resume
 
-        for step in range(start, total):
-            lr = lr_at(step, total, phase.lr, warmup)
-            set_lr(optimizer, lr)
-            sums = {}
-            for _ in range(cfg.grad_accum):
-                batch = {k: v.to(device) for k, v in loader.next_batch().items()}
-                with autocast(cfg, device):
-                    loss, stats = phase.step(batch)
-                # Each loss is a mean over this micro-batch's stats["n"] elements (token ends, patches, bytes), and
-                # those counts differ between micro-batches and ranks. Backpropagate the sum, divide by the global
-                # count after the sync: the update is then the same as one process over the whole global batch.
-                (loss * stats["n"]).backward()
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-            keys = sorted(sums)
-            sums = dict(zip(keys, all_reduce_sum([sums[k] for k in keys], device)))
-            sync_grads(trainable, sums["n"])
-            grad_norm = clip_grad_norm(trainable, cfg.grad_clip).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            figures = phase.summarize(sums)
-            if master:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"phase": phase.name, "step": step, **figures, "grad_norm": grad_norm}) + "\n")
-            if step % cfg.log_interval == 0 or step == total - 1:
-                progress.log(step, {**figures, "lr": lr})
-            steps_run += 1
-            if step + 1 < total and cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0:
-                save(step + 1, False)
-            if step + 1 < total and cfg.stop_after and steps_run >= cfg.stop_after:
-                save(step + 1, False)
-                if master:
-                    print(f"stopped after {steps_run} steps (--stop_after); continue with --resume", flush=True)
-                return results, True
+        # FSDP shards (DTensors) are summed by FSDP's own reduce-scatter; the reducer takes the whole parameters
+        whole = [p for p in trainable if not isinstance(p, DTensor)]
+        reducer = GradReducer(whole) if world > 1 and whole else None
+        try:
+            for step in range(start, total):
+                lr = lr_at(step, total, phase.lr, warmup)
+                set_lr(optimizer, lr)
+                log.add(step, *train_step(phase, loader, cfg, device, trainable, optimizer, reducer))
+                if step % cfg.log_interval == 0 or step == total - 1:
+                    progress.log(step, {**log.flush(), "lr": lr})
+                steps_run += 1
+                if step + 1 < total and cfg.ckpt_interval and (step + 1) % cfg.ckpt_interval == 0:
+                    save(step + 1, False)
+                if step + 1 < total and cfg.stop_after and steps_run >= cfg.stop_after:
+                    save(step + 1, False)
+                    if master:
+                        print(f"stopped after {steps_run} steps (--stop_after); continue with --resume", flush=True)
+                    return results, True
+        finally:
+            if reducer is not None:
+                reducer.remove()
 
         stop_here = cfg.stop_after and steps_run >= cfg.stop_after and phase is not phases[-1]
         with torch.no_grad(), autocast(cfg, device):
@@ -497,4 +565,3 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device, frozen=No
                 print(f"stopped after {steps_run} steps (--stop_after); continue with --resume", flush=True)
             return results, True
     return results, False
-

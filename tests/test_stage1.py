@@ -13,10 +13,12 @@ import torch
 
 import checkpoint
 import data
+import distributed
 import model
 import stage1_kd
 import stage_fixtures as sf
 import teacher as teachers
+import train
 
 # Test 1's budgets: ~230 align, ~60 distill, ~80 boundary steps of 256 bytes (about 8 s on one thread).
 LEARNING_RUN = ["--align_bytes=60000", "--align_lr=1e-2", "--distill_bytes=16000", "--distill_lr=3e-3",
@@ -42,8 +44,8 @@ def distill_val_kl(folder, eval_batches=8):
     sums = {}
     with torch.no_grad(), sf.threads(1):
         for _ in range(eval_batches):
-            stage1_kd.add_sums(sums, stage1_kd.distill_step(student, teacher, loader.next_batch(), 64)[1])
-    return stage1_kd.summarize("distill", sums)["kl"]
+            train.add_sums(sums, stage1_kd.distill_step(student, teacher, loader.next_batch(), 64)[1])
+    return stage1_kd.summarize("distill", distributed.all_reduce_sum(sums))["kl"]
 
 
 def mean(xs):
