@@ -259,13 +259,11 @@ class ByteLM(nn.Module):
         (N, 512) fp32 (fp64 in an fp64 model); a position with no patch yet or off the vocabulary (node -1) gets the floor everywhere, a
         constant the softmax ignores: there the learned part alone speaks. y (P, D) patch outputs, cum_rows (N,) each
         position's row of y. No gradient: the prior is a fixed function of the main network's output."""
-        log_floor = math.log(self.scfg.prior_floor)
-        out = torch.full((len(nodes), 512), log_floor, device=y.device, dtype=at_least_fp32(y.dtype))
-        has = nodes >= 0
-        if has.any():
-            q = exact_byte_targets(self.vocab.trie, y.detach(), self.prior_head, cum_rows[has], nodes[has])
-            out[has] = q.clamp(min=self.scfg.prior_floor).log()
-        return out
+        # every position computed (node -1 read as the root) and the floor put back where the node is -1: picking
+        # the positions with a node would read their number back from the device
+        floor = self.scfg.prior_floor
+        q = exact_byte_targets(self.vocab.trie, y.detach(), self.prior_head, cum_rows, nodes.clamp(min=0))
+        return torch.where((nodes >= 0)[:, None], q.clamp(min=floor).log(), math.log(floor))
 
     @torch.no_grad()
     def prior_cumulative(self, y):
@@ -276,12 +274,9 @@ class ByteLM(nn.Module):
     @torch.no_grad()
     def prior_at(self, cum, rows, nodes):
         """Generation, once per byte: log_prior from prefix sums, each position's row of cum and its node -> (N, 512)."""
-        dtype = at_least_fp32(self.prior_head.dtype)
-        out = torch.full((len(nodes), 512), math.log(self.scfg.prior_floor), device=cum.device, dtype=dtype)
-        has = nodes >= 0
-        if has.any():
-            out[has] = self.vocab.trie.targets(cum, rows[has], nodes[has]).to(dtype).clamp(min=self.scfg.prior_floor).log()
-        return out
+        floor = self.scfg.prior_floor  # every position computed, the floor put back at node -1 (as log_prior)
+        q = self.vocab.trie.targets(cum, rows, nodes.clamp(min=0)).to(at_least_fp32(self.prior_head.dtype))
+        return torch.where((nodes >= 0)[:, None], q.clamp(min=floor).log(), math.log(floor))
 
     def forward(self, x, ends=None):
         """Stage-2 forward. bytes (B, T) -> (logits (B, T, 512), boundary probs (B, T), ends used (B, T)).
@@ -299,14 +294,16 @@ class ByteLM(nn.Module):
         None for the pure learned head; at (B,): one position per row only -> (B, 512)."""
         if not self.has_prior:
             return None
-        counts = patch_mask.sum(1)
-        first = counts.cumsum(0) - counts  # each row's offset among the real patches
-        rows = (ends.long().cumsum(1) - 1 + first[:, None]).clamp(min=0)
+        B, P, D = y.shape
+        # y's rows flattened, padding patches included (y[patch_mask] would read the count of real ones back from the
+        # device; no position reads a padding row, so patch_mask is not needed); each position's row is its row's
+        # latest patch, its first one before the first end (where its node is -1)
+        rows = (ends.long().cumsum(1) - 1).clamp(min=0) + P * torch.arange(B, device=ends.device)[:, None]
         nodes = patch_prefix_nodes(self.vocab.trie, x, ends)
         if at is not None:
             b = torch.arange(len(at), device=at.device)
-            return self.log_prior(y[patch_mask], rows[b, at], nodes[b, at])
-        return self.log_prior(y[patch_mask], rows.reshape(-1), nodes.reshape(-1)).view(*x.shape, 512)
+            return self.log_prior(y.reshape(B * P, D), rows[b, at], nodes[b, at])
+        return self.log_prior(y.reshape(B * P, D), rows.reshape(-1), nodes.reshape(-1)).view(*x.shape, 512)
 
 
 class Vocabulary:
@@ -334,7 +331,8 @@ class Vocabulary:
         without every single byte). A function of the bytes up to t alone: the same in training, in a full forward
         and in cached generation. x (B, T) -> (B, T) int64; last_only: at the last byte of each row only -> (B, 1)
         (generation: x = each row's newest bytes). All positions walk the reversed vocabulary together, one byte
-        further back per step, on x's device, until no walk can go on (a few steps more than the longest match)."""
+        further back per step, on x's device, for as many steps as the longest entry has bytes (a fixed count: stopping
+        once every walk has ended would read the device back each step)."""
         keys, child, row_of, span = self.suffix_tables(x.device)
         B, T = x.shape
         t = torch.arange(T - 1 if last_only else 0, T, device=x.device).expand(B, -1)  # the positions looked up
@@ -349,8 +347,6 @@ class Vocabulary:
             query = node * 256 + v
             k = torch.searchsorted(keys, query).clamp(max=len(keys) - 1)
             alive &= keys[k] == query
-            if not bool(alive.any()):
-                break
             node = torch.where(alive, child[k], node)
             best = torch.where(alive & (row_of[node] >= 0), row_of[node], best)
         return torch.where(is_start, self.start_row, best)

@@ -13,6 +13,7 @@ numbers near 1). The targets are sparse, a prefix's children only; they are writ
 the size of the byte head's logits, and the vocabulary-sized work is done per patch in row chunks.
 """
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -59,6 +60,27 @@ class ByteTrie:
         self.child_start = as_long(np.concatenate([[0], np.cumsum(counts)[:-1]]))
         self.token_node, self.prefix_offset, self.prefix_nodes = map(as_long, (token_node, prefix_offset, prefix_nodes))
         self.n_nodes = len(lo)
+        # host constants, so that device code never reads a size back: the widest fan-out pads targets()' child slots,
+        # the longest entry bounds every walk (no node lies deeper)
+        self.max_children = max(int(counts.max()), 1)
+        self.longest = max((len(key) for key, _ in entries), default=0)
+        self._tables = {}
+
+    def tables(self, device):
+        """The trie's arrays on a device, copied there once and kept (a GPU forward must not copy constant tables per
+        call): the fields above plus keys = parent * 256 + byte of every child node, sorted (children are grouped by
+        parent in byte order), for step()."""
+        key = str(device)
+        if "cpu" not in self._tables:
+            parents = torch.repeat_interleave(torch.arange(self.n_nodes), self.n_children)
+            self._tables["cpu"] = SimpleNamespace(
+                keys=parents * 256 + self.byte_of[self.child_node], child_node=self.child_node,
+                n_children=self.n_children, child_start=self.child_start, lo=self.lo, hi=self.hi,
+                exact_hi=self.exact_hi, byte_of=self.byte_of, prefix_offset=self.prefix_offset,
+                prefix_nodes=self.prefix_nodes)
+        if key not in self._tables:
+            self._tables[key] = SimpleNamespace(**{name: t.to(device) for name, t in vars(self._tables["cpu"]).items()})
+        return self._tables[key]
 
     def child_table(self):
         """{(node, byte): child node} for walking the trie one byte at a time in plain Python (built once)."""
@@ -71,14 +93,10 @@ class ByteTrie:
     def step(self, nodes, v):
         """child() for many at once: nodes (N,) (-1 stays -1), bytes v (N,) -> the nodes of s+v, -1 where no entry
         starts with s+v. Children are stored grouped by parent in byte order, so parent * 256 + byte is a sorted key."""
-        dev = nodes.device
-        if getattr(self, "_keys", None) is None or self._keys[0].device != dev:
-            parents = torch.repeat_interleave(torch.arange(self.n_nodes), self.n_children)
-            self._keys = ((parents * 256 + self.byte_of[self.child_node]).to(dev), self.child_node.to(dev))
-        keys, kids = self._keys
+        tab = self.tables(nodes.device)
         query = nodes.clamp(min=0) * 256 + v
-        at = torch.searchsorted(keys, query).clamp(max=max(len(keys) - 1, 0))
-        return torch.where((keys[at] == query) & (nodes >= 0), kids[at], -1)
+        at = torch.searchsorted(tab.keys, query).clamp(max=max(len(tab.keys) - 1, 0))
+        return torch.where((tab.keys[at] == query) & (nodes >= 0), tab.child_node[at], -1)
 
     def child(self, node, v):
         """The node of s+v for node s and byte v (ints), or -1 where no entry starts with s+v."""
@@ -106,22 +124,23 @@ class ByteTrie:
 
     def targets(self, cum, rows, nodes):
         """cum (R, n_sorted + 1) from cumulative(); for each position, the row of its patch and the node of the
-        next token's bytes seen so far -> (N, 512) float64 targets (each row sums to 1 where Z > 0)."""
+        next token's bytes seen so far -> (N, 512) float64 targets (each row sums to 1 where Z > 0). Every node's
+        children get max_children slots (a build-time constant, so no size is read back from the device)."""
         dev = cum.device
+        tab = self.tables(dev)
         nodes = nodes.to(dev)
-        count = self.n_children.to(dev)[nodes]
-        K = max(int(count.max()), 1) if len(nodes) else 1
-        slot = torch.arange(K, device=dev)
+        count = tab.n_children[nodes]
+        slot = torch.arange(self.max_children, device=dev)
         real = slot < count[:, None]  # (N, K)
-        kids = self.child_node.to(dev)[torch.where(real, self.child_start.to(dev)[nodes][:, None] + slot, 0)]
+        kids = tab.child_node[torch.where(real, tab.child_start[nodes][:, None] + slot, 0)]
         flat = cum.reshape(-1)
         base = rows.to(dev)[:, None] * cum.shape[1]
-        at = lambda index: flat[base + index.to(dev)[kids]]  # noqa: E731
-        start = at(self.lo)
-        prefix = torch.where(real, at(self.hi) - start, 0.0)   # P(s+v)
-        exact = torch.where(real, at(self.exact_hi) - start, 0.0)  # p(= s+v)
+        at = lambda index: flat[base + index[kids]]  # noqa: E731
+        start = at(tab.lo)
+        prefix = torch.where(real, at(tab.hi) - start, 0.0)   # P(s+v)
+        exact = torch.where(real, at(tab.exact_hi) - start, 0.0)  # p(= s+v)
         z = prefix.sum(-1, keepdim=True)  # = P(s) - p(= s): every longer entry lies under exactly one child
-        v = torch.where(real, self.byte_of.to(dev)[kids], 0)
+        v = torch.where(real, tab.byte_of[kids], 0)
         out = torch.zeros(len(nodes), 512, dtype=torch.float64, device=dev)
         out.scatter_add_(1, v, (prefix - exact) / z.clamp(min=1e-300))
         out.scatter_add_(1, v + 256, exact / z.clamp(min=1e-300))
@@ -142,16 +161,31 @@ def next_token_nodes(trie, token_end, token_id):
     next_end = torch.cat([upcoming[:, 1:], torch.full((B, 1), T, device=dev)], dim=1)
     has_target = (patch >= 0) & (next_end < T)
     w = token_id.gather(1, next_end.clamp(max=T - 1)).clamp(min=0)
-    index = trie.prefix_offset.to(dev)[w] + (t - prev_end)
+    tab = trie.tables(dev)
+    index = tab.prefix_offset[w] + (t - prev_end)
     index = torch.where(has_target, index, 0).clamp(max=len(trie.prefix_nodes) - 1)
-    return patch, trie.prefix_nodes.to(dev)[index], has_target
+    return patch, tab.prefix_nodes[index], has_target
 
 
 def patch_prefix_nodes(trie, x, ends):
     """Where each position of a batch stands in the trie: for bytes x (B, T) and patch ends (B, T), the node of the
     bytes since the latest patch end at or before t (node 0 where t itself ends a patch; -1 before the first end and
-    where no vocabulary entry starts with those bytes). The recurrence is the one cached generation steps through,
-    one byte at a time. -> (B, T) long."""
+    where no vocabulary entry starts with those bytes). -> (B, T) long.
+    The node at t depends only on the k = t - (latest end) bytes since that end, and no node is deeper than the longest
+    entry, so the walk loops over k (all positions at once, those k bytes into their patch taking one step from the
+    node of the byte before), never over t: at most trie.longest passes, positions further in stay -1."""
+    B, T = x.shape
+    t = torch.arange(T, device=x.device).expand(B, T)
+    offset = t - torch.where(ends, t, -1).cummax(1).values  # bytes since the latest end (t + 1 before the first)
+    nodes = torch.where(ends, 0, -1)  # before the first end every step starts from -1 (the -1 shifted in at t = 0)
+    for k in range(1, min(trie.longest, T - 1) + 1):
+        before = torch.cat([nodes.new_full((B, 1), -1), nodes[:, :-1]], dim=1)  # (B, T): the node at t - 1
+        nodes = torch.where(offset == k, trie.step(before.reshape(-1), x.reshape(-1)).view(B, T), nodes)
+    return nodes
+
+
+def patch_prefix_nodes_reference(trie, x, ends):
+    """patch_prefix_nodes as the recurrence that cached generation steps through, one byte at a time (the oracle)."""
     nodes = torch.empty(x.shape, dtype=torch.long, device=x.device)
     node = torch.full(x.shape[:1], -1, dtype=torch.long, device=x.device)
     for t in range(x.shape[1]):
@@ -160,23 +194,39 @@ def patch_prefix_nodes(trie, x, ends):
     return nodes
 
 
-def exact_byte_targets(trie, hidden, head_weight, rows, nodes, chunk_rows=32):
+def exact_byte_targets(trie, hidden, head_weight, rows, nodes, chunk_rows=None, budget=None):
     """Teacher-exact 512-way targets for N byte positions: hidden (P, D) final hidden states at the patches (token
     ends), head_weight (V, D) the teacher's output layer, rows (N,) the patch of each position, nodes (N,) its trie
-    node. Chunked over patches, so at most chunk_rows x V probabilities exist at once. -> (N, 512) float32 (float64 for
-    a float64 hidden)."""
+    node. Chunked over patches, so at most chunk_rows x V probabilities exist at once; chunk_rows=None sizes the
+    chunks by budget (elements of that block; default chunk_budget(device)). -> (N, 512) float32 (float64 for a
+    float64 hidden). One chunk reads nothing back from the device; several read all their bounds at once (one sync)."""
     dtype = at_least_fp32(hidden.dtype)
+    head = trie.sorted_head(head_weight).to(dtype)
+    if chunk_rows is None:
+        chunk_rows = max(1, (budget or chunk_budget(hidden.device)) // max(len(head), 1))
+    if len(hidden) <= chunk_rows:
+        if not len(hidden):
+            return torch.zeros(len(rows), 512, dtype=dtype, device=hidden.device)
+        return trie.targets(trie.cumulative(hidden.to(dtype) @ head.T), rows, nodes).to(dtype)
     out = torch.zeros(len(rows), 512, dtype=dtype, device=hidden.device)
     order = torch.argsort(rows, stable=True)
-    sorted_rows, head = rows[order], trie.sorted_head(head_weight).to(dtype)
-    for first in range(0, len(hidden), chunk_rows):
-        lo, hi = torch.searchsorted(sorted_rows, torch.tensor([first, first + chunk_rows], device=rows.device)).tolist()
+    firsts = range(0, len(hidden), chunk_rows)
+    cuts = torch.arange(0, len(hidden) + chunk_rows, chunk_rows, device=rows.device)
+    bounds = torch.searchsorted(rows[order], cuts).tolist()  # every chunk's positions, in one read
+    for first, lo, hi in zip(firsts, bounds, bounds[1:]):
         if lo == hi:
             continue
         pick = order[lo:hi]
         cum = trie.cumulative(hidden[first:first + chunk_rows].to(dtype) @ head.T)
         out[pick] = trie.targets(cum, rows[pick] - first, nodes[pick]).to(dtype)
     return out
+
+
+def chunk_budget(device):
+    """Elements of the (chunk_rows x V) probability block that exact_byte_targets holds at once: 2^26 on a GPU (a
+    few hundred patches of a 100K vocabulary, ~2 GB with the float64 prefix sums), 2^21 on the CPU (a few dozen
+    patches of a 50K vocabulary: little memory, matmuls still large enough to run at full speed)."""
+    return 1 << (21 if torch.device(device).type == "cpu" else 26)
 
 
 def at_least_fp32(dtype):

@@ -12,7 +12,7 @@ import torch
 from checkpoint import load_student, save_student
 from decoding import ByteGeneration
 from model import ByteLM, StudentConfig, prior_vocabulary
-from targets import ByteTrie, exact_byte_targets, next_token_nodes, patch_prefix_nodes
+from targets import ByteTrie, exact_byte_targets, next_token_nodes, patch_prefix_nodes, patch_prefix_nodes_reference
 from test_student import TCFG, build_teacher, max_diff
 
 ALPHABET = b"acdehinorst .,"
@@ -84,6 +84,30 @@ def test_trie_walk_matches_the_token_ids():
     assert bool((walked[: int(ends.nonzero()[0])] == -1).all())  # before the first end: no patch
     off = patch_prefix_nodes(trie, torch.tensor([[ord("t"), ord("h"), ord("x")]]), torch.tensor([[True, False, False]]))
     assert off.tolist() == [[0, trie.child(0, ord("h")), -1]]  # "hx" starts no entry
+
+
+def test_walk_over_offsets_equals_the_byte_recurrence():
+    """patch_prefix_nodes (a loop over the offset within a patch, bounded by the longest entry) equals the per-byte
+    recurrence on: token bytes with every end, the same with most ends dropped (patches longer than the longest
+    entry), random bytes with some off the vocabulary (walks that die), a row with no end; and on short prefixes."""
+    trie = ByteTrie(vocabulary())
+    g = torch.Generator().manual_seed(0)
+    x, ends, _ = tokenize(80, seed=7)
+    T = len(x)
+    noise = torch.tensor(list(ALPHABET + b"xyz"))[torch.randint(len(ALPHABET) + 3, (T,), generator=g)]
+    longest = torch.tensor(list(b".stone.chair.there." * T)[:T])  # patches that are the longest entries (5 bytes)
+    xs = torch.stack([x, x, noise, x, longest])
+    kept = ends & (torch.rand(T, generator=g) < 0.3)
+    ends_b = torch.stack([ends, kept, torch.rand(T, generator=g) < 0.2, torch.zeros_like(ends), longest == ord(".")])
+    want = patch_prefix_nodes_reference(trie, xs, ends_b)
+    for n in (T, 1, 2, trie.longest + 1):
+        assert torch.equal(patch_prefix_nodes(trie, xs[:, :n], ends_b[:, :n]), want[:, :n]), n
+    since = [min([t - s for s in range(t + 1) if ends_b[1, s]], default=-1) for t in range(T)]  # bytes since the end
+    deep = [t for t in range(T) if since[t] > trie.longest]
+    assert deep and (want[1, deep] == -1).all()  # past the longest entry: no node
+    assert (want[1] > 0).sum() > 20 and (want[2] == -1).sum() > 20 and (want[3] == -1).all()
+    assert trie.longest == 5 and int(want[4, 5]) == int(trie.token_node[vocabulary().index(b"stone")])
+    assert trie.tables(x.device) is trie.tables(x.device)  # the tables are kept, not copied per call
 
 
 def test_zero_learned_part_reproduces_the_exact_targets(teacher):

@@ -4,16 +4,19 @@ longest vocabulary entry that ends at each byte.
 Oracles: a brute-force search over every suffix for the rule; the teacher itself for "with a zero learned part, the
 main network at true patches is the teacher wherever that entry is the token"; a full forward for cached generation;
 the saved folder loaded back for the round trip."""
+import copy
 import json
 import os
 import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import targets
 from checkpoint import load_student, save_student
 from decoding import ByteGeneration
-from model import BOS_BYTE, ByteLM, StudentConfig, prior_vocabulary
+from model import BOS_BYTE, ByteLM, StudentConfig, Vocabulary, prior_vocabulary
 from test_prior import ALPHABET, perturbed, tokenize, vocabulary
 from test_student import TCFG, build_teacher, max_diff
 
@@ -118,6 +121,92 @@ def test_generation_with_the_subword_embedding_equals_the_full_forward(student):
             tol = 1e-6 * float(full.abs().max())
             assert max_diff(gen.prefill_logits[i], full[0, :L - 1]) < tol
             assert max_diff(torch.stack(step_logits[i]), full[0, L - 1:n - 1]) < tol
+
+
+class HostReads(TorchDispatchMode):
+    """What makes a GPU forward wait for the device, counted while a watched function runs: scalar reads (item,
+    tolist, bool(), int(), ...: the Tensor methods, wrapped) and ops whose output size depends on the data (nonzero,
+    boolean-mask indexing: seen here, at dispatch)."""
+    SCALAR = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+    DATA_SIZED = ("nonzero", "masked_select", "unique", "_unique2", "repeat_interleave")
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.scalar_reads, self.data_sized, self.calls, self.active = 0, 0, 0, False
+        for name in self.SCALAR:
+            monkeypatch.setattr(torch.Tensor, name, self.counted(getattr(torch.Tensor, name)))
+
+    def counted(self, method):
+        def read(tensor, *args, **kwargs):
+            self.scalar_reads += self.active
+            return method(tensor, *args, **kwargs)
+        return read
+
+    def totals(self):
+        return self.calls, self.scalar_reads, self.data_sized
+
+    def watch(self, fn):
+        def watched(*args, **kwargs):
+            self.active, self.calls = True, self.calls + 1
+            with self:
+                out = fn(*args, **kwargs)
+            self.active = False
+            return out
+        return watched
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        mask_index = name.startswith("index") and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                                      for i in (args[1] if len(args) > 1 else ()) or ())
+        self.data_sized += name in self.DATA_SIZED or mask_index
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_prior_and_subword_lookups_never_wait_for_the_device(student, monkeypatch):
+    """sequence_prior (trie walk, exact targets, floored log) and subword_rows read nothing back from the device in a
+    forward, at any length; in several target chunks (a tiny budget) exactly one read per call, at any length."""
+    g, counts = torch.Generator().manual_seed(0), []
+    alphabet = torch.tensor(list(ALPHABET + b"xy"))
+    draw = lambda T: alphabet[torch.randint(len(alphabet), (2, T), generator=g)]  # noqa: E731
+    with torch.no_grad():
+        student(draw(8))  # builds the vocabulary's tables, once per model and device
+    reads = HostReads(monkeypatch)
+    monkeypatch.setattr(ByteLM, "sequence_prior", reads.watch(ByteLM.sequence_prior))
+    monkeypatch.setattr(Vocabulary, "subword_rows", reads.watch(Vocabulary.subword_rows))
+    for T in (16, 80, 16, 80):
+        if len(counts) == 2:
+            monkeypatch.setattr(targets, "chunk_budget", lambda device: 3 * student.scfg.prior_vocab)
+        x, before = draw(T), reads.totals()
+        with torch.no_grad():
+            student(x, ends=torch.rand(2, T, generator=g) < 0.3)
+            student(x)
+        counts.append(tuple(now - then for now, then in zip(reads.totals(), before)))
+    assert counts == [(4, 0, 0), (4, 0, 0), (4, 2, 0), (4, 2, 0)]  # 2 forwards, each 1 sequence_prior + 1 subword_rows
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_lookups_make_no_synchronizing_call_on_a_gpu(student):
+    """On CUDA, with the sync debugger set to raise: subword_rows, sequence_prior and prior_at (after a first call
+    that moves the tables) make no synchronizing call, and give what they give on the CPU."""
+    gpu = copy.deepcopy(student).cuda()
+    x, ends, _ = tokenize(60, seed=8)
+    x, ends = torch.stack([x, x.roll(7)]), torch.stack([ends, ends.roll(7)])
+    with torch.no_grad():
+        y, patch_mask = student.run_main(student.encode(x), ends)
+        want = student.vocab.subword_rows(x), student.sequence_prior(x, ends, y, patch_mask)
+        xg, eg = x.cuda(), ends.cuda()
+        yg, mask_g = gpu.run_main(gpu.encode(xg), eg)
+        cum, nodes = gpu.prior_cumulative(yg[:, 0]), torch.tensor([0, -1], device="cuda")
+        calls = lambda: (gpu.vocab.subword_rows(xg), gpu.sequence_prior(xg, eg, yg, mask_g),  # noqa: E731
+                         gpu.prior_at(cum, torch.arange(2, device="cuda"), nodes))
+        calls()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            rows, prior, at = calls()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(rows.cpu(), want[0]) and max_diff(prior.cpu(), want[1]) < 1e-3
+    assert (at[1] == at[1, 0]).all() and at[0].max() > at[1, 0]  # the floor alone at node -1
 
 
 def test_the_subword_embedding_is_live(student):

@@ -64,6 +64,30 @@ def test_trie_structure():
     assert int(trie.exact_hi[ab] - trie.lo[ab]) == 2  # two ids spell b"ab"
 
 
+def test_chunks_sized_by_a_budget_equal_one_chunk():
+    """exact_byte_targets split into chunks (a tiny element budget: one patch per chunk; a few patches; a row count)
+    equals one chunk and the targets read straight from every patch's prefix sums: positions in no order, several per
+    patch, a patch with none, a last chunk of one patch."""
+    torch.manual_seed(0)
+    trie = ByteTrie(VOCAB)
+    hidden, head = torch.randn(9, 6, dtype=torch.float64), torch.randn(len(VOCAB), 6, dtype=torch.float64)
+    rows = torch.randint(0, 9, (60,))
+    rows[rows == 4] = 8  # patch 4 has no position
+    with_children = torch.nonzero(trie.n_children > 0)[:, 0]
+    nodes = with_children[torch.randint(len(with_children), (60,))]
+    want = trie.targets(trie.cumulative(hidden @ head[trie.sorted_ids].T), rows, nodes)
+    n_spelled, sizes = len(trie.sorted_ids), []
+    trie.cumulative = lambda logits: (sizes.append(len(logits)), ByteTrie.cumulative(trie, logits))[1]  # noqa: E731
+    for kwargs, most in (({}, 9), ({"budget": 1}, 1), ({"budget": 4 * n_spelled + 1}, 4), ({"chunk_rows": 2}, 2),
+                         ({"chunk_rows": 9}, 9)):
+        sizes.clear()
+        got = exact_byte_targets(trie, hidden, head, rows, nodes, **kwargs)
+        assert torch.allclose(got, want, rtol=0, atol=1e-12), kwargs
+        assert max(sizes) == most and sum(sizes) == 9 - (most == 1), kwargs  # the budget bounds the block
+    assert torch.allclose(want.sum(-1), torch.ones(60, dtype=torch.float64), atol=1e-12)  # a real distribution
+    assert exact_byte_targets(trie, hidden[:0], head, rows[:0], nodes[:0], budget=1).shape == (0, 512)
+
+
 def product_along_tokens(trie, logits, token_ids, vocab):
     """log of the product of the targets along each token's true bytes, the token predicted from `logits` row i."""
     cum = trie.cumulative(logits[:, trie.sorted_ids])
