@@ -2,10 +2,11 @@
 # The one prepared check for a machine with a CUDA GPU (issue 7):
 #   1. tests/test_losses.py with the compiled Triton kernels (TRITON_INTERPRET unset),
 #   2. bench/losses.py --json (byte-loss ms/memory vs eager and torch.compile; chunked vs plain KL memory),
-#   3. a few bf16 training steps of each stage script that exists.
+#   3. a few bf16 training steps of each stage script that exists,
+#   4. one step of every phase at the paper's per-rank shape (bench/gpu_step.py: peak memory, bytes/s, utilisation).
 # Usage, from anywhere:  bash bench/gpu_check.sh [OUT_DIR]
-# OUT_DIR defaults to $OUT (set on the lent device machine) or out/gpu_check. It receives gpu_check.log and
-# losses.json. Every step runs even if an earlier one fails; the exit status is non-zero if any step failed.
+# OUT_DIR defaults to $OUT (set on the lent device machine) or out/gpu_check. It receives gpu_check.log,
+# losses.json and gpu_step.json. Every step runs even if an earlier one fails; the exit status is non-zero if any step failed.
 # PYTHON=... picks the interpreter; otherwise the first of .venv/bin/python, python3 whose torch sees CUDA.
 # GPU_CHECK_ALLOW_CPU=1 runs the same steps on a CPU machine (to check this script's plumbing, nothing more).
 set -uo pipefail
@@ -54,6 +55,10 @@ step stage1-steps "$PY" stage1_kd.py --dtype=bfloat16 --device=cuda --out_dir="$
 step stage2-steps "$PY" stage2_sft.py --dtype=bfloat16 --device=cuda --init="$OUT_DIR/stage1" \
     --out_dir="$OUT_DIR/stage2" --batch_size=8 --seq_len=1024 --warmup_bytes=81920 --e2e_bytes=81920 --eval_batches=2 \
     --log_interval=5
+
+# ==== 4. One step per phase at the paper's per-rank shape (32 x 8192 bytes) on a random OLMo-2-1B-shape student ====
+# Peak memory, bytes/s and model FLOP utilisation per phase, with --checkpoint_blocks (bench/gpu_step.py; ~2 min).
+step paper-scale-steps "$PY" bench/gpu_step.py --json="$OUT_DIR/gpu_step.json"
 
 if [ ${#failed[@]} -gt 0 ]; then
     echo "gpu_check: FAILED steps: ${failed[*]} (log: $LOG)" | tee -a "$LOG"

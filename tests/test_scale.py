@@ -84,3 +84,24 @@ def test_checkpointing_gives_the_same_losses_and_gradients():
     with torch.no_grad():  # no gradient, no recomputation: inference is unaffected
         student.recompute_blocks(True)
         torch.testing.assert_close(student(x)[0], student.recompute_blocks(False)(x)[0], rtol=0, atol=0)
+
+
+def test_gpu_step_script_runs_every_phase_on_cpu(tmp_path):
+    """bench/gpu_step.py is meant for a lent GPU: its plumbing (every phase's step through the stage scripts' step
+    functions, the FLOP count, the JSON) is checked here at a toy shape, so that device time is not spent on a typo."""
+    import importlib.util
+    import json
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "gpu_step.py")
+    spec = importlib.util.spec_from_file_location("bench_gpu_step", path)
+    gpu_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_step)
+    out = tmp_path / "step.json"
+    gpu_step.main(["--device=cpu", "--preset=smollm2", "--batch_size=1", "--seq_len=64", "--main_layers=1",
+                   "--n_enc=1", "--n_dec=1", "--vocab_entries=300", "--kl_chunk_rows=16", f"--json={out}"])
+    rows = json.loads(out.read_text())["phases"]
+    assert list(rows) == ["align", "distill", "boundary", "warmup", "e2e"]
+    for r in rows.values():
+        assert r["bytes_per_s"] > 0 and r["model_tflops"] > 0
+    # the main network runs in distill and e2e only: they cost the most FLOPs per step
+    assert min(rows["distill"]["model_tflops"], rows["e2e"]["model_tflops"]) > rows["boundary"]["model_tflops"]
