@@ -1,5 +1,6 @@
-"""Byte-model folders (model.py: save_student, load_student) and the resume state beside them (train.py): nothing
-given as a checkpoint is ever unpickled, anything malformed is one clear error, and what is written reads back exactly.
+"""Byte-model folders (checkpoint.py: save_student, load_student) and the resume state beside them (save_checkpoint):
+nothing given as a checkpoint is ever unpickled, anything malformed is one clear error, and what is written reads back
+exactly.
 
 Oracles: pickle itself, which does run the same payload (so a missing marker means the code refused it, not that the
 payload was dead); the saved student's own weights and outputs; the generators' own draws for RNG state; an AdamW that
@@ -277,14 +278,14 @@ def test_rng_state_round_trips_through_json():
     np.random.seed(2)
     torch.manual_seed(3)
     random.gauss(0, 1), np.random.standard_normal()  # both keep a cached second Gaussian: part of the state
-    state = json.loads(json.dumps(train.rng_state()))
+    state = json.loads(json.dumps(checkpoint.rng_state()))
     first = draws()
-    train.set_rng_state(state)
+    checkpoint.set_rng_state(state)
     assert draws() == first
     for broken in ({**state, "python": [3, [1, 2], None]}, {**state, "torch": "not base64!"},
                    {**state, "numpy": ["MT19937", ["a"], 0, 0, 0.0]}, {k: v for k, v in state.items() if k != "torch"}):
         with pytest.raises(ValueError, match="malformed RNG state"):
-            train.set_rng_state(broken)
+            checkpoint.set_rng_state(broken)
 
 
 def test_optimizer_state_round_trips(tmp_path):
@@ -308,25 +309,26 @@ def test_optimizer_state_round_trips(tmp_path):
     net, named, optimizer = build()
     steps(net, optimizer, range(3))
     names = {p: n for n, p in named}
-    tensors, groups = train.optimizer_state(optimizer, names)
+    tensors, groups = checkpoint.optimizer_state(optimizer, names)
     safetensors_io.write_safetensors(tensors, str(tmp_path / "opt.safetensors"))
     groups = json.loads(json.dumps(groups))
     fresh_net, fresh_named, fresh = build()
     fresh_net.load_state_dict(net.state_dict())
     fresh_names = {p: n for n, p in fresh_named}
-    train.load_optimizer_state(fresh, fresh_names, safetensors_io.read_safetensors(str(tmp_path / "opt.safetensors")),
-                               groups)
+    checkpoint.load_optimizer_state(fresh, fresh_names,
+                                    safetensors_io.read_safetensors(str(tmp_path / "opt.safetensors")), groups)
     steps(fresh_net, fresh, range(3, 5))
     for (name, a), b in zip(reference.state_dict().items(), fresh_net.state_dict().values()):
         assert torch.equal(a, b), name
 
     wrong_shape = {**tensors, "0.weight.exp_avg": torch.zeros(3)}
     with pytest.raises(ValueError, match="0.weight.exp_avg \\[3\\] is not a state"):
-        train.load_optimizer_state(fresh, fresh_names, wrong_shape, groups)
+        checkpoint.load_optimizer_state(fresh, fresh_names, wrong_shape, groups)
     with pytest.raises(ValueError, match="lacks one of"):
-        train.load_optimizer_state(fresh, fresh_names, {k: v for k, v in tensors.items() if k != "0.bias.step"}, groups)
+        checkpoint.load_optimizer_state(fresh, fresh_names, {k: v for k, v in tensors.items() if k != "0.bias.step"},
+                                        groups)
     with pytest.raises(ValueError, match="other parameter groups"):
-        train.load_optimizer_state(fresh, fresh_names, tensors, groups[::-1])
+        checkpoint.load_optimizer_state(fresh, fresh_names, tensors, groups[::-1])
 
 
 def edit_json(path, **changes):
