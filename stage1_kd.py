@@ -34,6 +34,8 @@ import train
 @dataclass
 class Config:
     teacher: str = "smollm2"          # preset (smollm2, olmo, llama, qwen) or an HF-layout folder
+    data: str = ""                    # weighted mixture of shard folders, DIR_A:0.7,DIR_B:0.3 (each from python data.py
+                                      # --out=DIR; chat shards are a folder too), in place of data_dir and chat_data
     data_dir: str = ""                # shard folder; default shards/<teacher>, prepared from the default corpus if missing
     chat_data: str = ""               # chat shard folder (python data.py --chat: shards/<teacher>-chat), mixed in by rows
     chat_fraction: float = 0.25       # with chat_data: this share of every batch's rows are chat windows
@@ -240,7 +242,7 @@ def main(argv):
     if tok is None:
         raise ValueError(f"teacher {cfg.teacher!r} has no tokenizer; stage 1 needs its token boundaries")
     data_dir = cfg.data_dir or data.default_shard_dir(cfg.teacher if not os.path.isdir(cfg.teacher) else tok.name)
-    if master and not cfg.data_dir:
+    if master and not cfg.data_dir and not cfg.data:
         data.prepare(resolve_teacher_dir(cfg.teacher), None, data_dir)  # idempotent: returns at once when the shards are up to date
     if world > 1:
         torch.distributed.barrier()
@@ -278,6 +280,7 @@ def main(argv):
 
     def make_loader(seed, split="train"):
         return data.make_loader(data_dir, split, seed=seed, chat_dir=cfg.chat_data, chat_fraction=cfg.chat_fraction,
+                                mixture=cfg.data,
                                 **loader_args)
 
     def evaluate(step_fn):  # the phase's metrics on eval_batches fixed validation batches (each rank its stride)

@@ -32,6 +32,8 @@ import train
 @dataclass
 class Config:
     init: str = "out/stage1"          # the stage-1 byte-model folder to start from
+    data: str = ""                    # weighted mixture of shard folders, DIR_A:0.7,DIR_B:0.3, in place of data_dir and
+                                      # chat_data; default: the stage-1 run's, if any
     data_dir: str = ""                # shard folder; default shards/<teacher of the stage-1 checkpoint>
     chat_data: str = ""               # chat shard folder (python data.py --chat); default: the stage-1 run's, if any
     chat_fraction: float = 0.25       # with chat data: this share of every batch's rows are chat windows
@@ -131,7 +133,8 @@ def main(argv):
         raise ValueError(f"teacher {teacher_name!r} has no tokenizer; stage 2 needs its token boundaries as labels")
     data_dir = cfg.data_dir or meta["config"].get("data_dir") or data.default_shard_dir(
         teacher_name if not os.path.isdir(teacher_name) else tok.name)
-    if master and not cfg.data_dir and not meta["config"].get("data_dir"):
+    mixture = cfg.data = cfg.data or ("" if cfg.data_dir or cfg.chat_data else meta["config"].get("data", ""))
+    if master and not cfg.data_dir and not meta["config"].get("data_dir") and not mixture:
         data.prepare(teacher_dir, None, data_dir)
     if world > 1:
         torch.distributed.barrier()
@@ -140,14 +143,14 @@ def main(argv):
         print(f"student from {cfg.init} ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters, "
               f"teacher {teacher_name}) | device {device}, {world} rank(s), {dtype_line}")
 
-    chat_dir = cfg.chat_data = cfg.chat_data or meta["config"].get("chat_data", "")  # recorded as used
+    chat_dir = cfg.chat_data = cfg.chat_data or ("" if mixture else meta["config"].get("chat_data", ""))
     if master and chat_dir:
         print(f"chat shards {chat_dir}: {cfg.chat_fraction:.0%} of every batch's rows")
 
     def make_loader(seed, split="train"):
         return data.make_loader(data_dir, split, tok, cfg.batch_size, cfg.seq_len, seed=seed, rank=rank,
                                 world_size=world, max_tokens=student.tcfg.max_seq_len, chat_dir=chat_dir,
-                                chat_fraction=cfg.chat_fraction)
+                                chat_fraction=cfg.chat_fraction, mixture=mixture)
 
     def evaluate():
         loader, sums = make_loader(0, "val"), {}

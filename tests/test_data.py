@@ -1,6 +1,6 @@
 """Corpus -> shards -> batches: shards hold exactly what align_document says, prepare is idempotent, the loader's
 windows are the shards' bytes at token starts, ranks read disjoint windows, a state dict resumes the same batches,
-and every kind of bad input is a clear error."""
+and every kind of bad input is a clear error. (Formats, workers, resume and mixtures: test_prepare.py.)"""
 import json
 import os
 import subprocess
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import corpora
 import data
 import tokenizer
 
@@ -76,19 +77,23 @@ def expected_documents(corpus, tok):
     return out
 
 
+def shard_files(folder, prefix=""):
+    return sorted(os.path.join(folder, p) for p in os.listdir(folder) if p.endswith(".bin") and p.startswith(prefix))
+
+
 def test_shards_hold_exactly_the_aligned_documents(shards, corpus, tok):
     expected = {bytes(a.bytes): a for _, a, _ in expected_documents(corpus, tok)}
-    found = 0
-    for split in ("train", "val"):
-        for path in sorted(os.listdir(shards)):
-            if path.startswith(split):
-                shard = data.Shard(os.path.join(shards, path))
-                assert shard.header["tokenizer_hash"] == tok.hash
-                for doc_bytes, token_end, token_id in shard_documents(shard):
-                    aligned = expected[bytes(doc_bytes)]
-                    assert (token_end == aligned.token_end).all() and (token_id == aligned.token_id).all()
-                    found += 1
-    assert found == len(expected) == 3 + 41  # three files and 41 JSON lines (blank lines skipped)
+    found = {}
+    for path in shard_files(shards):  # train_* and cand_* (the validation candidates); selected_val_* copies some
+        shard = data.Shard(path)
+        assert shard.header["tokenizer_hash"] == tok.hash
+        for doc_bytes, token_end, token_id in shard_documents(shard):
+            aligned = expected[bytes(doc_bytes)]
+            assert (token_end == aligned.token_end).all() and (token_id == aligned.token_id).all()
+            found[path] = found.get(path, 0) + 1
+    copies = sum(n for path, n in found.items() if "selected_val_" in path)
+    assert sum(found.values()) - copies == len(expected) == 3 + 41  # three files and 41 JSON lines (no blank lines)
+    assert copies == json.load(open(os.path.join(shards, "manifest.json")))["splits"]["val"]["n_docs"] > 0
 
 
 def test_manifest_counts(shards, corpus, tok):
@@ -122,12 +127,20 @@ def test_prepare_is_idempotent(teacher_dir, corpus, tmp_path, capsys):
 
 
 def test_few_documents_still_get_a_validation_split(teacher_dir, tmp_path):
-    for i in range(3):  # none of these three hashes into the 5% (checked below), so one is held out anyway
+    """None of the three is a candidate (content hash below 2^60, checked below), and each is longer than 5% of the
+    corpus: the one with the smallest hash is held out anyway."""
+    hashes = {}
+    for i in range(3):
         (tmp_path / f"doc{i}.txt").write_text(f"document number {i}\n" * 10)
-        assert not data.is_validation(f"doc{i}.txt", (tmp_path / f"doc{i}.txt").read_bytes(), default_corpus=False)
-    splits = json.load(open(os.path.join(data.prepare(teacher_dir, [str(tmp_path)], str(tmp_path / "out")),
-                                         "manifest.json")))["splits"]
+        hashes[i] = corpora.content_hash((tmp_path / f"doc{i}.txt").read_bytes())
+        assert hashes[i] >= corpora.CAND_BELOW
+    out = data.prepare(teacher_dir, [str(tmp_path)], str(tmp_path / "out"))
+    splits = json.load(open(os.path.join(out, "manifest.json")))["splits"]
     assert (splits["train"]["n_docs"], splits["val"]["n_docs"]) == (2, 1)
+    loader = data.ShardLoader(out, "val", tokenizer.load_tokenizer(teacher_dir), batch_size=1, seq_len=24)
+    held_out = min(hashes, key=hashes.get)
+    text = (tmp_path / f"doc{held_out}.txt").read_bytes()
+    assert bytes(loader.window(0)["bytes"].astype(np.uint8)) == (b"\xfe" + text)[:24]
 
 
 def test_default_corpus_holds_out_hamlet_and_some_modules():
@@ -138,17 +151,17 @@ def test_default_corpus_holds_out_hamlet_and_some_modules():
     assert len(plays) == 38 and len(plays) + len(modules) == len(files)
     assert len(modules) > 100 and all(os.path.dirname(f) == os.path.dirname(modules[0]) for f in modules)
     assert data.module_path("argparse.py") in modules
-    val = [f for f in plays if data.is_validation(f, b"", default_corpus=True)]
+    val = [f for f in plays if corpora.is_held_out(f, b"")]
     assert sorted(os.path.basename(f) for f in val) == ["hamlet.md", "the-tempest.md", "twelfth-night.md"]
     assert data.play_path("hamlet") in val
-    val_modules = [f for f in modules if data.is_validation(f, open(f, "rb").read(), default_corpus=True)]
+    val_modules = [f for f in modules if corpora.is_held_out(f, open(f, "rb").read())]
     assert {data.module_path(m) for m in data.HELD_OUT_MODULES} <= set(val_modules)
     assert len(data.HELD_OUT_MODULES) < len(val_modules) < 0.15 * len(modules)
     assert not any("pydoc_data" in f or os.path.basename(f).startswith("test") for f in files)
 
 
 def test_many_shard_files(teacher_dir, corpus, tmp_path, monkeypatch, tok):
-    monkeypatch.setattr(data, "SHARD_BYTES", 20_000)  # forces several shard files per split
+    monkeypatch.setattr(data, "SHARD_BYTES", 10_000)  # forces several shard files per split
     out = data.prepare(teacher_dir, [corpus], str(tmp_path))
     assert len([p for p in os.listdir(out) if p.startswith("train_")]) >= 3
     loader = data.ShardLoader(out, "train", tok, batch_size=4, seq_len=256)
@@ -182,7 +195,7 @@ def test_loader_windows_match_shards(shards, tok):
 
 
 def test_rank_index_counts_token_ends(shards):
-    shard = data.Shard(os.path.join(shards, "train_0000.bin"))
+    shard = max(map(data.Shard, shard_files(shards)), key=lambda s: s.n_bytes)
     assert shard.n_bytes > 3 * data.RANK_BLOCK  # the index has several blocks
     counts = np.concatenate([[0], np.cumsum(shard.token_end(0, shard.n_bytes))])
     for position in [0, 1, 7, 8, 9, data.RANK_BLOCK - 1, data.RANK_BLOCK, data.RANK_BLOCK + 13, shard.n_bytes]:
@@ -269,8 +282,8 @@ def test_shard_for_another_tokenizer_is_refused(shards, teacher_dir, tmp_path):
 
 
 def test_truncated_and_foreign_shards(shards, tok, tmp_path):
-    path = tmp_path / "train_0000.bin"
-    raw = open(os.path.join(shards, "train_0000.bin"), "rb").read()
+    path = tmp_path / "train_0000.bin"  # a folder without a manifest: its train_*.bin files
+    raw = open(shard_files(shards)[-1], "rb").read()
     path.write_bytes(raw[:-100])
     with pytest.raises(ValueError, match="truncated"):
         data.ShardLoader(str(tmp_path), "train", tok, batch_size=1, seq_len=64)

@@ -33,7 +33,8 @@ def test_imports_run_one_way():
     # the layering of the issue: tokenizer <- data, tokenizer <- teacher <- model
     assert graph["tokenizer"] == set() and graph["safetensors_io"] == set()
     assert "model" not in graph["teacher"] and "data" not in graph["teacher"]
-    assert graph["data"] <= {"tokenizer", "teacher", "chat"}  # teacher: the CLI's preset names and chat answers
+    assert graph["data"] <= {"tokenizer", "corpora", "shards", "teacher", "chat"}  # teacher: the CLI's preset names
+    assert graph["corpora"] <= {"tokenizer"} and graph["shards"] <= {"tokenizer"}  # readers; shards and loaders
     assert graph["chat"] <= {"tokenizer"}
     state = {}
 
