@@ -280,8 +280,9 @@ class StudentLM(LM):
             gen = decoding.LateFlagGeneration(self.model, prompts, max_new_bytes)
             steps = ((gen.rows, gen.step(temperature)[0]) for _ in range(max_new_bytes))
         elif self.flags == "marginal" and self.context == "marginal":  # from a hypothesis of the prompt's beam
+            keep = [token_ends(self.tok, p) for p in prompts] if self.keep_tokens else None
             gen = conditioning.generation_after(self.model, prompts, max_new_bytes, "joint", temperature,
-                                                beam=self.beam)
+                                                beam=self.beam, keep=keep)
             steps = ((rows, new) for rows, _, new, _ in gen.run(max_new_bytes, temperature))
         else:  # rows out of step; a finished row stops (gen.live)
             gen = decoding.ByteGeneration(self.model, prompts, max_new_bytes,
