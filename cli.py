@@ -6,7 +6,7 @@ import io
 import sys
 import textwrap
 import tokenize
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, is_dataclass
 
 
 def parse_args(cls, argv):
@@ -41,9 +41,22 @@ def parse_args(cls, argv):
 
 
 def field_comments(cls):
-    """({field: the comment beside it in the dataclass source}, {field: the section comment above it}). A comment
-    line indented past the fields continues the comment of the field above; one at the fields' indent heads a
-    section. Read with the tokenizer, so a '#' inside a string is no comment."""
+    """({field: the comment beside it in the dataclass source}, {field: the section comment above it}), through the
+    dataclass's bases: a base's first, a subclass's own over them (a field it redeclares without a comment keeps the
+    base's). A comment line indented past the fields continues the comment of the field above; one at the fields'
+    indent heads a section."""
+    comments, sections = {}, {}
+    for klass in reversed(cls.__mro__):
+        if is_dataclass(klass):
+            own_comments, own_sections = own_field_comments(klass)
+            comments.update(own_comments)
+            sections.update(own_sections)
+    return comments, sections
+
+
+def own_field_comments(cls):
+    """field_comments of the fields written in cls's own body. Read with the tokenizer, so a '#' inside a string is no
+    comment."""
     comments, sections, current, heading, seen = {}, {}, None, None, set()
     source = textwrap.dedent(inspect.getsource(cls))
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):

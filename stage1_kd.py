@@ -32,7 +32,8 @@ import train
 
 
 @dataclass
-class Config:
+class Config(train.RunConfig):  # the settings both stages share (out_dir, seed, batch shape, ...) are train.RunConfig's
+    # stage 1: the teacher, its data, the student, the phases
     teacher: str = "smollm2"          # preset (smollm2, olmo, llama, qwen) or an HF-layout folder
     data: str = ""                    # weighted mixture of shard folders, DIR_A:0.7,DIR_B:0.3 (each from python data.py
                                       # --out=DIR; chat shards are a folder too), in place of data_dir and chat_data
@@ -41,18 +42,6 @@ class Config:
     chat_fraction: float = 0.25       # with chat_data: this share of every batch's rows are chat windows
     out_dir: str = "out/stage1"
     phase: str = "all"                # all | align | distill | boundary | decoder
-    resume: bool = False              # continue from the checkpoint in out_dir exactly where it stopped
-    seed: int = 1337
-    device: str = "auto"              # auto | cpu | cuda
-    dtype: str = "auto"               # autocast dtype: bfloat16 | float32 | auto (bf16 on CUDA; on CPU whichever a
-                                      # short timing at start shows faster: bf16 pays on AMX CPUs, not on AVX2-only)
-    batch_size: int = 8               # windows per micro-step per rank
-    seq_len: int = 512                # bytes per window
-    grad_accum: int = 1               # micro-steps per optimizer update (gradients sync on the last one only)
-    fsdp: bool = False                # shard the student's parameters, gradients and AdamW state (and the teacher's
-                                      # blocks) over the ranks with FSDP2 (README: FSDP)
-    checkpoint_blocks: bool = False   # recompute every transformer block in backward (activation checkpointing): at
-                                      # paper-scale windows the saved activations, not the weights, fill a GPU
     # student size (0 / -1 = the default for the teacher's width, StudentConfig.for_teacher)
     d_local: int = 0
     n_enc: int = 2
@@ -64,8 +53,8 @@ class Config:
     subword: bool = True              # h adds the teacher's input embedding of the longest vocabulary entry ending at
                                       # each byte (Bolmo's subword embedding; README: Method, Results)
     # phases: budgets in training bytes (all ranks together) and learning rates
-    align_bytes: int = 1_000_000     # CPU demo budgets: about 4 + 3 + 1 minutes on 2 cores (see README for GPU)
-    align_lr: float = 3e-3            # 3e-3 beat 1e-3 for the same CPU minutes (a prototype here)
+    align_bytes: int = 1_000_000     # the defaults: the CPU demo's budgets (docs/method.md: Training; README: GPU's)
+    align_lr: float = 3e-3            # not 1e-3: it got further in the same CPU minutes (docs/method.md: Training)
     distill_bytes: int = 36_864
     distill_lr: float = 3e-4          # encoder side
     distill_main_lr: float = 0.0      # main network; 0 keeps it frozen (CPU demo). Paper scale: 2e-5
@@ -75,14 +64,7 @@ class Config:
                                       # teacher's own hidden states and exact byte targets
     decoder_lr: float = 1e-3
     decoder_soft_weight: float = 10.0  # loss = CE(hard labels) + this x KL(exact targets || head)
-    warmup_frac: float = 0.05
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    kl_chunk_rows: int = 1024
-    eval_batches: int = 4
-    log_interval: int = 10
-    ckpt_interval: int = 0            # also checkpoint every N steps (0: only at the end of each phase)
-    stop_after: int = 0               # stop (with a checkpoint) after N steps of this run; for resume tests
+    kl_chunk_rows: int = 1024         # rows whose teacher-vocabulary logits exist at once (KL, bits, byte targets)
 
 
 PHASES = ("align", "distill", "boundary")  # always run; "decoder" follows them when --decoder_bytes > 0
@@ -142,19 +124,15 @@ def next_token_bits(y, teacher_hidden, token_ids, patch_mask, order, head_weight
 
 
 def boundary_step(student, batch):
-    """BCE of the patcher's p_t against token ends; the encoder output is detached (only the patcher learns).
-    The last byte of each window is excluded: its p is fixed at 1 (no next byte to look at)."""
+    """BCE of the patcher's p_t against token ends (train.boundary_bce); the encoder output is detached (only the
+    patcher learns). The last byte of each window is excluded: its p is fixed at 1 (no next byte to look at)."""
     with torch.no_grad():
         h = student.encode(batch["bytes"])
-    p = student.boundary_probs(h.detach())[:, :-1]
-    sel = batch["valid"][:, :-1]
-    target = batch["token_end"][:, :-1][sel].float()
-    prob = p[sel].clamp(1e-6, 1 - 1e-6)
-    loss = -(target * prob.log() + (1 - target) * (1 - prob).log()).mean()  # BCE (F.binary_cross_entropy refuses autocast)
-    pred = prob > student.scfg.boundary_threshold
-    tp, fp, fn = (pred & (target > 0)).sum(), (pred & (target == 0)).sum(), (~pred & (target > 0)).sum()
+    p = student.boundary_probs(h.detach())
+    loss, prob, target, sel = train.boundary_bce(p, batch["valid"], batch["token_end"])
+    counts = train.boundary_counts(prob > student.scfg.boundary_threshold, target)
     n = sel.sum()  # prob's rows, counted on the device
-    return loss, {"bce": loss.detach().double() * n, "tp": tp, "fp": fp, "fn": fn, "n": n}
+    return loss, {"bce": loss.detach().double() * n, **counts, "n": n}
 
 
 def decoder_step(student, teacher, trie, batch, chunk_rows, soft_weight):
@@ -205,34 +183,52 @@ def summarize(phase, sums):
         ln2 = math.log(2)
         return {"bpb_joint": sums["ce"] / n / ln2, "teacher_bpb_joint": sums["teacher_ce"] / n / ln2,
                 "kl_bits": sums["kl"] / n / ln2}
-    precision = sums["tp"] / max(sums["tp"] + sums["fp"], 1)
-    recall = sums["tp"] / max(sums["tp"] + sums["fn"], 1)
-    return {"bce": sums["bce"] / n, "precision": precision, "recall": recall,
-            "f1": 2 * precision * recall / max(precision + recall, 1e-12)}
+    precision, recall, f1 = train.boundary_f1(sums)
+    return {"bce": sums["bce"] / n, "precision": precision, "recall": recall, "f1": f1}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 
-def main(argv):
-    cfg = cli.parse_args(Config, argv)
+def check_config(cfg):
+    """Stage 1's own settings (train.setup_run checks the shared ones)."""
     if cfg.phase not in ("all", *PHASES, "decoder"):
         raise ValueError(f"--phase must be all, align, distill, boundary or decoder, not {cfg.phase!r}")
     if cfg.phase == "decoder" and cfg.decoder_bytes <= 0:
         raise ValueError("--phase=decoder needs --decoder_bytes > 0")
-    if cfg.dtype not in ("auto", "bfloat16", "float32"):
-        raise ValueError(f"--dtype must be auto, bfloat16 or float32, not {cfg.dtype!r}")
     if min(cfg.align_lr, cfg.distill_lr, cfg.boundary_lr) <= 0 or cfg.distill_main_lr < 0:
         raise ValueError("--align_lr, --distill_lr and --boundary_lr must be > 0 (--distill_main_lr >= 0; 0 freezes "
                          "the main network)")
     if cfg.phase in ("distill", "boundary", "decoder") and not cfg.resume:
         raise ValueError(f"--phase={cfg.phase} continues from the earlier phases: add --resume (it loads "
                          f"the checkpoint in {cfg.out_dir}), or run --phase=all")
-    rank, world, device = distributed.setup_distributed(cfg.device)
-    cfg.dtype, dtype_line = train.resolve_dtype(cfg.dtype, device)
+
+
+def build_student(cfg, teacher, tok, device):
+    """The byte student for this teacher: StudentConfig.for_teacher with the command line's sizes, initialised from
+    the teacher (init_weights), with the teacher's prior and subword embedding attached where asked for."""
+    overrides = {k: v for k, v in dict(d_local=cfg.d_local, proj_hidden=cfg.proj_hidden).items()
+                 if not (k == "d_local" and v == 0 or k == "proj_hidden" and v == -1)}
+    scfg = model.StudentConfig.for_teacher(teacher.cfg, n_enc=cfg.n_enc, n_dec=cfg.n_dec,
+                                           local_window=cfg.local_window, **overrides)
+    if "d_local" in overrides:
+        scfg.n_local_heads = max(1, scfg.d_local // 64)
+    if cfg.prior or cfg.subword:  # the teacher's vocabulary (and output layer, input embedding) join the byte model
+        entries, _ = model.prior_vocabulary(tok.id_to_bytes)
+        scfg.prior_vocab, scfg.prior_bytes = len(entries), sum(map(len, entries))
+    scfg.prior, scfg.subword = cfg.prior, cfg.subword
+    student = model.ByteLM(scfg, teacher.cfg).to(device)
+    student.init_weights(teacher)
+    student.recompute_blocks(cfg.checkpoint_blocks)
+    if cfg.prior or cfg.subword:
+        student.attach_prior(teacher.head_weight, tok.id_to_bytes, teacher.embed_tokens.weight, tok.doc_start_id)
+    return student
+
+
+def main(argv):
+    cfg = cli.parse_args(Config, argv)
+    check_config(cfg)
+    rank, world, device, dtype_line = train.setup_run(cfg)
     master = rank == 0
-    if master:
-        cli.print_config(cfg)
-    torch.manual_seed(cfg.seed)
     t_start = time.time()
 
     # -- teacher (frozen, every rank its own copy) and data --
@@ -250,26 +246,12 @@ def main(argv):
                        max_tokens=teacher.cfg.max_seq_len)
 
     # -- student --
-    overrides = {k: v for k, v in dict(d_local=cfg.d_local, proj_hidden=cfg.proj_hidden).items()
-                 if not (k == "d_local" and v == 0 or k == "proj_hidden" and v == -1)}
-    scfg = model.StudentConfig.for_teacher(teacher.cfg, n_enc=cfg.n_enc, n_dec=cfg.n_dec,
-                                           local_window=cfg.local_window, **overrides)
-    if "d_local" in overrides:
-        scfg.n_local_heads = max(1, scfg.d_local // 64)
-    if cfg.prior or cfg.subword:  # the teacher's vocabulary (and output layer, input embedding) join the byte model
-        entries, _ = model.prior_vocabulary(tok.id_to_bytes)
-        scfg.prior_vocab, scfg.prior_bytes = len(entries), sum(map(len, entries))
-    scfg.prior, scfg.subword = cfg.prior, cfg.subword
-    student = model.ByteLM(scfg, teacher.cfg).to(device)
-    student.init_weights(teacher)
-    student.recompute_blocks(cfg.checkpoint_blocks)
-    if cfg.prior or cfg.subword:
-        student.attach_prior(teacher.head_weight, tok.id_to_bytes, teacher.embed_tokens.weight, tok.doc_start_id)
+    student = build_student(cfg, teacher, tok, device)
     distributed.broadcast_params(student)
     embed = teacher.embed_tokens.weight.detach()
     embed_var = (embed.float() - embed.float().mean(0)).pow(2).mean().item()  # align's loss scale
     if master:
-        n_params = sum(p.numel() for p in student.parameters())
+        n_params, scfg = sum(p.numel() for p in student.parameters()), student.scfg
         print(f"teacher {cfg.teacher} ({teacher.cfg.family}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M) | "
               f"student {n_params / 1e6:.1f}M parameters, byte blocks d={scfg.d_local} x {scfg.n_enc}+{scfg.n_dec} | "
               f"device {device}, {world} rank(s), {dtype_line}")
@@ -283,11 +265,8 @@ def main(argv):
                                 mixture=cfg.data,
                                 **loader_args)
 
-    def evaluate(step_fn):  # the phase's metrics on eval_batches fixed validation batches (each rank its stride)
-        loader, sums = make_loader(0, "val"), {}
-        for _ in range(cfg.eval_batches):
-            train.add_sums(sums, step_fn({k: v.to(device) for k, v in loader.next_batch().items()})[1])
-        return distributed.all_reduce_sum(sums)  # over the ranks, read to the host once
+    def evaluate(phase, step_fn):  # () -> the phase's figures on the validation batches
+        return lambda: summarize(phase, train.validate(step_fn, make_loader, cfg, device))
 
     align = lambda batch: align_step(student, batch, embed, embed_var)  # noqa: E731
     distill = lambda batch, nll=False: distill_step(student, teacher, batch, cfg.kl_chunk_rows, nll)  # noqa: E731
@@ -295,31 +274,25 @@ def main(argv):
     main_scale = cfg.distill_main_lr / cfg.distill_lr
     all_phases = [
         train.Phase("align", cfg.align_bytes, cfg.align_lr, model.ByteLM.ENCODER_SIDE, align,
-                    lambda s: summarize("align", s), lambda: summarize("align", evaluate(align)), seed=cfg.seed),
+                    lambda s: summarize("align", s), evaluate("align", align), seed=cfg.seed),
         train.Phase("distill", cfg.distill_bytes, cfg.distill_lr,
                     model.ByteLM.ENCODER_SIDE + (model.ByteLM.MAIN if cfg.distill_main_lr > 0 else ()), distill,
-                    lambda s: summarize("distill", s),
-                    lambda: summarize("distill", evaluate(lambda b: distill(b, True))),
+                    lambda s: summarize("distill", s), evaluate("distill", lambda b: distill(b, True)),
                     lr_scale=lambda name: main_scale if name.startswith("main.") else 1.0, seed=cfg.seed + 1),
         train.Phase("boundary", cfg.boundary_bytes, cfg.boundary_lr, model.ByteLM.PATCHER, boundary,
-                    lambda s: summarize("boundary", s), lambda: summarize("boundary", evaluate(boundary)),
-                    seed=cfg.seed + 2),
+                    lambda s: summarize("boundary", s), evaluate("boundary", boundary), seed=cfg.seed + 2),
     ]
     if cfg.decoder_bytes > 0:
         trie = ByteTrie(tok.id_to_bytes)
         decoder = lambda batch: decoder_step(student, teacher, trie, batch, cfg.kl_chunk_rows,  # noqa: E731
                                              cfg.decoder_soft_weight)
         all_phases.append(train.Phase("decoder", cfg.decoder_bytes, cfg.decoder_lr, model.ByteLM.OUTPUT_SIDE, decoder,
-                                      lambda s: summarize("decoder", s),
-                                      lambda: summarize("decoder", evaluate(decoder)), seed=cfg.seed + 3))
+                                      lambda s: summarize("decoder", s), evaluate("decoder", decoder),
+                                      seed=cfg.seed + 3))
     phases = [p for p in all_phases if cfg.phase in ("all", p.name)]
-    meta = {"student_config": asdict(scfg), "teacher_config": asdict(teacher.cfg), "teacher": cfg.teacher,
+    meta = {"student_config": asdict(student.scfg), "teacher_config": asdict(teacher.cfg), "teacher": cfg.teacher,
             **checkpoint.chat_meta(tok, resolve_teacher_dir(cfg.teacher))}
-    results, stopped = train.run_phases(1, phases, student, cfg, meta, make_loader, device, frozen=teacher)
-    if master and not stopped:
-        train.print_results(1, results, time.time() - t_start)
-    distributed.cleanup_distributed()
-    return results
+    return train.finish_run(1, phases, student, cfg, meta, make_loader, device, t_start, frozen=teacher)
 
 
 if __name__ == "__main__":

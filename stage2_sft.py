@@ -30,7 +30,8 @@ import train
 
 
 @dataclass
-class Config:
+class Config(train.RunConfig):  # the settings both stages share (out_dir, seed, batch shape, ...) are train.RunConfig's
+    # stage 2: the stage-1 model, its data, the phases
     init: str = "out/stage1"          # the stage-1 byte-model folder to start from
     data: str = ""                    # weighted mixture of shard folders, DIR_A:0.7,DIR_B:0.3, in place of data_dir and
                                       # chat_data; default: the stage-1 run's, if any
@@ -39,29 +40,12 @@ class Config:
     chat_fraction: float = 0.25       # with chat data: this share of every batch's rows are chat windows
     out_dir: str = "out/stage2"
     phase: str = "all"                # all | warmup | e2e
-    resume: bool = False              # continue from the checkpoint in out_dir exactly where it stopped
-    seed: int = 1337
-    device: str = "auto"
-    dtype: str = "auto"               # autocast: bfloat16 | float32 | auto (bf16 on CUDA; on CPU the faster, timed)
-    batch_size: int = 8
-    seq_len: int = 512
-    grad_accum: int = 1
-    fsdp: bool = False                # shard the student's parameters, gradients and AdamW state over the ranks (FSDP2)
-    checkpoint_blocks: bool = False   # recompute every transformer block in backward (activation checkpointing): at
-                                      # paper-scale windows the saved activations, not the weights, fill a GPU
-    warmup_bytes: int = 400_000      # CPU demo budgets: about 5.5 + 2.5 minutes on 2 cores (see README for GPU)
+    warmup_bytes: int = 400_000      # the defaults: the CPU demo's budgets (docs/method.md: Training; README: GPU's)
     warmup_lr: float = 1e-3
     e2e_bytes: int = 49_152
     e2e_lr: float = 2e-5              # the main network's rate (paper: 2e-5)
     e2e_byte_lr_mult: float = 2.0     # byte-level parts (encoder, patcher, decoder, ...) at this multiple of e2e_lr
     boundary_weight: float = 1.0      # weight of the patcher's BCE in e2e
-    warmup_frac: float = 0.05
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_batches: int = 4
-    log_interval: int = 10
-    ckpt_interval: int = 0
-    stop_after: int = 0
 
 
 def sft_step(student, batch, boundary_weight=0.0):
@@ -79,30 +63,23 @@ def sft_step(student, batch, boundary_weight=0.0):
     with torch.no_grad():  # bits per byte: the byte's probability summed over both halves of the head
         logp = model.byte_logprobs(logits[:, :-1]).gather(-1, x[:, 1:, None])[..., 0]
         byte_nats = -(logp[scored]).sum().double()
-    # the patcher against token ends (the last byte's p is fixed at 1 and not scored)
-    sel = valid[:, :-1]
-    target = token_end[:, :-1][sel].float()
-    prob = p[:, :-1][sel].clamp(1e-6, 1 - 1e-6)
-    bce = -(target * prob.log() + (1 - target) * (1 - prob).log()).mean()
-    pred = ends[:, :-1][sel]
-    truth = target > 0
-    n_p = sel.sum()  # prob's rows, counted on the device
+    # the patcher against token ends (the last byte's p is fixed at 1 and not scored), its decisions the patches it cut
+    bce, _, target, sel = train.boundary_bce(p, valid, token_end)
+    n_p = sel.sum()  # the BCE's rows, counted on the device
     stats = {"ce": ce.detach().double() * n, "byte_nats": byte_nats, "n": n, "bce": bce.detach().double() * n_p,
-             "n_p": n_p, "tp": (pred & truth).sum(), "fp": (pred & ~truth).sum(), "fn": (~pred & truth).sum(),
-             "patches": ends.sum(), "bytes": valid.sum()}
+             "n_p": n_p, **train.boundary_counts(ends[:, :-1][sel], target), "patches": ends.sum(),
+             "bytes": valid.sum()}
     return ce + boundary_weight * bce if boundary_weight else ce, stats
 
 
 def summarize(sums):
     """Metric sums (over batches and ranks, read to the host: floats) -> the figures a person reads."""
     n, ln2 = max(sums["n"], 1), math.log(2)
-    precision = sums["tp"] / max(sums["tp"] + sums["fp"], 1)
-    recall = sums["tp"] / max(sums["tp"] + sums["fn"], 1)
     # Validation is one parallel forward with the patcher's flags, which look at the next byte: bpb_lookahead (summed
     # halves) is therefore NOT a likelihood, only a fast training signal; bpb_joint (byte with the flag it was trained
     # to predict) is honest. bench/fidelity.py gives the proper figure (flags decided causally, byte by byte).
     return {"ce": sums["ce"] / n, "bpb_lookahead": sums["byte_nats"] / n / ln2, "bpb_joint": sums["ce"] / n / ln2,
-            "bce": sums["bce"] / max(sums["n_p"], 1), "f1": 2 * precision * recall / max(precision + recall, 1e-12),
+            "bce": sums["bce"] / max(sums["n_p"], 1), "f1": train.boundary_f1(sums)[2],
             "patch_bytes": sums["bytes"] / max(sums["patches"], 1)}
 
 
@@ -110,14 +87,8 @@ def main(argv):
     cfg = cli.parse_args(Config, argv)
     if cfg.phase not in ("all", "warmup", "e2e"):
         raise ValueError(f"--phase must be all, warmup or e2e, not {cfg.phase!r}")
-    if cfg.dtype not in ("auto", "bfloat16", "float32"):
-        raise ValueError(f"--dtype must be auto, bfloat16 or float32, not {cfg.dtype!r}")
-    rank, world, device = distributed.setup_distributed(cfg.device)
-    cfg.dtype, dtype_line = train.resolve_dtype(cfg.dtype, device)
+    rank, world, device, dtype_line = train.setup_run(cfg)
     master = rank == 0
-    if master:
-        cli.print_config(cfg)
-    torch.manual_seed(cfg.seed)
     t_start = time.time()
 
     # -- the stage-1 student; stage 2 needs only the teacher's tokenizer (for token-end labels), not its weights --
@@ -152,11 +123,8 @@ def main(argv):
                                 world_size=world, max_tokens=student.tcfg.max_seq_len, chat_dir=chat_dir,
                                 chat_fraction=cfg.chat_fraction, mixture=mixture)
 
-    def evaluate():
-        loader, sums = make_loader(0, "val"), {}
-        for _ in range(cfg.eval_batches):
-            train.add_sums(sums, sft_step(student, {k: v.to(device) for k, v in loader.next_batch().items()})[1])
-        return summarize(distributed.all_reduce_sum(sums))  # over the ranks, read to the host once
+    def evaluate():  # the figures on the validation batches; sft_step's stats do not depend on its weight
+        return summarize(train.validate(lambda b: sft_step(student, b), make_loader, cfg, device))
 
     everything = ("",)  # every parameter name starts with ""
     phases = [
@@ -169,11 +137,7 @@ def main(argv):
     phases = [p for p in phases if cfg.phase in ("all", p.name)]
     meta_out = {"student_config": asdict(student.scfg), "teacher_config": asdict(student.tcfg), "teacher": teacher_name,
                 "init": cfg.init, **checkpoint.chat_meta(tok, teacher_dir)}
-    results, stopped = train.run_phases(2, phases, student, cfg, meta_out, make_loader, device)
-    if master and not stopped:
-        train.print_results(2, results, time.time() - t_start)
-    distributed.cleanup_distributed()
-    return results
+    return train.finish_run(2, phases, student, cfg, meta_out, make_loader, device, t_start)
 
 
 if __name__ == "__main__":

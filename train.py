@@ -1,5 +1,5 @@
-"""Training plumbing shared by stage1_kd.py and stage2_sft.py: optimizer groups, the LR schedule, the dtype choice,
-resume, and the phase loop. The stage scripts stay top to bottom; the command line is cli.py, the checkpoint files
+"""Training plumbing shared by stage1_kd.py and stage2_sft.py: the settings, start, validation and end of a run, the
+patcher's boundary loss and figures, optimizer groups, the LR schedule, the dtype choice, resume, and the phase loop. The stage scripts stay top to bottom; the command line is cli.py, the checkpoint files
 (and the exact-resume state beside them) are checkpoint.py, and the process group, gradient sync and FSDP2 sharding
 are distributed.py.
 """
@@ -16,9 +16,105 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import checkpoint
+import cli
+import distributed
 from checkpoint import check_resume, load_optimizer_state, load_resume_state, save_checkpoint, set_rng_state
 from distributed import (GradReducer, all_reduce_sums, clip_grad_norm, print_memory, memory_bytes, shard_frozen,
                          shard_like, shard_student, sharded, sync_grads)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The settings, the start and the end of a run, the same in both stages.
+
+@dataclass
+class RunConfig:
+    """The settings both stages share. Each stage's Config extends it with its own (teacher or init, data, student,
+    phases) and may give a field here another default; every checkpoint's config.json stores them by these names."""
+    # the run: where it writes, on what, in which precision, at which batch shape
+    out_dir: str = "out"              # the byte model (model.safetensors, config.json), resume/, metrics.jsonl and a
+                                      # byte-model folder per phase
+    resume: bool = False              # continue from the checkpoint in out_dir exactly where it stopped
+    seed: int = 1337
+    device: str = "auto"              # auto | cpu | cuda
+    dtype: str = "auto"               # autocast dtype: bfloat16 | float32 | auto (bf16 on CUDA; on CPU whichever a
+                                      # short timing at start shows faster: bf16 pays on AMX CPUs, not on AVX2-only)
+    batch_size: int = 8               # windows per micro-step per rank
+    seq_len: int = 512                # bytes per window
+    grad_accum: int = 1               # micro-steps per optimizer update (gradients sync on the last one only)
+    fsdp: bool = False                # shard the student's parameters, gradients and AdamW state (and stage 1's
+                                      # teacher's blocks) over the ranks with FSDP2 (README: FSDP)
+    checkpoint_blocks: bool = False   # recompute every transformer block in backward (activation checkpointing): at
+                                      # paper-scale windows the saved activations, not the weights, fill a GPU
+    # every phase's schedule and update (its budget and learning rate are the stage's)
+    warmup_frac: float = 0.05         # share of a phase's steps of linear warm-up before the cosine decay
+    weight_decay: float = 0.1         # AdamW's, on matrices only (not on norms, biases, embeddings)
+    grad_clip: float = 1.0            # clip the gradient's norm (the phase's trained parameters together) to this
+    # evaluation, logging, checkpoints
+    eval_batches: int = 4             # validation batches per rank at the end of each phase (the same every time)
+    log_interval: int = 10            # a progress line every N steps (metrics.jsonl has a line for every step)
+    ckpt_interval: int = 0            # also checkpoint every N steps (0: only at the end of each phase)
+    stop_after: int = 0               # stop (with a checkpoint) after N steps of this run; for resume tests
+
+
+def setup_run(cfg):
+    """The start of a stage after its own checks: the process group (distributed.py), --dtype=auto resolved, the
+    resolved config printed by rank 0, the seed set -> (rank, world size, device, a line saying which dtype and why)."""
+    if cfg.dtype not in ("auto", "bfloat16", "float32"):  # before a process group starts
+        raise ValueError(f"--dtype must be auto, bfloat16 or float32, not {cfg.dtype!r}")
+    rank, world, device = distributed.setup_distributed(cfg.device)
+    cfg.dtype, dtype_line = resolve_dtype(cfg.dtype, device)
+    if rank == 0:
+        cli.print_config(cfg)
+    torch.manual_seed(cfg.seed)
+    return rank, world, device, dtype_line
+
+
+def validate(step, make_loader, cfg, device):
+    """A phase's metric sums on cfg.eval_batches validation batches, the same ones at every evaluation (the loader of
+    seed 0; each rank its stride), summed over the ranks and read to the host once -> {name: float}."""
+    loader, sums = make_loader(0, "val"), {}
+    for _ in range(cfg.eval_batches):
+        add_sums(sums, step({k: v.to(device) for k, v in loader.next_batch().items()})[1])
+    return distributed.all_reduce_sum(sums)
+
+
+def finish_run(stage, phases, student, cfg, meta, make_loader, device, started, frozen=None):
+    """The rest of a stage: run_phases, the closing table (rank 0; none when --stop_after stopped the run early), the
+    process group's end -> run_phases' results."""
+    results, stopped = run_phases(stage, phases, student, cfg, meta, make_loader, device, frozen=frozen)
+    if (not dist.is_initialized() or dist.get_rank() == 0) and not stopped:
+        print_results(stage, results, time.time() - started)
+    distributed.cleanup_distributed()  # through the module: tests/stage_fixtures.py holds it back between runs
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The patcher against the teacher's token ends: its loss in stage 1's boundary phase and stage 2's e2e, and its
+# figures in both.
+
+def boundary_bce(p, valid, token_end):
+    """BCE of the patcher's boundary probabilities p (B, T) against the token ends, a mean over every real byte but
+    the last of each window (its p is fixed at 1: there is no next byte to look at).
+    -> (bce, the scored bytes' p clamped (N,), their token ends as 0 / 1 (N,), where they are (B, T-1))."""
+    sel = valid[:, :-1]
+    target = token_end[:, :-1][sel].float()
+    prob = p[:, :-1][sel].clamp(1e-6, 1 - 1e-6)
+    bce = -(target * prob.log() + (1 - target) * (1 - prob).log()).mean()  # F.binary_cross_entropy refuses autocast
+    return bce, prob, target, sel
+
+
+def boundary_counts(pred, target):
+    """True positives, false positives, false negatives of the patcher's decisions pred (N,) against the token ends
+    target (N,) -> {name: 0-dim tensor}, on the device."""
+    truth = target > 0
+    return {"tp": (pred & truth).sum(), "fp": (pred & ~truth).sum(), "fn": (~pred & truth).sum()}
+
+
+def boundary_f1(sums):
+    """Summed counts (floats, boundary_counts' names) -> (precision, recall, F1)."""
+    precision = sums["tp"] / max(sums["tp"] + sums["fp"], 1)
+    recall = sums["tp"] / max(sums["tp"] + sums["fn"], 1)
+    return precision, recall, 2 * precision * recall / max(precision + recall, 1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -62,12 +62,27 @@ def test_help_lists_every_option(script):
     lines = out.stdout.splitlines()
     for line in lines:
         assert "Traceback" not in line
-    options = [line.strip() for line in lines if line.strip().startswith("--")]
-    tree = ast.parse(open(os.path.join(REPO, script), encoding="utf-8").read())
-    config = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config")
-    names = [n.target.id for n in config.body if isinstance(n, ast.AnnAssign)]
+    listed = lines[lines.index("options (--key=value; a bool also as --key alone):"):]  # not the docstring's lines
+    options = [line.strip() for line in listed if line.strip().startswith("--")]
+    names = config_fields(os.path.join(REPO, script), "Config")
     assert [o.split()[0] for o in options] == [f"--{n}" for n in names]
     assert all("default" in o for o in options)
+
+
+def config_fields(path, name):
+    """The fields of the dataclass `name` in the file at `path`, read from the source in a dataclass's order: its bases'
+    first (a base written module.Class read from module.py), then its own that no base has (one it redeclares keeps
+    the base's place)."""
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    config = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+    names = []
+    for base in config.bases:
+        if isinstance(base, ast.Attribute):
+            names += config_fields(os.path.join(REPO, base.value.id + ".py"), base.attr)
+        else:
+            names += config_fields(path, base.id)
+    own = [n.target.id for n in config.body if isinstance(n, ast.AnnAssign)]
+    return names + [n for n in own if n not in names]
 
 
 def test_help_text_reads_the_comments_beside_fields():
@@ -78,4 +93,5 @@ def test_help_text_reads_the_comments_beside_fields():
     assert "student size" in sections["d_local"]
     for f in fields(stage1_kd.Config):
         assert f"--{f.name} ({f.type.__name__}, default {getattr(stage1_kd.Config(), f.name)!r})" in text
-    assert "--dtype (str, default 'auto'): autocast dtype" in text
+    assert "--dtype (str, default 'auto'): autocast dtype" in text  # a comment in train.RunConfig, the base
+    assert "--out_dir (str, default 'out/stage1'): the byte model" in text  # redeclared: the base's comment stays
