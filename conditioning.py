@@ -16,7 +16,7 @@ network reads a merged token it never saw (DESIGN.md section 8).
   (temperature 0: the heaviest) and continued by decoding.ByteGeneration from its state. At full width and
   temperature 1 that is ancestral sampling of the joint given the prompt's bytes.
 - search_start: the hypotheses decoding.beam_search starts from (sample.py --chat at temperature 0).
-- token_ends: the canonical token ends of some bytes, the path the beam keeps.
+- token_ends: the canonical token ends of some bytes, the path the beam keeps; keep_last: a context cut to fit.
 """
 import math
 
@@ -41,6 +41,16 @@ def token_ends(tok, data):
     flags = torch.zeros(len(data), dtype=torch.bool)
     flags[torch.from_numpy(lengths.cumsum() - 1)] = True
     return flags
+
+
+def keep_last(data, n):
+    """The last n bytes of data, moved forward to a character start (never half a UTF-8 sequence)."""
+    if len(data) <= n:
+        return data
+    start = len(data) - n
+    while start < len(data) and 0x80 <= data[start] < 0xC0:
+        start += 1
+    return data[start:]
 
 
 def context_beam(model, contexts, beam=BEAM, floor=FLOOR, keep=None, stats=None, room=0):

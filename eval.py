@@ -20,33 +20,25 @@ moves to the continuation, so both score the same bytes. A multiple-choice item'
 both models run it once: the student's beam over the context forks into its choices (conditioning.py), the teacher
 copies its cache rows.
 
-How each request is scored (text is normalised by the teacher's tokenizer first, as the training text was):
+How each request is scored (text is normalised by the teacher's tokenizer first, as the training text was; the
+details: docs/method.md, "How eval.py answers each request type"):
   byte student  by default (--flags=marginal) the joint model that sample.py writes from, scored by its byte
-                marginal over patchings (marginal.marginal_logprobs, a beam of --beam flag prefixes: an upper bound
-                on the exact marginal's bits); --flags=late the late-flag byte model (decoding.LateFlagGeneration:
-                each flag decided once the next byte is known), --flags=greedy the greedy-flag one
-                (decoding.ByteGeneration: each flag decided with its byte).
-                loglikelihood: the continuation's likelihood given the context bytes. marginal (--context=marginal,
-                the default): log A(context + continuation) - log A(context), A the beam's kept sum over the whole
-                string's patchings from the document start (conditioning.conditional_logprobs): the beam reads the
-                context, then goes on from all its surviving hypotheses over the continuation; it keeps the
-                canonical token ends of the context and of the continuation as one of its paths (--keep_tokens,
-                as the fidelity headline keeps the true token ends). --context=patcher, the old rule: generation's
-                prefill on [0xFE] + context (the patcher's boundaries, except the last context byte's flag, which
-                the beam sums over with the continuation's). late / greedy: the patcher's prefill, then that flag
-                decided by the model, each continuation byte teacher-forced. is_greedy: every continuation byte was
-                the likeliest byte (marginal: under the beam's next-byte distribution).
-                loglikelihood_rolling: bench/fidelity.py's windows: the text tokenised once by the teacher, cut into
-                runs of --window - 1 tokens, each run's bytes scored from a fresh document start: marginal with the
-                true token ends kept in the beam, as bench/fidelity.py's headline student_bpb_marginal (late:
-                student_bpb_late, greedy: student_bpb_greedy).
-                generate_until: cached generation at the request's temperature (0: the likeliest entry of the joint,
-                or of the late / greedy model), after the prompt read as loglikelihood reads a context (marginal: one
-                hypothesis of the beam over the prompt, the heaviest at temperature 0, else drawn by weight), stopped at the first stop string (cut before it), at 0xFE (a new
-                document) or after 4 bytes per max_gen_toks (a token of English is 3 to 4 bytes).
+                marginal over patchings (a beam of --beam flag prefixes: an upper bound on the exact marginal's
+                bits); --flags=late / greedy the late-flag / greedy-flag byte models (decoding.py).
+                loglikelihood: marginal: log A(context + continuation) - log A(context), A the beam's kept sum over
+                the whole string's patchings from the document start (conditioning.py), the canonical token ends of
+                both kept as one path (--keep_tokens); --context=patcher (the old rule) and late / greedy: the
+                context prefilled along the patcher's flags, then the continuation. is_greedy: every continuation
+                byte was the likeliest (marginal: under the beam's next-byte mixture).
+                loglikelihood_rolling: bench/fidelity.py's windows (runs of --window - 1 teacher tokens, each from
+                a fresh document start, the true token ends kept): its student_bpb_marginal (late, greedy: theirs).
+                generate_until: cached generation at the request's temperature after the prompt read as a context
+                is (marginal: from one hypothesis of its beam, the heaviest at temperature 0), cut before the first
+                stop string, at 0xFE (a new document) or after 4 bytes per max_gen_toks.
   teacher       our own forward and tokenizer (no transformers at run time); every sequence starts with the
                 document-start token, as in training; the (context, continuation) split as lm-eval's HF model makes
-                it (the continuation's tokens are those of the whole after the context's); rolling: teacher.bits over the same windows (fidelity's teacher_bpb).
+                it (the continuation's tokens are those of the whole after the context's); rolling: teacher.bits
+                over the same windows (fidelity's teacher_bpb).
 """
 import logging
 import json
@@ -65,7 +57,8 @@ import decoding
 import marginal
 import model as byte_model
 from chat import teacher_answers
-from conditioning import token_ends
+from conditioning import keep_last, token_ends
+from retention import print_side_by_side, retention, retention_text
 from teacher import check_device, load_teacher, resolve_teacher_dir
 from tokenizer import align_document, load_tokenizer
 
@@ -100,16 +93,6 @@ def normalized_pair(tok, context, continuation):
     if not whole.startswith(ctx):
         return ctx.encode("utf-8"), tok.normalize(continuation).encode("utf-8")
     return ctx.encode("utf-8"), whole[len(ctx):].encode("utf-8")
-
-
-def keep_last(data, n):
-    """The last n bytes of data, moved forward to a character start (never half a UTF-8 sequence)."""
-    if len(data) <= n:
-        return data
-    start = len(data) - n
-    while start < len(data) and 0x80 <= data[start] < 0xC0:
-        start += 1
-    return data[start:]
 
 
 def rolling_windows(text, tok, window):
@@ -163,7 +146,7 @@ class StudentLM(LM):
             raise ValueError(f"beam={beam}: at least 1")
         self.model, self.tok, self.batch_size, self.flags, self.beam = model, tok, batch_size, flags, int(beam)
         self.keep_tokens = keep_tokens not in (False, "False", "false", "0")  # also from lm-eval's model_args string
-        self.work = {}  # --flags=marginal: the main network's rows (contexts, continuations) and more, summed (evaluate)
+        self.work = {}  # --flags=marginal: main-network rows (contexts, continuations) and more, summed (evaluate)
         self.window = min(window, model.tcfg.max_seq_len)  # as bench/fidelity.py caps it
         self.max_bytes = min(model.tcfg.max_seq_len, model.scfg.max_bytes) - 1  # a patch is at least one byte
         self._device = model.head.weight.device
@@ -479,21 +462,6 @@ def task_manager(cfg):
     return local if all(t in local.all_tasks for t in wanted) else TaskManager(include_path=paths)
 
 
-def figures(results):
-    """{(task, metric): value} from lm-eval's results (no stderr, no alias)."""
-    return {(task, key.split(",")[0]): value for task, r in results["results"].items() for key, value in r.items()
-            if "," in key and "_stderr" not in key and isinstance(value, (int, float))}
-
-
-def print_side_by_side(teacher_results, student_results, teacher_name, ckpt):
-    t, s = figures(teacher_results), figures(student_results)
-    print(f"\n| task | metric | teacher ({teacher_name}) | byte student ({ckpt}) |")
-    print("|---|---|---|---|")
-    for key in sorted(t.keys() | s.keys()):
-        cells = [f"{d[key]:.4f}" if key in d else "-" for d in (t, s)]
-        print(f"| {key[0]} | {key[1]} | {cells[0]} | {cells[1]} |", flush=True)
-
-
 def leaf_tasks(manager, names):
     """The comma-separated names, each tag expanded into its tasks (in index order); a group or task stays whole."""
     out = []
@@ -524,79 +492,6 @@ def evaluate(lm, cfg, manager, label):
                 merged.setdefault(key, {}).update(value)
     merged["seconds"], merged["work"] = seconds, work
     return merged
-
-
-def own_text_bits(samples):
-    """The proper-likelihood bits per byte of a task's own text, from its logged samples: each item's true
-    continuation (multiple choice: the gold choice; loglikelihood: the target; rolling: the document) given its
-    context, over the UTF-8 bytes of those continuations as lm-eval splits them -> bits per byte, or None where the
-    task scores no likelihood (generation)."""
-    nats, n_bytes = 0.0, 0
-    for sample in samples:
-        args, resps = sample["arguments"], sample["filtered_resps"]
-        if not args or len(args[0]) != 2 or isinstance(args[0][1], dict):
-            if args and len(args[0]) == 1:  # rolling: the whole document
-                nats, n_bytes = nats - float(resps[0]), n_bytes + len(args[0][0].encode("utf-8"))
-                continue
-            return None
-        gold = int(sample["target"]) if len(args) > 1 else 0
-        ll = resps[gold][0] if isinstance(resps[gold], (list, tuple)) else resps[gold]
-        nats, n_bytes = nats - float(ll), n_bytes + len(args[gold][1].encode("utf-8"))
-    return nats / math.log(2) / n_bytes if n_bytes else None
-
-
-HEADLINE = {"multiple_choice": ("acc", "acc_norm"), "loglikelihood": ("acc", "perplexity"),
-            "generate_until": ("exact_match",), "loglikelihood_rolling": ("bits_per_byte",)}
-LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity")
-
-
-def retention(teacher, student):
-    """The retention table: per task and headline metric, teacher and student with lm-eval's standard errors, and
-    student/teacher (for a lower-is-better figure teacher/student; its standard error by the delta method with the
-    two taken as independent, an overestimate: both models answer the same items), beside the bits per byte of
-    each on the task's own text. -> (rows, mean retention over the multiple-choice tasks' acc, those tasks)."""
-    rows = []
-    for task in sorted(teacher["results"].keys() & student["results"].keys()):
-        kind = teacher.get("configs", {}).get(task, {}).get("output_type")
-        t, s = teacher["results"][task], student["results"][task]
-        bits = [own_text_bits(run.get("samples", {}).get(task, [])) for run in (teacher, student)]
-        for metric in HEADLINE.get(kind, ()):
-            if f"{metric},none" not in t or f"{metric},none" not in s:
-                continue
-            (tv, tse), (sv, sse) = ((d[f"{metric},none"], d.get(f"{metric}_stderr,none")) for d in (t, s))
-            lower = metric in LOWER_IS_BETTER
-            ratio = (tv / sv if sv else float("nan")) if lower else (sv / tv if tv else float("nan"))
-            se = None
-            if isinstance(tse, (int, float)) and isinstance(sse, (int, float)) and tv and sv:
-                se = abs(ratio) * math.sqrt((tse / tv) ** 2 + (sse / sv) ** 2)
-            rows.append({"task": task, "kind": kind, "metric": metric, "n": teacher.get("n-samples", {}).get(task, {})
-                         .get("effective"), "teacher": tv, "teacher_se": tse, "student": sv, "student_se": sse,
-                         "retention": ratio, "retention_se": se, "teacher_bpb": bits[0], "student_bpb": bits[1]})
-    mc = [r for r in rows if r["kind"] == "multiple_choice" and r["metric"] == "acc"]
-    mean = sum(r["retention"] for r in mc) / len(mc) if mc else None
-    return rows, mean, [r["task"] for r in mc]
-
-
-def retention_text(rows, mean, mc_tasks, seconds=None):
-    """The retention table as markdown (eval.py prints it, and writes it to --json for bench/summary.py)."""
-    def cell(v, se=None):
-        if not isinstance(v, (int, float)):
-            return "-"
-        return f"{v:.3f}" + (f" ± {se:.3f}" if isinstance(se, (int, float)) else "")
-    lines = ["| task | n | metric | teacher | student | student/teacher | teacher bpb | student bpb |"
-             + (" seconds (teacher, student) |" if seconds else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|" if seconds else "")]
-    for r in rows:
-        times = ""
-        if seconds:
-            times = " " + ", ".join(f"{seconds[k].get(r['task'], 0):,.0f}" for k in ("teacher", "student")) + " |"
-        lines.append(f"| {r['task']} | {r['n'] or '-'} | {r['metric']} | {cell(r['teacher'], r['teacher_se'])} | "
-                     f"{cell(r['student'], r['student_se'])} | {cell(r['retention'], r['retention_se'])} | "
-                     f"{cell(r['teacher_bpb'])} | {cell(r['student_bpb'])} |{times}")
-    if mean is not None:
-        lines.append(f"\nmean retention (acc) over the {len(mc_tasks)} multiple-choice tasks ({', '.join(mc_tasks)}): "
-                     f"{mean:.3f}")
-    return "\n".join(lines)
 
 
 def main(argv):
