@@ -51,6 +51,8 @@ from shards import (COUNTS, RANK_BLOCK, VERSION, MixedLoader, Shard, ShardLoader
 from tokenizer import align_document, file_hash, load_tokenizer
 
 SHARD_BYTES = 1 << 26  # a new shard file every 64 MiB of text (a worker holds ~3.3 bytes per text byte until then)
+HELD_SHARE = 8         # ... and every 8 MiB of a held-out stream (val, cand: ~1/16 of the text), so a worker's memory
+                       # is bounded by 9/8 of a shard's, not two
 VAL_BYTES = 4_000_000  # default --val_bytes: the validation split of a large corpus (at most VAL_PERCENT% of one)
 FORMAT = 2             # of prepare.json and the journals: another one prepares everything again
 DONE = 1 << 62         # a unit's position in a stream once all its documents of that stream are in shards
@@ -92,9 +94,10 @@ class Pending(NamedTuple):
 
 
 class Streams:
-    """One worker's pending documents per stream, written as a shard whenever a stream holds job.shard_bytes, and
-    its journal. covered[stream][unit] is how far that unit's documents are accounted for in the stream (in a shard,
-    pending, or of another stream); a shard's journal line records it, so a resumed run knows what is written."""
+    """One worker's pending documents per stream, written as a shard whenever a stream holds its share of
+    job.shard_bytes (train all of it, the held-out streams 1/HELD_SHARE), and its journal. covered[stream][unit] is
+    how far that unit's documents are accounted for in the stream (in a shard, pending, or of another stream); a
+    shard's journal line records it, so a resumed run knows what is written."""
 
     def __init__(self, job: Job, tok, worker: int):
         self.job, self.tok, self.names = job, tok, STREAMS[job.rule]
@@ -113,7 +116,7 @@ class Streams:
         that holds a shard's worth is written."""
         for covered in self.covered.values():
             covered[unit_key] = position
-        if stream is not None and self.size[stream] >= self.job.shard_bytes:
+        if stream is not None and self.size[stream] * (1 if stream == "train" else HELD_SHARE) >= self.job.shard_bytes:
             self.flush(stream)
 
     def flush(self, stream):
