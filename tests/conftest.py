@@ -6,6 +6,8 @@ import os
 import sys
 import tempfile
 
+import pytest
+
 _tmp = tempfile.mkdtemp(prefix="blm-tests-")
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(_tmp, "tiktoken"))
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_tmp, "inductor"))
@@ -22,3 +24,13 @@ if not torch.cuda.is_available():
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls are far faster on one thread (and do not fight other processes for the cores). A module turns it
+    on for all its tests with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

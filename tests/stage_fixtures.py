@@ -1,7 +1,9 @@
-"""Shared helpers for the stage tests (test_stage1.py, and test_stage2.py later): a tiny random teacher with a real
-byte-level BPE tokenizer, shards prepared for it, and runners for the stage scripts, in this process or under torchrun.
+"""The fixtures the tests share. For the model tests, a tiny random teacher and byte student in memory
+(build_teacher, build_student: a few thousand parameters, every weight perturbed) and random inputs for them. For the
+stage tests (test_stage1.py, test_stage2.py, ...), a tiny random teacher with a real byte-level BPE tokenizer, shards
+prepared for it, and runners for the stage scripts, in this process or under torchrun.
 
-A plain module that tests import (not a conftest). Everything is built on first use, once per process, in one
+A plain module that tests import (not a conftest). The files are built on first use, once per process, in one
 temporary folder that is removed at exit: teacher_dir(), shard_dir(), corpus_file(); tmp_dir(name) gives a fresh
 folder for one run's outputs.
 
@@ -40,9 +42,74 @@ if REPO not in sys.path:  # run as a script under torchrun: the repo's modules a
 import cli  # noqa: E402
 import data  # noqa: E402
 import distributed  # noqa: E402
+from model import BOS_BYTE, ByteLM, StudentConfig  # noqa: E402
 import safetensors_io  # noqa: E402
 import teacher as teachers  # noqa: E402
 import tokenizer  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tiny models in memory. Every weight is perturbed after init_weights, so that the zero-initialised parts
+# (residual, enc_proj output, null vector) matter and the identity patcher is not degenerate; the byte blocks' sliding
+# window (8) is shorter than the tests' sequences, so the window is exercised.
+
+TCFG = teachers.TeacherConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12, d_ff=80)
+SCFG = StudentConfig(d_local=32, n_local_heads=2, proj_hidden=64, local_window=8)
+
+
+def build_teacher(seed=0):
+    """A random teacher with every weight O(1)-scaled and norm weights around 1 (not all ones)."""
+    torch.manual_seed(seed)
+    teacher = teachers.Teacher(TCFG)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            if "norm" in name:
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+    return teacher.eval()
+
+
+def build_student(teacher, seed=1, noise=1.0, noise_1d=0.1):
+    """init_weights(teacher), then noise on every weight (perturb_weights), so that no part is zero or exact and h
+    varies from byte to byte as much as its mean."""
+    torch.manual_seed(seed)
+    student = ByteLM(SCFG, TCFG).init_weights(teacher)
+    return perturb_weights(student, seed, noise, noise_1d).eval()
+
+
+@torch.no_grad()
+def perturb_weights(student, seed, noise=1.0, noise_1d=0.1):
+    """Adds noise to every parameter in place: matrices noise / sqrt(fan-in) x N(0, 1), vectors and the byte embeddings
+    noise_1d x N(0, 1), drawn from a generator seeded with `seed`. -> student."""
+    g = torch.Generator().manual_seed(seed)
+    for p in student.parameters():
+        matrix = p.dim() == 2 and p.shape[0] != 256  # not the byte embeddings
+        p.add_((noise / p.shape[1] ** 0.5 if matrix else noise_1d) * torch.randn(p.shape, generator=g))
+    return student
+
+
+def random_bytes(shape, seed):
+    x = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed))
+    x[..., 0] = BOS_BYTE
+    return x
+
+
+def random_ends(shape, seed, rate=0.35):
+    ends = torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < rate
+    ends[..., 0] = True  # BOS is its own token
+    return ends
+
+
+def max_diff(a, b):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stage tests' teacher on disk, its data, and the runners.
 
 TOP_WORDS = 200           # the corpus keeps only Macbeth's most frequent words
 VOCAB_SIZE = 800          # BPE entries: 256 byte tokens + 1 special + merges

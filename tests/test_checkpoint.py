@@ -22,7 +22,7 @@ import torch
 import checkpoint
 import safetensors_io
 import stage_fixtures as sf
-from test_student import SCFG, TCFG, build_student, build_teacher
+from stage_fixtures import SCFG, TCFG, build_student, build_teacher
 import train
 
 RESUME_FILES = ("model.safetensors", "config.json", "resume/optimizer.safetensors", "resume/state.json")
@@ -76,7 +76,7 @@ def test_the_payload_runs_when_unpickled(tmp_path):
         marker = tmp_path / f"marker{zipped}"
         path = write_payload(tmp_path / f"payload{zipped}.pt", str(marker), zipped)
         if zipped:
-            torch.load(path, weights_only=False)  # what checkpoint.load_student and train.py used to call
+            torch.load(path, weights_only=False)  # what a loader of pickled checkpoints calls
         else:
             with open(path, "rb") as f:
                 pickle.load(f)

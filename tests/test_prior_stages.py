@@ -1,10 +1,8 @@
 """The byte-head prior through both stages (stage1_kd.py --prior=True, then stage2_sft.py): the prior's buffers are
 the teacher's output layer and vocabulary and no phase trains them, stage 2 resumes exactly and 2 DDP ranks match one
 process, as without the prior. Oracles: the teacher's own weights and tokenizer; an uninterrupted run; a single
-process (the same tolerances as tests/test_stage2.py)."""
+process (test_stage2.run_ddp_and_single, its tolerances)."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,15 +11,9 @@ import checkpoint
 import model
 import stage_fixtures as sf
 from teacher import load_teacher
-from test_stage2 import DDP_ARGS, DDP_PARAM_ATOL, DDP_REL, ENV, STAGE1, BATCH, load_bench, run_stage2, stage2_args
+from test_stage2 import STAGE1, load_bench, run_ddp_and_single, run_stage2
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -68,18 +60,7 @@ def test_resume_with_the_prior_continues_exactly(stage1, full):
 
 
 def test_ddp_with_the_prior_matches_single_process(stage1):
-    single, ddp = sf.tmp_dir("prior-stage2-single"), sf.tmp_dir("prior-stage2-ddp")
-    run_stage2(stage1, single, *DDP_ARGS)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", sf.__file__,
-           "stage2_sft", *stage2_args(stage1, ddp, *DDP_ARGS, f"--batch_size={BATCH // 2}")]
-    proc = subprocess.run(cmd, cwd=sf.REPO, env=ENV, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    a, b = sf.read_metrics(single), sf.read_metrics(ddp)
-    assert [(r["phase"], r["step"]) for r in a] == [(r["phase"], r["step"]) for r in b] and a
-    for ra, rb in zip(a, b):
-        for key in ra.keys() - {"phase", "step"}:
-            assert rb[key] == pytest.approx(ra[key], rel=DDP_REL, abs=DDP_REL), (ra["phase"], ra["step"], key)
-    assert sf.max_param_diff(sf.load_params(single), sf.load_params(ddp)) < DDP_PARAM_ATOL
+    run_ddp_and_single(stage1, "prior-stage2")
 
 
 def test_fidelity_prior_rows_restricts_the_prior(full, tmp_path):

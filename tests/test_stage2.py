@@ -24,6 +24,8 @@ import model
 import stage_fixtures as sf
 import teacher as teachers
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 STAGE1 = ("--align_bytes=8192", "--align_lr=1e-2", "--distill_bytes=1024", "--boundary_bytes=8192",
           "--boundary_lr=1e-2")
 BATCH, SEQ = 4, 64
@@ -35,14 +37,6 @@ TINY_STAGE2 = ["--dtype=float32", "--device=cpu", f"--batch_size={BATCH}", f"--s
 PROMPT = "MACBETH. So foul and fair a day"
 SAMPLE_BYTES = 24
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=sf.REPO)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def stage2_args(init_dir, out_dir, *args):
@@ -217,25 +211,30 @@ DDP_REL = 1e-5
 DDP_PARAM_ATOL = 1e-4
 
 
-def test_ddp_matches_single_process(stage1):
-    single = sf.tmp_dir("stage2-single")
-    run_stage2(stage1, single, *DDP_ARGS)
-    ddp = sf.tmp_dir("stage2-ddp")
-    # stage_fixtures.py as the torchrun entry runs stage2_sft.main and saves every rank's final parameters
+def run_ddp_and_single(stage1, name, args=DDP_ARGS):
+    """The run of `args` from stage1 in one process and on 2 ranks with half the batch each (under torchrun, with
+    stage_fixtures.py as the entry: it runs stage2_sft.main and saves every rank's final parameters), every
+    metrics.jsonl line and the final weights compared -> (single out_dir, DDP out_dir, torchrun's stdout)."""
+    single, ddp = sf.tmp_dir(f"{name}-single"), sf.tmp_dir(f"{name}-ddp")
+    run_stage2(stage1, single, *args)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", sf.__file__,
-           "stage2_sft", *stage2_args(stage1, ddp, *DDP_ARGS, f"--batch_size={BATCH // 2}")]
+           "stage2_sft", *stage2_args(stage1, ddp, *args, f"--batch_size={BATCH // 2}")]
     proc = subprocess.run(cmd, cwd=sf.REPO, env=ENV, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 rank(s)" in proc.stdout and proc.stdout.count("== e2e done") == 1  # two ranks, only rank 0 logs
     a, b = sf.read_metrics(single), sf.read_metrics(ddp)
-    assert [(r["phase"], r["step"]) for r in a] == [(r["phase"], r["step"]) for r in b]
-    assert len(a) == 2 * DDP_STEPS
+    assert [(r["phase"], r["step"]) for r in a] == [(r["phase"], r["step"]) for r in b] and a
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
         for key in ra.keys() - {"phase", "step"}:
             assert rb[key] == pytest.approx(ra[key], rel=DDP_REL, abs=DDP_REL), (ra["phase"], ra["step"], key)
-    reference = sf.load_params(single)
-    assert sf.max_param_diff(reference, sf.load_params(ddp)) < DDP_PARAM_ATOL
+    assert sf.max_param_diff(sf.load_params(single), sf.load_params(ddp)) < DDP_PARAM_ATOL
+    return single, ddp, proc.stdout
+
+
+def test_ddp_matches_single_process(stage1):
+    single, ddp, stdout = run_ddp_and_single(stage1, "stage2")
+    assert "2 rank(s)" in stdout and stdout.count("== e2e done") == 1  # two ranks, only rank 0 logs
+    assert len(sf.read_metrics(single)) == 2 * DDP_STEPS
     # the ranks hold identical weights (the averaged gradient, applied by every rank)
     rank0, rank1 = (sf.load_params(sf.rank_state_path(ddp, r)) for r in (0, 1))
     assert sf.max_param_diff(rank0, rank1) == 0.0
@@ -262,18 +261,8 @@ def test_resume_with_chat_shards_is_exact(stage1):
 
 def test_ddp_with_chat_shards_matches_single_process(stage1):
     """2 ranks x (1 corpus row + 1 chat row) against 1 process x (2 + 2): the same windows, the same updates."""
-    single, ddp = sf.tmp_dir("stage2-chat-single"), sf.tmp_dir("stage2-chat-ddp")
-    run_stage2(stage1, single, *CHAT_ARGS)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", sf.__file__,
-           "stage2_sft", *stage2_args(stage1, ddp, *CHAT_ARGS, f"--batch_size={BATCH // 2}")]
-    proc = subprocess.run(cmd, cwd=sf.REPO, env=ENV, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    a, b = sf.read_metrics(single), sf.read_metrics(ddp)
-    assert len(a) == len(b) == 8
-    for ra, rb in zip(a, b):
-        for key in ra.keys() - {"phase", "step"}:
-            assert rb[key] == pytest.approx(ra[key], rel=DDP_REL, abs=DDP_REL), (ra["phase"], ra["step"], key)
-    assert sf.max_param_diff(sf.load_params(single), sf.load_params(ddp)) < DDP_PARAM_ATOL
+    single, _, _ = run_ddp_and_single(stage1, "stage2-chat", CHAT_ARGS)
+    assert len(sf.read_metrics(single)) == 8
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,9 +287,9 @@ def teacher_oracle(text, window):
     return teacher.bits(encoding.ids, tok.doc_start_id, window=window) / len(text.encode()), encoding
 
 
-def test_fidelity_json_against_teacher_and_student_oracles(full, tmp_path):
-    out, _ = full
-    ckpt = out  # the byte-model folder
+def run_fidelity(ckpt, tmp_path):
+    """bench/fidelity.py on SHORT_TEXT, on long_text() in windows of 16 tokens, and on SHORT_TEXT without the
+    greedy-flag passes -> the three texts' JSON records."""
     fidelity = load_bench("fidelity")
     short, long = tmp_path / "short.txt", tmp_path / "long.txt"
     short.write_text(SHORT_TEXT, encoding="utf-8")
@@ -312,11 +301,24 @@ def test_fidelity_json_against_teacher_and_student_oracles(full, tmp_path):
         fidelity.main([f"--ckpt={ckpt}", f"--text={long}", "--max_bytes=4000", "--window=16", f"--json={js}.w16"])
     with sf.quiet():  # without the greedy-flag passes: the same headline, no greedy figures
         fidelity.main([f"--ckpt={ckpt}", f"--text={short}", "--max_bytes=4000", "--greedy=False", f"--json={js}.late"])
-    got = json.loads(js.read_text())["texts"]["short.txt"]
-    late_only = json.loads((tmp_path / "fidelity.json.late").read_text())["texts"]["short.txt"]
+    return (json.loads(js.read_text())["texts"]["short.txt"],
+            json.loads((tmp_path / "fidelity.json.w16").read_text())["texts"]["long.txt"],
+            json.loads((tmp_path / "fidelity.json.late").read_text())["texts"]["short.txt"])
+
+
+def f1_score(pred, truth):
+    """F1 of boolean decisions against the truth (both (N,))."""
+    tp = (pred & truth).sum().item()
+    precision, recall = tp / max(pred.sum().item(), 1), tp / truth.sum().item()
+    return 2 * precision * recall / max(precision + recall, 1e-12)
+
+
+def test_fidelity_json_against_teacher_and_student_oracles(full, tmp_path):
+    out, _ = full
+    ckpt = out  # the byte-model folder
+    got, got_w16, late_only = run_fidelity(ckpt, tmp_path)
     assert late_only["student_bpb_late"] == got["student_bpb_late"] and late_only["teacher_bpb"] == got["teacher_bpb"]
     assert not any("greedy" in k or "dead_ends" in k for k in late_only)
-    got_w16 = json.loads((tmp_path / "fidelity.json.w16").read_text())["texts"]["long.txt"]
     for r in (got, got_w16):
         for key in ("teacher_bpb", "teacher_byte_bpb", "teacher_byte_bpb_greedy", "student_token_bpb",
                     "student_bpb_true_patches", "student_bpb_marginal", "teacher_bpb_marginal", "student_bpb_late",
@@ -376,14 +378,10 @@ def test_fidelity_json_against_teacher_and_student_oracles(full, tmp_path):
     truth = torch.zeros(n_bytes, dtype=torch.bool)
     truth[torch.tensor([stop - 1 for _, stop in encoding.offsets])] = True
     pred = ends[0, 1:]
-    tp = (pred[:-1] & truth[:-1]).sum().item()
-    precision, recall = tp / max(pred[:-1].sum().item(), 1), tp / truth[:-1].sum().item()
     assert 0 < pred.sum().item() < n_bytes  # the patcher cuts real patches
-    assert got["patcher_f1"] == pytest.approx(2 * precision * recall / max(precision + recall, 1e-12), rel=1e-9)
+    assert got["patcher_f1"] == pytest.approx(f1_score(pred[:-1], truth[:-1]), rel=1e-9)
     flags = late_flags[:-1]  # the late model's flags, its last byte's never decided
-    tp = (flags & truth[:-1]).sum().item()
-    precision, recall = tp / max(flags.sum().item(), 1), tp / truth[:-1].sum().item()
-    assert got["head_f1"] == pytest.approx(2 * precision * recall / max(precision + recall, 1e-12), rel=1e-9)
+    assert got["head_f1"] == pytest.approx(f1_score(flags, truth[:-1]), rel=1e-9)
 
 
 def test_fidelity_window_is_capped_at_the_teacher_context(full, tmp_path):

@@ -2,9 +2,10 @@
 byte likelihoods and checkpoint loading.
 
 Oracles: a full forward for every batched or cached path; the teacher's own logits for the main network's wiring;
-a naive float64 computation for byte_logprobs. The models are tiny and every weight is perturbed after init_weights,
-so the zero-initialised parts (residual, enc_proj output, null vector) matter and the identity patcher is not
-degenerate; the byte blocks' sliding window (8) is shorter than every sequence, so the window is exercised."""
+a naive float64 computation for byte_logprobs. The models are stage_fixtures.py's tiny ones (build_teacher,
+build_student): every weight is perturbed after init_weights, so the zero-initialised parts (residual, enc_proj output,
+null vector) matter and the identity patcher is not degenerate; the byte blocks' sliding window (8) is shorter than
+every sequence, so the window is exercised."""
 import json
 import pickle
 from dataclasses import asdict
@@ -16,50 +17,11 @@ from checkpoint import load_student, save_student
 from decoding import ByteGeneration
 from model import BOS_BYTE, ByteLM, StudentConfig, byte_logprobs, patch_order
 from safetensors_io import write_safetensors
-from teacher import Teacher, TeacherConfig
+from stage_fixtures import SCFG, TCFG, build_student, build_teacher, max_diff, random_bytes, random_ends
 from transformer import sample_from_logits
 
-TCFG = TeacherConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12, d_ff=80)
-SCFG = StudentConfig(d_local=32, n_local_heads=2, proj_hidden=64, local_window=8)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 T = 40  # bytes per test sequence: five times the sliding window
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls are far faster on one thread (and do not fight other processes for the 2 cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def build_teacher(seed=0):
-    """A random teacher with every weight O(1)-scaled and norm weights around 1 (not all ones)."""
-    torch.manual_seed(seed)
-    teacher = Teacher(TCFG)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in teacher.named_parameters():
-            if "norm" in name:
-                p.copy_(0.5 + torch.rand(p.shape, generator=g))
-            elif "embed_tokens" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
-    return teacher.eval()
-
-
-def build_student(teacher, seed=1, noise=1.0, noise_1d=0.1):
-    """init_weights(teacher), then noise on every weight (matrices: noise / sqrt(fan-in); vectors and embeddings:
-    noise_1d), so that no part is zero or exact and h varies from byte to byte as much as its mean."""
-    torch.manual_seed(seed)
-    student = ByteLM(SCFG, TCFG).init_weights(teacher)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in student.parameters():
-            matrix = p.dim() == 2 and p.shape[0] != 256  # not the byte embeddings
-            p.add_((noise / p.shape[1] ** 0.5 if matrix else noise_1d) * torch.randn(p.shape, generator=g))
-    return student.eval()
 
 
 @pytest.fixture(scope="module")
@@ -70,23 +32,6 @@ def teacher():
 @pytest.fixture(scope="module")
 def student(teacher):
     return build_student(teacher)
-
-
-def random_bytes(shape, seed):
-    x = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed))
-    x[..., 0] = BOS_BYTE
-    return x
-
-
-def random_ends(shape, seed, rate=0.35):
-    ends = torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < rate
-    ends[..., 0] = True  # BOS is its own token
-    return ends
-
-
-def max_diff(a, b):
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
 def test_fixture_is_not_degenerate(student):
