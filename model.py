@@ -72,7 +72,102 @@ class Projection(nn.Module):
         return self.out(F.silu(self.gate(x)) * self.up(x) if self.hidden else x)
 
 
-class ByteLM(nn.Module):
+class TeacherVocabularyParts:
+    """The parts of ByteLM that read the teacher's vocabulary (its buffers prior_vocab_*, prior_head, subword_embed): the
+    byte-head prior and the subword embedding. A mixin so that the buffers keep their names in ByteLM's state dict."""
+
+    def add_vocabulary_buffers(self, scfg, D):
+        """The teacher's vocabulary, its output layer and input embedding rows: buffers, part of the model, never
+        trained (filled by attach_prior)."""
+        self.has_prior = bool(scfg.prior_vocab) and scfg.prior
+        if scfg.prior_vocab:
+            self.register_buffer("prior_vocab_bytes", torch.zeros(scfg.prior_bytes, dtype=torch.uint8))
+            self.register_buffer("prior_vocab_ends", torch.zeros(scfg.prior_vocab, dtype=torch.int64))
+        if self.has_prior:
+            self.prior_scale = nn.Parameter(torch.ones(()))
+            self.register_buffer("prior_head", torch.zeros(scfg.prior_vocab, D))            # rows in byte order
+        if scfg.subword:  # the input embedding rows of the same entries, then the document-start token's
+            if not scfg.prior_vocab:
+                raise ValueError("StudentConfig.subword needs the teacher's vocabulary (prior_vocab > 0)")
+            self.register_buffer("subword_embed", torch.zeros(scfg.prior_vocab + 1, D))
+        self._vocab = None
+
+    @torch.no_grad()
+    def attach_prior(self, head_weight, id_to_bytes, embed_weight=None, start_id=None):
+        """Copy the teacher's vocabulary (the entries that spell bytes, in byte order: the trie's order) and, with the
+        prior, its output layer into the buffers; the model then needs no tokenizer. With StudentConfig.subword, also
+        the teacher's input embedding rows of those entries and of its document-start token start_id."""
+        entries, ids = prior_vocabulary(id_to_bytes)
+        if (len(entries), sum(map(len, entries))) != (self.scfg.prior_vocab, self.scfg.prior_bytes):
+            raise ValueError("the vocabulary does not match StudentConfig.prior_vocab / prior_bytes")
+        if self.has_prior:
+            self.prior_head.copy_(head_weight.detach()[torch.tensor(ids, device=head_weight.device)].float())
+        self.prior_vocab_bytes.copy_(torch.tensor(list(b"".join(entries)), dtype=torch.uint8))
+        self.prior_vocab_ends.copy_(torch.tensor(list(itertools.accumulate(map(len, entries)))))
+        if self.scfg.subword:
+            if embed_weight is None or start_id is None:
+                raise ValueError("StudentConfig.subword: attach_prior needs the teacher's input embedding and start id")
+            rows = torch.tensor(ids + [start_id], device=embed_weight.device)
+            self.subword_embed.copy_(embed_weight.detach()[rows].float())
+        self._vocab = None
+        return self
+
+    @property
+    def vocab(self):
+        """The stored vocabulary's tables (Vocabulary), built from the buffers once."""
+        if self._vocab is None:
+            self._vocab = Vocabulary(self.prior_vocab_bytes, self.prior_vocab_ends, self.scfg.prior_vocab)
+        return self._vocab
+
+    def subword_vectors(self, rows):
+        """subword_rows' rows -> the teacher's embedding rows (..., D), zero where -1."""
+        return self.subword_embed[rows.clamp(min=0)] * (rows >= 0)[..., None].to(self.subword_embed.dtype)
+
+    @torch.no_grad()
+    def log_prior(self, y, cum_rows, nodes):
+        """The byte-head prior: at each patch the main network's output y through the teacher's output layer is a
+        next-token distribution, and the exact-target rule (targets.py) turns it into a 512-way distribution q for
+        every byte of the patch, from the bytes the patch holds so far (the trie node). -> max(log q, log floor),
+        (N, 512) fp32 (fp64 in an fp64 model); a position with no patch yet or off the vocabulary (node -1) gets the floor everywhere, a
+        constant the softmax ignores: there the learned part alone speaks. y (P, D) patch outputs, cum_rows (N,) each
+        position's row of y. No gradient: the prior is a fixed function of the main network's output."""
+        # every position computed (node -1 read as the root) and the floor put back where the node is -1: picking
+        # the positions with a node would read their number back from the device
+        floor = self.scfg.prior_floor
+        q = exact_byte_targets(self.vocab.trie, y.detach(), self.prior_head, cum_rows, nodes.clamp(min=0))
+        return torch.where((nodes >= 0)[:, None], q.clamp(min=floor).log(), math.log(floor))
+
+    @torch.no_grad()
+    def prior_cumulative(self, y):
+        """Generation, once per patch: the patch outputs y (N, D) -> prefix sums of their next-token distributions
+        (N, prior_vocab + 1) float64 (targets.ByteTrie.cumulative), from which prior_at reads every byte's prior."""
+        return self.vocab.trie.cumulative(y.to(self.prior_head.dtype) @ self.prior_head.T)
+
+    @torch.no_grad()
+    def prior_at(self, cum, rows, nodes):
+        """Generation, once per byte: log_prior from prefix sums, each position's row of cum and its node -> (N, 512)."""
+        floor = self.scfg.prior_floor  # every position computed, the floor put back at node -1 (as log_prior)
+        q = self.vocab.trie.targets(cum, rows, nodes.clamp(min=0)).to(at_least_fp32(self.prior_head.dtype))
+        return torch.where((nodes >= 0)[:, None], q.clamp(min=floor).log(), math.log(floor))
+
+    def sequence_prior(self, x, ends, y, patch_mask, at=None):
+        """log_prior for every position of (B, T) bytes with patch ends and run_main's outputs -> (B, T, 512), or
+        None for the pure learned head; at (B,): one position per row only -> (B, 512)."""
+        if not self.has_prior:
+            return None
+        B, P, D = y.shape
+        # y's rows flattened, padding patches included (y[patch_mask] would read the count of real ones back from the
+        # device; no position reads a padding row, so patch_mask is not needed); each position's row is its row's
+        # latest patch, its first one before the first end (where its node is -1)
+        rows = (ends.long().cumsum(1) - 1).clamp(min=0) + P * torch.arange(B, device=ends.device)[:, None]
+        nodes = patch_prefix_nodes(self.vocab.trie, x, ends)
+        if at is not None:
+            b = torch.arange(len(at), device=at.device)
+            return self.log_prior(y.reshape(B * P, D), rows[b, at], nodes[b, at])
+        return self.log_prior(y.reshape(B * P, D), rows.reshape(-1), nodes.reshape(-1)).view(*x.shape, 512)
+
+
+class ByteLM(TeacherVocabularyParts, nn.Module):
     # Parameter groups the training phases select by name prefix.
     ENCODER_SIDE = ("byte_embed.", "encoder.", "enc_proj.")
     PATCHER = ("patcher_q.", "patcher_k.")
@@ -95,19 +190,7 @@ class ByteLM(nn.Module):
         self.byte_embed_dec = nn.Embedding(256, d)
         self.decoder = Transformer(byte_blocks_config(scfg, scfg.n_dec))
         self.head = nn.Linear(d, 512, bias=False)
-        # the teacher's vocabulary, its output layer and input embedding rows: buffers, part of the model, never trained
-        self.has_prior = bool(scfg.prior_vocab) and scfg.prior
-        if scfg.prior_vocab:
-            self.register_buffer("prior_vocab_bytes", torch.zeros(scfg.prior_bytes, dtype=torch.uint8))
-            self.register_buffer("prior_vocab_ends", torch.zeros(scfg.prior_vocab, dtype=torch.int64))
-        if self.has_prior:
-            self.prior_scale = nn.Parameter(torch.ones(()))
-            self.register_buffer("prior_head", torch.zeros(scfg.prior_vocab, D))            # rows in byte order
-        if scfg.subword:  # the input embedding rows of the same entries, then the document-start token's
-            if not scfg.prior_vocab:
-                raise ValueError("StudentConfig.subword needs the teacher's vocabulary (prior_vocab > 0)")
-            self.register_buffer("subword_embed", torch.zeros(scfg.prior_vocab + 1, D))
-        self._vocab = None
+        self.add_vocabulary_buffers(scfg, D)
 
     @torch.no_grad()
     def init_weights(self, teacher=None):
@@ -150,37 +233,6 @@ class ByteLM(nn.Module):
         if self.has_prior:
             self.prior_scale.fill_(1.0)  # with a learned part near zero, the head starts as the prior itself
         return self
-
-    @torch.no_grad()
-    def attach_prior(self, head_weight, id_to_bytes, embed_weight=None, start_id=None):
-        """Copy the teacher's vocabulary (the entries that spell bytes, in byte order: the trie's order) and, with the
-        prior, its output layer into the buffers; the model then needs no tokenizer. With StudentConfig.subword, also
-        the teacher's input embedding rows of those entries and of its document-start token start_id."""
-        entries, ids = prior_vocabulary(id_to_bytes)
-        if (len(entries), sum(map(len, entries))) != (self.scfg.prior_vocab, self.scfg.prior_bytes):
-            raise ValueError("the vocabulary does not match StudentConfig.prior_vocab / prior_bytes")
-        if self.has_prior:
-            self.prior_head.copy_(head_weight.detach()[torch.tensor(ids, device=head_weight.device)].float())
-        self.prior_vocab_bytes.copy_(torch.tensor(list(b"".join(entries)), dtype=torch.uint8))
-        self.prior_vocab_ends.copy_(torch.tensor(list(itertools.accumulate(map(len, entries)))))
-        if self.scfg.subword:
-            if embed_weight is None or start_id is None:
-                raise ValueError("StudentConfig.subword: attach_prior needs the teacher's input embedding and start id")
-            rows = torch.tensor(ids + [start_id], device=embed_weight.device)
-            self.subword_embed.copy_(embed_weight.detach()[rows].float())
-        self._vocab = None
-        return self
-
-    @property
-    def vocab(self):
-        """The stored vocabulary's tables (Vocabulary), built from the buffers once."""
-        if self._vocab is None:
-            self._vocab = Vocabulary(self.prior_vocab_bytes, self.prior_vocab_ends, self.scfg.prior_vocab)
-        return self._vocab
-
-    def subword_vectors(self, rows):
-        """subword_rows' rows -> the teacher's embedding rows (..., D), zero where -1."""
-        return self.subword_embed[rows.clamp(min=0)] * (rows >= 0)[..., None].to(self.subword_embed.dtype)
 
     def recompute_blocks(self, on=True):
         """Activation checkpointing for the three stacks (encoder, main network, decoder), the projection to the
@@ -251,33 +303,6 @@ class ByteLM(nn.Module):
         logits = self.head(self.decoder.run_blocks(u, cache=cache, advance=advance))
         return logits if prior is None else logits + self.prior_scale * prior
 
-    @torch.no_grad()
-    def log_prior(self, y, cum_rows, nodes):
-        """The byte-head prior: at each patch the main network's output y through the teacher's output layer is a
-        next-token distribution, and the exact-target rule (targets.py) turns it into a 512-way distribution q for
-        every byte of the patch, from the bytes the patch holds so far (the trie node). -> max(log q, log floor),
-        (N, 512) fp32 (fp64 in an fp64 model); a position with no patch yet or off the vocabulary (node -1) gets the floor everywhere, a
-        constant the softmax ignores: there the learned part alone speaks. y (P, D) patch outputs, cum_rows (N,) each
-        position's row of y. No gradient: the prior is a fixed function of the main network's output."""
-        # every position computed (node -1 read as the root) and the floor put back where the node is -1: picking
-        # the positions with a node would read their number back from the device
-        floor = self.scfg.prior_floor
-        q = exact_byte_targets(self.vocab.trie, y.detach(), self.prior_head, cum_rows, nodes.clamp(min=0))
-        return torch.where((nodes >= 0)[:, None], q.clamp(min=floor).log(), math.log(floor))
-
-    @torch.no_grad()
-    def prior_cumulative(self, y):
-        """Generation, once per patch: the patch outputs y (N, D) -> prefix sums of their next-token distributions
-        (N, prior_vocab + 1) float64 (targets.ByteTrie.cumulative), from which prior_at reads every byte's prior."""
-        return self.vocab.trie.cumulative(y.to(self.prior_head.dtype) @ self.prior_head.T)
-
-    @torch.no_grad()
-    def prior_at(self, cum, rows, nodes):
-        """Generation, once per byte: log_prior from prefix sums, each position's row of cum and its node -> (N, 512)."""
-        floor = self.scfg.prior_floor  # every position computed, the floor put back at node -1 (as log_prior)
-        q = self.vocab.trie.targets(cum, rows, nodes.clamp(min=0)).to(at_least_fp32(self.prior_head.dtype))
-        return torch.where((nodes >= 0)[:, None], q.clamp(min=floor).log(), math.log(floor))
-
     def forward(self, x, ends=None):
         """Stage-2 forward. bytes (B, T) -> (logits (B, T, 512), boundary probs (B, T), ends used (B, T)).
         ends=None takes the patches from the patcher (p_t > threshold); pass ends to force them (ground truth, or
@@ -288,22 +313,6 @@ class ByteLM(nn.Module):
             ends = p > self.scfg.boundary_threshold
         y, patch_mask = self.run_main(h, ends)
         return self.decode(x, h, self.dechunk(y, ends), prior=self.sequence_prior(x, ends, y, patch_mask)), p, ends
-
-    def sequence_prior(self, x, ends, y, patch_mask, at=None):
-        """log_prior for every position of (B, T) bytes with patch ends and run_main's outputs -> (B, T, 512), or
-        None for the pure learned head; at (B,): one position per row only -> (B, 512)."""
-        if not self.has_prior:
-            return None
-        B, P, D = y.shape
-        # y's rows flattened, padding patches included (y[patch_mask] would read the count of real ones back from the
-        # device; no position reads a padding row, so patch_mask is not needed); each position's row is its row's
-        # latest patch, its first one before the first end (where its node is -1)
-        rows = (ends.long().cumsum(1) - 1).clamp(min=0) + P * torch.arange(B, device=ends.device)[:, None]
-        nodes = patch_prefix_nodes(self.vocab.trie, x, ends)
-        if at is not None:
-            b = torch.arange(len(at), device=at.device)
-            return self.log_prior(y.reshape(B * P, D), rows[b, at], nodes[b, at])
-        return self.log_prior(y.reshape(B * P, D), rows.reshape(-1), nodes.reshape(-1)).view(*x.shape, 512)
 
 
 class Vocabulary:

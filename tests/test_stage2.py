@@ -433,8 +433,13 @@ def test_preset_weight_reads(tmp_path):
     js = tmp_path / "memory.json"
     with sf.quiet():
         memory = load_bench("memory")
-        memory.main(["--n_enc=2", "--n_dec=2", "--bytes_per_token=4.3", "--prior_rows=16384", f"--json={js}"])
+        memory.main(["--n_enc=2", "--n_dec=2", "--bytes_per_token=4.3", "--prior_rows=16384", "--activations=False",
+                     f"--json={js}"])
     rows = json.loads(js.read_text())["rows"]
+    # the README's paper-scale plan adds up to its "about 125B bytes", and a larger teacher costs more GPU-hours
+    assert sum(memory.PLAN_BYTES.values()) == 125e9
+    hours = {r["preset"]: r["plan_gpu_hours"] for r in rows}
+    assert hours["smollm2"] < hours["olmo"] < hours["llama"] < hours["qwen"]
     assert {r["preset"] for r in rows} == {"smollm2", *teachers.PRESETS}
     for r in rows:
         call, byte_step, token = (r["student_read_per_main_call"], r["student_read_per_byte_step"],
