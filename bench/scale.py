@@ -7,7 +7,9 @@ embedded tokenizer's token ends as patches (so patches are as long as real token
 
 One table, ratios measured side by side in this run:
 - aten ops of one stage-2 forward at T = --t_long over T = --t_short, batch 1: a forward whose work is vectorised over
-  bytes runs about the same ops at any T (on a GPU each op is a kernel launch); one that loops over bytes grows with T;
+  bytes runs about the same ops at any T (on a GPU each op is a kernel launch); one that loops over bytes grows with T.
+  The prior's vocabulary-sized work goes in chunks of a fixed number of elements (targets.chunk_budget), more chunks
+  for more patches: counted with this CPU's budget and with a GPU's;
 - forward + backward seconds per byte at T = --t_long over T = 512, the same bytes per call (batch t_long / 512 at
   512): flat when nothing costs T^2;
 - activation bytes saved for backward per byte (torch.autograd.graph.saved_tensors_hooks; the slope between
@@ -30,6 +32,7 @@ sys.path.insert(0, REPO)
 import cli  # noqa: E402
 import data  # noqa: E402
 import model  # noqa: E402
+import targets  # noqa: E402
 from teacher import config_from_hf, resolve_teacher_dir  # noqa: E402
 from tokenizer import load_tokenizer  # noqa: E402
 
@@ -121,12 +124,16 @@ def stage2_loss(student, x, ends):
 
 def measure(cfg, student, x, ends):
     out = {}
+    cpu_budget = targets.chunk_budget
     with torch.no_grad():
-        for T in (cfg.t_short, cfg.t_long):
-            counter = OpCounter()
-            with counter:
-                student(*window(x, ends, 1, T))
-            out[f"ops_T{T}"] = counter.n
+        for key, budget in (("ops", cpu_budget), ("ops_gpu_budget", lambda device: cpu_budget("cuda"))):
+            targets.chunk_budget = budget  # the prior's vocabulary-sized chunks as this CPU or a GPU sizes them
+            for T in (cfg.t_short, cfg.t_long):
+                counter = OpCounter()
+                with counter:
+                    student(*window(x, ends, 1, T))
+                out[f"{key}_T{T}"] = counter.n
+    targets.chunk_budget = cpu_budget
     for T in (512, cfg.t_long):  # the same bytes per call
         xs, es = window(x, ends, cfg.t_long // T, T)
         stage2_loss(student, xs, es).backward()  # warm-up
@@ -167,6 +174,9 @@ def main(argv):
     print("| measure | value |\n|---|---|")
     print(f"| aten ops per stage-2 forward, T = {cfg.t_short} / {cfg.t_long} | {r[f'ops_T{cfg.t_short}']:,} / "
           f"{r[f'ops_T{cfg.t_long}']:,} (ratio {r[f'ops_T{cfg.t_long}'] / r[f'ops_T{cfg.t_short}']:.2f}) |")
+    print(f"| same, the prior's chunks sized for a GPU | {r[f'ops_gpu_budget_T{cfg.t_short}']:,} / "
+          f"{r[f'ops_gpu_budget_T{cfg.t_long}']:,} (ratio "
+          f"{r[f'ops_gpu_budget_T{cfg.t_long}'] / r[f'ops_gpu_budget_T{cfg.t_short}']:.2f}) |")
     print(f"| forward + backward us per byte, T = 512 / {cfg.t_long} | {r['s_per_byte_T512'] * 1e6:.1f} / "
           f"{r[f's_per_byte_T{cfg.t_long}'] * 1e6:.1f} (ratio {r[f's_per_byte_T{cfg.t_long}'] / r['s_per_byte_T512']:.2f}) |")
     print(f"| saved activations KiB per byte, plain / --checkpoint_blocks | {r['saved_per_byte_plain'] / 1024:.1f} / "
