@@ -16,12 +16,7 @@ PROMPTS = [b"", b"Hi", b"To be, or not to be: that is", b"\xc3\xa9t\xc3\xa9"]  #
 N_NEW = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matmuls on one thread
 
 
 @pytest.fixture(scope="module")

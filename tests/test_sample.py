@@ -31,12 +31,7 @@ BATCH_SEED = 5  # in the batch one row samples 0xFE early (the oracle below adap
 BATCH = dict(prompts=["Hi", "Ünïcode"], num_samples=2, max_bytes=12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny matmuls on one thread
 
 
 class Run:
