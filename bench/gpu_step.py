@@ -13,6 +13,7 @@ Model FLOPs: counted by torch's FlopCounterMode on one row without recomputation
 --checkpoint_blocks recomputes is not model FLOPs), times the batch; utilisation = those FLOPs per second over
 --peak_tflops (default: 989 bf16 dense on an H100 or H200, unknown elsewhere).
 """
+import importlib.util
 import json
 import os
 import sys
@@ -29,23 +30,18 @@ import model  # noqa: E402
 import stage1_kd  # noqa: E402
 import stage2_sft  # noqa: E402
 import train  # noqa: E402
-from teacher import TeacherConfig, config_from_hf  # noqa: E402
 from transformer import Transformer  # noqa: E402
 
-# The shapes of the presets' config.json files (as bench/memory.py's PUBLISHED; smollm2 for a small CPU check)
-SHAPES = {
-    "olmo": {"architectures": ["Olmo2ForCausalLM"], "vocab_size": 100352, "hidden_size": 2048,
-             "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 16,
-             "num_key_value_heads": 16, "max_position_embeddings": 4096},
-    "smollm2": {"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
-                "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-                "num_key_value_heads": 3, "max_position_embeddings": 8192, "tie_word_embeddings": True},
-}
+# bench/memory.py's preset shapes (published config.json values), loaded by path (bench/ holds data.py and teacher.py:
+# never on sys.path)
+_spec = importlib.util.spec_from_file_location("bench_memory", os.path.join(REPO, "bench", "memory.py"))
+memory = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(memory)
 
 
 @dataclass
 class Config:
-    preset: str = "olmo"              # olmo | smollm2
+    preset: str = "olmo"              # olmo | llama | qwen | smollm2 (a small CPU check)
     batch_size: int = 32              # rows per rank (the README's paper-scale shape)
     seq_len: int = 8192
     main_layers: int = 0              # 0: the preset's depth
@@ -70,7 +66,7 @@ def synthetic_vocabulary(n, seed):
 
 
 def build(cfg, device):
-    tcfg = config_from_hf(SHAPES[cfg.preset])
+    tcfg, _ = memory.teacher_config(cfg.preset)
     if cfg.main_layers:
         tcfg.n_layers = cfg.main_layers
     vocab = synthetic_vocabulary(min(cfg.vocab_entries, tcfg.vocab_size), cfg.seed)
@@ -157,8 +153,8 @@ def run_phase(cfg, device, student, step, prefixes, batches):
 
 def main(argv):
     cfg = cli.parse_args(Config, argv)
-    if cfg.preset not in SHAPES:
-        raise SystemExit(f"error: --preset must be one of {', '.join(SHAPES)}, not {cfg.preset!r}")
+    if cfg.preset not in memory.PUBLISHED:
+        raise SystemExit(f"error: --preset must be one of {', '.join(memory.PUBLISHED)}, not {cfg.preset!r}")
     device = torch.device(cfg.device if cfg.device != "cuda" or torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = cfg.peak_tflops or (989.0 if any(k in name for k in ("H100", "H200")) else 0.0)
