@@ -24,6 +24,8 @@ import torch
 
 from marginal import BEAM, FLOOR, StudentBeam, chunks
 
+TAIL = None  # the default tail (bytes at a context's end that the beam reads; None: the whole context)
+
 
 def token_ends(tok, data):
     """Each byte's "a token ends here" flag (bool (len(data),)) under the canonical tokenization of data (normalised
@@ -53,18 +55,31 @@ def keep_last(data, n):
     return data[start:]
 
 
-def context_beam(model, contexts, beam=BEAM, floor=FLOOR, keep=None, stats=None, room=0):
+def context_beam(model, contexts, beam=BEAM, floor=FLOOR, keep=None, stats=None, room=0, tail=TAIL):
     """The beam over each context (bytes) from a fresh document start, read to its end (lockstep) -> StudentBeam
-    (its log_sum: log A(context) per context). keep: per context its flags to keep (None: none)."""
-    state = StudentBeam.from_document_start(model, contexts, beam, floor, keep, stats, room, rows_key="context_rows")
-    for _ in range(max(map(len, contexts), default=0)):
+    (its log_sum: log A(context) per context, or with tail the log A of the context's tail). keep: per context its
+    flags to keep (None: none). tail (bytes, or None: every byte): a context with flags to keep and longer than tail
+    has the bytes before its last `tail` read along those flags in one prefill, and the beam sums over the flags of
+    the last `tail` bytes alone (an approximation: the earlier flags are fixed to the canonical token ends, which is
+    what the beam's heaviest path mostly is; a continuation's conditional is a ratio in which the fixed part
+    cancels). The beam's cost then no longer grows with the context's length."""
+    keep = [None] * len(contexts) if keep is None else keep
+    cut = [len(c) - tail if tail is not None and k is not None and len(c) > tail else 0 for c, k in zip(contexts, keep)]
+    if not any(cut):
+        state = StudentBeam.from_document_start(model, contexts, beam, floor, keep, stats, room, rows_key="context_rows")
+    else:
+        state = StudentBeam.after_prefill(
+            model, [c[:n] for c, n in zip(contexts, cut)], [c[n:] for c, n in zip(contexts, cut)], beam, floor,
+            [None if k is None else k[n:] for k, n in zip(keep, cut)], stats,
+            [k[:n] if n else () for k, n in zip(keep, cut)], room, rows_key="context_rows")
+    for _ in range(state.target.shape[1]):
         state.step()
     return state
 
 
 @torch.no_grad()
 def conditional_logprobs(model, pairs, beam=BEAM, floor=FLOOR, keep=None, slots=128, stats=None, argmax=False,
-                         progress=None):
+                         progress=None, tail=TAIL):
     """log p(continuation | context) by the marginal over the whole string's patchings (see the module docstring).
     pairs: [(context bytes, continuation bytes)]; keep: per pair (the context's flags, the continuation's) to keep in
     the beam (either None), or None. Contexts go in lockstep batches of slots // beam, and their continuations after
@@ -82,7 +97,7 @@ def conditional_logprobs(model, pairs, beam=BEAM, floor=FLOOR, keep=None, slots=
     out = [None] * len(pairs)
     for chunk in chunks([len(c) for c in contexts], per):
         state = context_beam(model, [contexts[c] for c in chunk], beam, floor,
-                             [keep[members[c][0]][0] for c in chunk], stats)
+                             [keep[members[c][0]][0] for c in chunk], stats, tail=tail)
         requests = [(k, i) for k, c in enumerate(chunk) for i in members[c]]
         for part in chunks([len(pairs[i][1]) for _, i in requests], per):  # similar lengths share a batch
             part = [requests[p] for p in part]
@@ -106,14 +121,14 @@ def draw(weights, temperature=1.0, generator=None):
 
 @torch.no_grad()
 def generation_after(model, prompts, max_new_bytes, flags="joint", temperature=1.0, generator=None, beam=BEAM,
-                     floor=FLOOR, keep=None):
+                     floor=FLOOR, keep=None, tail=TAIL):
     """Cached generation (decoding.ByteGeneration, rule `flags`) after each prompt (bytes), each row continuing one
     hypothesis of the beam over its prompt, drawn by its weight (temperature 0: the heaviest). Rows with the same
     prompt share its beam and draw apart. keep: per prompt, the flags to keep in its beam (or None)."""
     unique = list(dict.fromkeys(prompts))
     first = {p: prompts.index(p) for p in unique}
     keep = [None] * len(prompts) if keep is None else keep
-    state = context_beam(model, unique, beam, floor, [keep[first[p]] for p in unique])
+    state = context_beam(model, unique, beam, floor, [keep[first[p]] for p in unique], tail=tail)
     weights = state.beam.w.view(len(unique), beam)
     text = torch.tensor([unique.index(p) for p in prompts], device=weights.device)
     slots = text * beam + draw(weights[text], temperature, generator)
@@ -121,11 +136,11 @@ def generation_after(model, prompts, max_new_bytes, flags="joint", temperature=1
 
 
 @torch.no_grad()
-def search_start(model, prompt, max_bytes, width, beam=BEAM, floor=FLOOR, keep=None):
+def search_start(model, prompt, max_bytes, width, beam=BEAM, floor=FLOOR, keep=None, tail=TAIL):
     """decoding.beam_search's start after prompt: the beam over the prompt's patchings, its heaviest `width`
     hypotheses as the search's rows, each scored by its weight (rows beyond the live hypotheses: -inf) -> (gen,
     scores), for beam_search(..., start=)."""
-    state = context_beam(model, [prompt], max(beam, width), floor, [keep])
+    state = context_beam(model, [prompt], max(beam, width), floor, [keep], tail=tail)
     w = state.beam.w
     order = torch.argsort(w, descending=True, stable=True)[:width]
     order = torch.cat([order, order[:1].expand(width - len(order))])  # width past the beam: copies, never used

@@ -78,7 +78,7 @@ class ByteGeneration:
     Encoder and decoder step once per byte; the main network steps only for rows whose newest byte closes a patch.
     Prefill: the patcher decides the boundaries of all prompt bytes but the last (its one-byte lookahead sees the
     next prompt byte); the last prompt byte's flag is the head's more likely e for that known byte at the previous
-    position. After that, every flag is the e half of the sampled index. `x[:, :length]` and `ends` record the bytes
+    position. ends (per prompt its bytes' flags, or None) gives a prompt's flags instead, the last byte's included. After that, every flag is the e half of the sampled index. `x[:, :length]` and `ends` record the bytes
     and the boundaries used, so a full forward with those ends reproduces every logit.
 
     flags: "greedy" (the default) draws the byte from the head's two halves summed (temperature, top_k and top_p act on
@@ -92,7 +92,7 @@ class ByteGeneration:
     (in a batch nearly every byte closes some row's patch, and a CPU pays the main network's weight reads per call,
     however few rows it takes). Each row's bytes and logits are the same either way; only the order of work differs."""
 
-    def __init__(self, model, prompts, max_new_bytes, flags="greedy", all_logits=True):
+    def __init__(self, model, prompts, max_new_bytes, flags="greedy", all_logits=True, ends=None):
         if flags not in ("greedy", "joint"):
             raise ValueError(f"flags={flags!r}: greedy or joint")
         self.model, self.joint = model, flags == "joint"
@@ -108,7 +108,7 @@ class ByteGeneration:
         self.enc_cache = model.encoder.new_cache(B, total)
         self.dec_cache = model.decoder.new_cache(B, total)
         self.max_new_bytes = max_new_bytes  # the main network's cache is made in _prefill, once the patches are known
-        self.prefill_logits = self._prefill(L, all_logits)
+        self.prefill_logits = self._prefill(L, all_logits, ends)
 
     @classmethod
     def resume(cls, model, x, lens, ends, caches, y_cur, h_last, pending_end, node=None, cum=None, max_new_bytes=0,
@@ -133,13 +133,23 @@ class ByteGeneration:
         return self
 
     @torch.no_grad()
-    def _prefill(self, L, all_logits=True):
+    def _prefill(self, L, all_logits=True, given=None):
         """-> per row the logits at its prompt positions but the last (L_i - 1, 512); all_logits=False: only the
-        newest of them (1, 512) (0 rows for a lone 0xFE), the prior computed there alone (what marginal.py needs)."""
+        newest of them (1, 512) (0 rows for a lone 0xFE), the prior computed there alone (what marginal.py needs).
+        given: per prompt its bytes' flags (bool (len(prompt),), the newest byte's included) or None (the patcher's)."""
         m, x, lens, rows = self.model, self.x[:, :L], self.lens, self.rows
         h = m.encode(x, cache=self.enc_cache, advance=lens)
         t = torch.arange(L, device=x.device)[None]
         ends = (m.boundary_probs(h) > m.scfg.boundary_threshold) & (t < lens[:, None] - 1)
+        newest = torch.zeros_like(lens, dtype=torch.bool)  # the given flag of each row's newest byte
+        has = torch.zeros_like(newest)
+        for i, flags in enumerate(given or []):
+            if flags is not None:
+                if len(flags) != int(lens[i]) - 1:
+                    raise ValueError(f"ends: {len(flags)} flags for a prompt of {int(lens[i]) - 1} bytes")
+                row = torch.cat([torch.ones(1, dtype=torch.bool), torch.as_tensor(flags, dtype=torch.bool).cpu()])
+                ends[i, :len(row)] = row.to(x.device) & (t[0, :len(row)] < lens[i] - 1)
+                newest[i], has[i] = row[-1], True
         # room for the prompt's patches, its newest one and one per new byte (a byte closes at most one): a patch is
         # ~4 bytes, so sizing by bytes would allocate (and zero) ~4x the main network's keys and values
         room = int(ends.sum(1).max()) + 1 + self.max_new_bytes
@@ -160,7 +170,7 @@ class ByteGeneration:
         prev = logits[rows, (lens - 2).clamp(min=0)]
         last = x[rows, lens - 1]
         # The last prompt byte's flag: the head's more likely e for that byte; a lone BOS byte is its own patch.
-        self.pending_end = (prev[rows, last + 256] > prev[rows, last]) | (lens == 1)
+        self.pending_end = torch.where(has, newest, (prev[rows, last + 256] > prev[rows, last]) | (lens == 1))
         self.waiting = self.pending_end.clone()  # rows whose newest patch the main network has not yet taken
         self.h_last = h[rows, lens - 1]
         self.ends[:, :L] = ends

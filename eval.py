@@ -135,13 +135,16 @@ class StudentLM(LM):
     """lm-eval's model for a byte-model checkpoint (see the module docstring for the scoring)."""
 
     def __init__(self, model, tok, batch_size=16, window=512, flags="marginal", beam=marginal.BEAM, keep_tokens=True,
-                 context="marginal"):
+                 context="marginal", context_tail=conditioning.TAIL or 0):
         super().__init__()
         if flags not in ("marginal", "late", "greedy"):
             raise ValueError(f"flags={flags!r}: marginal, late or greedy")
         if context not in ("marginal", "patcher"):
             raise ValueError(f"context={context!r}: marginal or patcher")
         self.context = context  # --flags=marginal: the context read by the beam over its patchings, or the patcher's
+        self.tail = int(context_tail) or None  # the beam's bytes at a context's end (None: all; conditioning.py)
+        if self.tail is not None and self.tail < 0:
+            raise ValueError(f"context_tail={context_tail}: 0 (the whole context) or a number of bytes")
         if int(beam) < 1:
             raise ValueError(f"beam={beam}: at least 1")
         self.model, self.tok, self.batch_size, self.flags, self.beam = model, tok, batch_size, flags, int(beam)
@@ -153,10 +156,10 @@ class StudentLM(LM):
 
     @classmethod
     def load(cls, ckpt, device="cpu", dtype="float32", batch_size=16, window=512, flags="marginal",
-             beam=marginal.BEAM, keep_tokens=True, context="marginal"):
+             beam=marginal.BEAM, keep_tokens=True, context="marginal", context_tail=conditioning.TAIL or 0):
         student, meta = checkpoint.load_student(ckpt, check_device(device), getattr(torch, dtype))
         return cls(student, load_tokenizer(resolve_teacher_dir(meta["teacher"])), int(batch_size), int(window), flags,
-                   beam, keep_tokens, context)
+                   beam, keep_tokens, context, context_tail)
 
     @classmethod
     def create_from_arg_string(cls, arg_string, additional_config=None):  # simple_evaluate(model="byte-student")
@@ -179,7 +182,8 @@ class StudentLM(LM):
                     keep = [(ends.get(c), token_ends(self.tok, x) if self.keep_tokens else None)
                             for c, x in zip(ctxs, conts)]
                     scored = conditioning.conditional_logprobs(self.model, list(zip(ctxs, conts)), self.beam, keep=keep,
-                                                               argmax=True, stats=self.work, progress=bar)
+                                                               argmax=True, stats=self.work, progress=bar,
+                                                               tail=self.tail)
                 else:  # the old way: the context prefilled along the patcher's flags
                     keep = [token_ends(self.tok, x) for x in conts] if self.keep_tokens else None
                     scored = marginal.marginal_logprobs(self.model, conts, self.beam, prompts=ctxs, keep=keep,
@@ -265,7 +269,7 @@ class StudentLM(LM):
         elif self.flags == "marginal" and self.context == "marginal":  # from a hypothesis of the prompt's beam
             keep = [token_ends(self.tok, p) for p in prompts] if self.keep_tokens else None
             gen = conditioning.generation_after(self.model, prompts, max_new_bytes, "joint", temperature,
-                                                beam=self.beam, keep=keep)
+                                                beam=self.beam, keep=keep, tail=self.tail)
             steps = ((rows, new) for rows, _, new, _ in gen.run(max_new_bytes, temperature))
         else:  # rows out of step; a finished row stops (gen.live)
             gen = decoding.ByteGeneration(self.model, prompts, max_new_bytes,
@@ -448,6 +452,8 @@ class Config:
     context: str = "marginal"  # --flags=marginal: marginal (log A(context + continuation) - log A(context), the beam
                                # over the context's patchings) | patcher (the old rule: the context prefilled along
                                # the patcher's flags), for comparison
+    context_tail: int = conditioning.TAIL or 0  # --context=marginal: the beam sums over the flags of a context's last
+                               # N bytes, the bytes before go along their canonical token ends (0: the whole context)
     bootstrap_iters: int = 1000  # resamples for the standard errors (lm-eval's default is 100,000)
     seed: int = 1234
     json: str = ""             # write the results here
@@ -509,7 +515,7 @@ def main(argv):
         teacher_name = cfg.teacher or checkpoint.read_student_config(cfg.ckpt)[0]["teacher"]
         print(f"== byte student {cfg.ckpt}", flush=True)
         lm = StudentLM.load(cfg.ckpt, **kwargs, flags=cfg.flags, beam=cfg.beam, keep_tokens=cfg.keep_tokens,
-                            context=cfg.context)
+                            context=cfg.context, context_tail=cfg.context_tail)
         runs["student"] = evaluate(lm, cfg, manager, "byte student")
         print(make_table(runs["student"]), flush=True)
     if cfg.teacher or cfg.compare:

@@ -211,20 +211,27 @@ class StudentBeam:
                                 cum, torch.full((S,), -1, dtype=torch.long, device=dev), pending, ends, cap)
 
     @classmethod
-    def after_prefill(cls, m, prompts, texts, K, floor, keep=None, stats=None):
+    def after_prefill(cls, m, prompts, texts, K, floor, keep=None, stats=None, prompt_ends=None, room=0,
+                      rows_key="main_rows"):
         """texts read after prompts whose flags are the patcher's (generation's prefill, each distinct prompt once),
-        the prompt's last byte's flag summed over with the head's two halves as weights (the old conditioning)."""
+        the prompt's last byte's flag summed over with the head's two halves as weights (the old conditioning); or,
+        with prompt_ends (per prompt its bytes' flags, the last byte's included), after prompts read along those flags
+        (conditioning.py's context tail: the bytes before it along their canonical token ends). Either way the
+        texts' shares start from A_0 = 1 after the prompt. room: bytes more that generation or spawn may add."""
         n, L = len(texts), max(map(len, texts), default=0)
-        unique = list(dict.fromkeys(prompts))
-        gen = ByteGeneration(m, unique, max(L, 1), all_logits=False)
+        keys = prompts if prompt_ends is None else [(p, tuple(map(bool, e))) for p, e in zip(prompts, prompt_ends)]
+        unique = {k: i for i, k in enumerate(dict.fromkeys(keys))}  # each distinct prompt (with its flags) once
+        given = None if prompt_ends is None else [k[1] for k in unique]
+        gen = ByteGeneration(m, [k if given is None else k[0] for k in unique], max(L, 1) + room, all_logits=False,
+                             ends=given)
         dev, S = gen.x.device, n * K
-        src = torch.tensor([unique.index(p) for p in prompts], device=dev)  # each text's prefill row
+        src = torch.tensor([unique[k] for k in keys], device=dev)  # each text's prefill row
         if stats is not None:
             stats["prefill_rows"] = stats.get("prefill_rows", 0) + int(gen.main_cache.pos.sum())
             stats["prefill_bytes"] = stats.get("prefill_bytes", 0) + int(gen.lens.sum())
         beam = Beam(n, K, floor, dev)
         first = torch.arange(n, device=dev) * K
-        cap = min(m.tcfg.max_seq_len, int(gen.main_cache.pos.max()) + L + 1)
+        cap = min(m.tcfg.max_seq_len, int(gen.main_cache.pos.max()) + L + room + 1)
         main = m.main.new_cache(S, min(cap, int(gen.main_cache.pos.max()) + L // 2 + 8))
         main.copy_rows(first, src, gen.main_cache)
         dec = m.decoder.new_cache(S, gen.dec_cache.max_len)
@@ -239,8 +246,12 @@ class StudentBeam:
         n_target = torch.tensor([len(t) for t in texts], device=dev)
         h = torch.cat([gen.h_last[src][:, None], _encode_after(m, enc, x, lens, target, n_target)], 1)
         ends = gen.ends[src][owner].clone()
-        state = cls(m, beam, x, lens, target, n_target, h, enc, forced_flags(keep, texts, L, dev), stats)
+        state = cls(m, beam, x, lens, target, n_target, h, enc, forced_flags(keep, texts, L, dev), stats, rows_key)
         state.slots_from(main, dec, y, cum, node, torch.zeros(S, dtype=torch.bool, device=dev), ends, cap)
+        if given is not None:  # the newest prompt byte's flag is given: one hypothesis per text, as at a document start
+            state.pending[first] = gen.pending_end[src]
+            state.ends[first, lens - 1] = state.pending[first]
+            return state
         # the newest prompt byte's flag (a lone 0xFE is its own patch): its two values are the first two children
         last = x[torch.arange(n, device=dev), lens - 1]
         log_e = torch.full((S, 2), -math.inf, dtype=torch.float64, device=dev)
