@@ -26,7 +26,7 @@ import data
 import distributed
 from losses import byte_cross_entropy, chunked_reverse_kl
 import model
-from targets import ByteTrie, exact_byte_targets, next_token_nodes
+from targets import ByteTrie, batch_byte_targets
 from teacher import load_teacher, resolve_teacher_dir
 import train
 
@@ -146,12 +146,8 @@ def decoder_step(student, teacher, trie, batch, chunk_rows, soft_weight):
         h = student.encode(x)
         order, patch_mask = model.patch_order(ends)
         hidden = teacher(batch["token_id"].gather(1, order).clamp(min=0), return_hidden=True)  # (B, P, D)
-        patch, nodes, has = next_token_nodes(trie, ends, batch["token_id"])
-        has = has & valid & torch.cat([valid[:, 1:], torch.zeros_like(valid[:, :1])], 1)
-        first_patch = patch_mask.sum(1).cumsum(0) - patch_mask.sum(1)  # rows' offsets among the real patches
-        soft = torch.zeros(*x.shape, 512, device=x.device)
-        soft[has] = exact_byte_targets(trie, hidden[patch_mask], teacher.head_weight,
-                                       (patch + first_patch[:, None])[has], nodes[has], chunk_rows)
+        soft, has = batch_byte_targets(trie, hidden, patch_mask, ends, batch["token_id"], valid, teacher.head_weight,
+                                       chunk_rows)
     logits = student.decode(x, h, student.dechunk(hidden, ends),
                             prior=student.sequence_prior(x, ends, hidden, patch_mask))
     labels = (x[:, 1:] + 256 * ends[:, 1:].long()).masked_fill(~has[:, :-1], -100)

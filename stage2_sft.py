@@ -24,7 +24,8 @@ import data
 import distributed
 from losses import byte_cross_entropy
 import model
-from teacher import resolve_teacher_dir
+from targets import ByteTrie, batch_byte_targets
+from teacher import load_teacher, resolve_teacher_dir
 from tokenizer import load_tokenizer
 import train
 
@@ -46,30 +47,52 @@ class Config(train.RunConfig):  # the settings both stages share (out_dir, seed,
     e2e_lr: float = 2e-5              # the main network's rate (paper: 2e-5)
     e2e_byte_lr_mult: float = 2.0     # byte-level parts (encoder, patcher, decoder, ...) at this multiple of e2e_lr
     boundary_weight: float = 1.0      # weight of the patcher's BCE in e2e
+    soft_weight: float = 0.0          # > 0: both phases add this x KL(the teacher's exact byte targets || head) to the
+                                      # CE (loads the teacher; one frozen teacher forward per batch)
+    kl_chunk_rows: int = 1024         # rows whose teacher-vocabulary probabilities exist at once (the exact targets)
 
 
-def sft_step(student, batch, boundary_weight=0.0):
-    """Forward with the patcher's patches; loss = 512-way CE (+ boundary_weight * BCE of the patcher).
+def sft_step(student, batch, boundary_weight=0.0, soft=None, soft_weight=0.0):
+    """Forward with the patcher's patches; loss = 512-way CE (+ soft_weight * KL(soft || head) where soft, the
+    teacher's exact byte targets (B, T, 512) from teacher_targets, has a row; + boundary_weight * BCE of the patcher).
     Position t predicts byte t+1 and whether byte t+1 ends a teacher token. Returns (loss, {name: 0-dim tensor} of
-    metric sums, on the device). train.train_step's contract: the loss is a mean over stats["n"], the scored bytes,
-    as the CE is. The patcher's BCE is a mean over another count, n_p (its decisions: every real byte but the last),
-    and enters the update weighted by n all the same (train.train_step backpropagates loss * n)."""
+    metric sums, on the device; "ce" the hard labels' alone). train.train_step's contract: the loss is a mean over
+    stats["n"], the scored bytes, as the CE is. The patcher's BCE is a mean over another count, n_p (its decisions:
+    every real byte but the last), and enters the update weighted by n all the same (train.train_step backpropagates
+    loss * n)."""
     x, valid, token_end = batch["bytes"], batch["valid"], batch["token_end"]
     logits, p, ends = student(x)
     scored = valid[:, 1:] & valid[:, :-1]  # (B, T-1): both bytes real
     labels = (x[:, 1:] + 256 * token_end[:, 1:].long()).masked_fill(~scored, -100)
-    ce = byte_cross_entropy(logits[:, :-1].reshape(-1, 512), labels.reshape(-1))
+    with_soft = soft is not None and soft_weight > 0
+    ce = byte_cross_entropy(logits[:, :-1].reshape(-1, 512), labels.reshape(-1),
+                            soft_targets=soft[:, :-1].reshape(-1, 512) if with_soft else None,
+                            soft_weight=soft_weight if with_soft else 0.0)
     n = scored.sum()
     with torch.no_grad():  # bits per byte: the byte's probability summed over both halves of the head
         logp = model.byte_logprobs(logits[:, :-1]).gather(-1, x[:, 1:, None])[..., 0]
         byte_nats = -(logp[scored]).sum().double()
+        hard = ce.detach().double() * n
+        if with_soft:  # the CE of the hard labels alone, for the logs
+            hard = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, 512), labels.reshape(-1),
+                                                     reduction="sum").double()
     # the patcher against token ends (the last byte's p is fixed at 1 and not scored), its decisions the patches it cut
     bce, _, target, sel = train.boundary_bce(p, valid, token_end)
     n_p = sel.sum()  # the BCE's rows, counted on the device
-    stats = {"ce": ce.detach().double() * n, "byte_nats": byte_nats, "n": n, "bce": bce.detach().double() * n_p,
+    stats = {"ce": hard, "byte_nats": byte_nats, "n": n, "bce": bce.detach().double() * n_p,
              "n_p": n_p, **train.boundary_counts(ends[:, :-1][sel], target), "patches": ends.sum(),
              "bytes": valid.sum()}
     return ce + boundary_weight * bce if boundary_weight else ce, stats
+
+
+@torch.no_grad()
+def teacher_targets(teacher, trie, batch, chunk_rows):
+    """The teacher's exact byte targets at every byte of the batch (B, T, 512), from one frozen forward on its tokens."""
+    ends = batch["token_end"] & batch["valid"]
+    order, patch_mask = model.patch_order(ends)
+    hidden = teacher(batch["token_id"].gather(1, order).clamp(min=0), return_hidden=True)
+    return batch_byte_targets(trie, hidden, patch_mask, ends, batch["token_id"], batch["valid"], teacher.head_weight,
+                              chunk_rows)[0]
 
 
 def summarize(sums):
@@ -123,15 +146,24 @@ def main(argv):
                                 world_size=world, max_tokens=student.tcfg.max_seq_len, chat_dir=chat_dir,
                                 chat_fraction=cfg.chat_fraction, mixture=mixture)
 
-    def evaluate():  # the figures on the validation batches; sft_step's stats do not depend on its weight
+    def evaluate():  # the figures on the validation batches; sft_step's stats do not depend on its weights
         return summarize(train.validate(lambda b: sft_step(student, b), make_loader, cfg, device))
+
+    soft = lambda batch: None  # noqa: E731
+    if cfg.soft_weight > 0:  # the teacher, frozen, for its exact byte targets
+        teacher, _ = load_teacher(teacher_name, device, torch.bfloat16 if device.type == "cuda" and
+                                  cfg.dtype == "bfloat16" else torch.float32)
+        teacher.requires_grad_(False)
+        trie = ByteTrie(tok.id_to_bytes)
+        soft = lambda batch: teacher_targets(teacher, trie, batch, cfg.kl_chunk_rows)  # noqa: E731
 
     everything = ("",)  # every parameter name starts with ""
     phases = [
         train.Phase("warmup", cfg.warmup_bytes, cfg.warmup_lr, model.ByteLM.OUTPUT_SIDE,
-                    lambda b: sft_step(student, b), summarize, evaluate, seed=cfg.seed + 10),
+                    lambda b: sft_step(student, b, 0.0, soft(b), cfg.soft_weight), summarize, evaluate,
+                    seed=cfg.seed + 10),
         train.Phase("e2e", cfg.e2e_bytes, cfg.e2e_lr, everything,
-                    lambda b: sft_step(student, b, cfg.boundary_weight), summarize, evaluate,
+                    lambda b: sft_step(student, b, cfg.boundary_weight, soft(b), cfg.soft_weight), summarize, evaluate,
                     lr_scale=lambda name: 1.0 if name.startswith("main.") else cfg.e2e_byte_lr_mult, seed=cfg.seed + 11),
     ]
     phases = [p for p in phases if cfg.phase in ("all", p.name)]

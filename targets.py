@@ -167,6 +167,20 @@ def next_token_nodes(trie, token_end, token_id):
     return patch, tab.prefix_nodes[index], has_target
 
 
+def batch_byte_targets(trie, hidden, patch_mask, token_end, token_id, valid, head_weight, chunk_rows=None):
+    """The teacher's exact 512-way targets at every byte of a batch: hidden (B, P, D) its final hidden states at the
+    tokens whose ends are token_end (B, T) (patch_mask (B, P): the real ones, model.patch_order's). -> (targets
+    (B, T, 512), zero rows where there is none; has (B, T): position t has the target for byte t+1, both real)."""
+    patch, nodes, has = next_token_nodes(trie, token_end, token_id)
+    has = has & valid & torch.cat([valid[:, 1:], torch.zeros_like(valid[:, :1])], 1)
+    counts = patch_mask.sum(1)
+    first_patch = counts.cumsum(0) - counts  # each row's offset among the real patches
+    soft = torch.zeros(*token_end.shape, 512, device=hidden.device)
+    soft[has] = exact_byte_targets(trie, hidden[patch_mask], head_weight, (patch + first_patch[:, None])[has],
+                                   nodes[has], chunk_rows)
+    return soft, has
+
+
 def patch_prefix_nodes(trie, x, ends):
     """Where each position of a batch stands in the trie: for bytes x (B, T) and patch ends (B, T), the node of the
     bytes since the latest patch end at or before t (node 0 where t itself ends a patch; -1 before the first end and

@@ -42,7 +42,9 @@ class Config:
     max_bytes: int = 2000           # bench/fidelity.py --max_bytes (demo.sh's)
     window: int = 256               # bench/fidelity.py --window (demo.sh's)
     json: str = ""
-    reuse: bool = True              # skip a run whose fidelity JSON already exists
+    retention_limit: int = 100      # items per task for the retention (eval.py --compare --limit; 0: no retention)
+    retention_tasks: str = "code_nextline,cute_contains,shakespeare_cloze,swag_plays"  # blm_retention's multiple choice
+    reuse: bool = True              # skip a run (or its retention) whose JSON already exists
     known: str = ""                 # VARIANT:SCALE:FOLDER[,...] runs made earlier with these budgets scaled by SCALE
     # scale 1 = demo.sh's budgets, in training bytes
     align_bytes: int = 800_000
@@ -77,10 +79,11 @@ def one_run(cfg, variant, scale, folder=None):
         run(["stage1_kd.py", f"--out_dir={folder}/stage1", *VARIANTS[variant], *(f"--{k}={v}" for k, v in s1.items())])
         run(["stage2_sft.py", f"--init={folder}/stage1", f"--out_dir={folder}/stage2",
              *(f"--{k}={v}" for k, v in s2.items())])
+        trained = time.time() - t
         run(["bench/fidelity.py", f"--ckpt={folder}/stage2", f"--max_bytes={cfg.max_bytes}", f"--window={cfg.window}",
              "--greedy=False", f"--json={fid}"])
         with open(os.path.join(folder, "wall_s.json"), "w") as f:
-            json.dump({"wall_s": time.time() - t}, f)
+            json.dump({"wall_s": trained}, f)  # both stages' training, not the measurements
     if not os.path.exists(fid):
         raise FileNotFoundError(f"{fid}: no fidelity JSON for {variant}:{scale:g} (run bench/fidelity.py --json=...)")
     with open(fid) as f:
@@ -90,7 +93,22 @@ def one_run(cfg, variant, scale, folder=None):
         with open(os.path.join(folder, "wall_s.json")) as f:
             wall = json.load(f)["wall_s"]
     return {"variant": variant, "scale": scale, "training_bytes_budget": sum(s1.values()) + sum(s2.values()),
-            "wall_s": wall, "texts": texts}
+            "wall_s": wall, "texts": texts, "retention": retention(cfg, folder)}
+
+
+def retention(cfg, folder):
+    """eval.py --compare on the first --retention_limit items of each task (reused where its JSON exists) -> its
+    retention rows and mean, or None without --retention_limit."""
+    if cfg.retention_limit <= 0:
+        return None
+    out = os.path.join(folder, f"eval{cfg.retention_limit}.json")
+    if not (cfg.reuse and os.path.exists(out)):
+        run(["eval.py", "--compare", f"--ckpt={folder}/stage2", f"--tasks={cfg.retention_tasks}",
+             f"--limit={cfg.retention_limit}", "--batch_size=64", f"--json={out}"])
+    with open(out) as f:
+        report = json.load(f)
+    return {"rows": report["retention"]["rows"], "mean_mc_acc": report["retention"]["mean_mc_acc"],
+            "seconds": sum(report["student"]["seconds"].values())}
 
 
 def main(argv):
@@ -120,6 +138,20 @@ def main(argv):
             print(f"| {r['variant']} | {r['scale']:g} | {r['training_bytes_budget']:,} | {wall} | {name} | "
                   f"{t['teacher_bpb']:.3f} | {t['student_bpb_marginal']:.3f} | {t['ratio']:.2f} | "
                   f"{t['student_token_bpb'] / t['teacher_bpb']:.2f} | {t['head_f1']:.3f} |")
+    scored = [r for r in rows if r["retention"]]
+    if scored:
+        tasks = [t for t in cfg.retention_tasks.split(",") if t]
+        print(f"\nretention (acc, student/teacher) on the first {cfg.retention_limit} items of each task, through "
+              "eval.py's default conditioning (± one standard error):\n")
+        print("| variant | scale | training bytes | wall s | " + " | ".join(tasks) + " | mean | student eval s |")
+        print("|---|---|---|---|" + "---|" * (len(tasks) + 2))
+        for r in scored:
+            acc = {x["task"]: x for x in r["retention"]["rows"] if x["metric"] == "acc"}
+            cells = [f"{acc[t]['retention']:.3f} ± {acc[t]['retention_se'] or 0:.3f}" if t in acc else "-"
+                     for t in tasks]
+            wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "-"
+            print(f"| {r['variant']} | {r['scale']:g} | {r['training_bytes_budget']:,} | {wall} | " + " | ".join(cells)
+                  + f" | {r['retention']['mean_mc_acc']:.3f} | {r['retention']['seconds']:.0f} |")
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -138,6 +138,38 @@ def test_sft_step_loss_against_a_direct_computation(stage1):
     assert stats["patches"] == (p > 0.5).sum().item() and 0 < stats["patches"] < BATCH * SEQ / 2
 
 
+def test_soft_targets_add_the_teacher_kl(stage1, tmp_path):
+    """--soft_weight: the teacher's exact byte targets (rows summing to 1 where a byte has one, zero elsewhere) enter
+    the loss as soft_weight x KL(targets || head) per scored byte, on top of the hard labels' CE, which the stats
+    still report alone; a run with it trains (the loss falls) and its validation figures are the hard CE's."""
+    import torch.nn.functional as F
+
+    import data
+    import stage2_sft
+    import tokenizer
+    from targets import ByteTrie
+    student, meta = checkpoint.load_student(stage1)
+    tok = tokenizer.load_tokenizer(meta["teacher"])
+    teacher, _ = teachers.load_teacher(meta["teacher"])
+    batch = data.ShardLoader(sf.shard_dir(), "train", tok, BATCH, SEQ, seed=5).next_batch()
+    soft = stage2_sft.teacher_targets(teacher, ByteTrie(tok.id_to_bytes), batch, 1024)
+    mass = soft.sum(-1)
+    assert ((mass - 1).abs() < 1e-5).sum() > BATCH * SEQ / 2 and ((mass == 0) | ((mass - 1).abs() < 1e-5)).all()
+    hard_loss, hard = stage2_sft.sft_step(student, batch)
+    loss, stats = stage2_sft.sft_step(student, batch, soft=soft, soft_weight=2.0)
+    with torch.no_grad():
+        logits, _, _ = student(batch["bytes"])
+        logp = torch.log_softmax(logits[:, :-1].double(), -1)
+        q = soft[:, :-1].double()
+        kl = (torch.xlogy(q, q) - q * logp).sum(-1).sum() / (BATCH * (SEQ - 1))
+    assert loss.item() == pytest.approx(hard_loss.item() + 2.0 * kl.item(), rel=1e-5)
+    assert stats["ce"].item() == pytest.approx(hard["ce"].item(), rel=1e-5)
+    out = tmp_path / "soft"
+    results, _ = run_stage2(stage1, out, "--soft_weight=1", f"--warmup_bytes={6 * STEP_BYTES}", "--e2e_bytes=0")
+    ce = [r["ce"] for r in sf.read_metrics(out, "warmup")]
+    assert len(ce) == 6 and mean(ce[-2:]) < mean(ce[:2]), ce
+
+
 def test_warmup_trains_only_the_output_side_and_e2e_trains_everything(stage1, full):
     out, _ = full
     before = sf.load_params(stage1)
