@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from marginal import BEAM, FLOOR, StudentBeam, chunks
+from marginal import BEAM, FLOOR, StudentBeam, after_prefill, chunks
 
 TAIL = None  # the default tail (bytes at a context's end that the beam reads; None: the whole context)
 
@@ -68,7 +68,7 @@ def context_beam(model, contexts, beam=BEAM, floor=FLOOR, keep=None, stats=None,
     if not any(cut):
         state = StudentBeam.from_document_start(model, contexts, beam, floor, keep, stats, room, rows_key="context_rows")
     else:
-        state = StudentBeam.after_prefill(
+        state = after_prefill(
             model, [c[:n] for c, n in zip(contexts, cut)], [c[n:] for c, n in zip(contexts, cut)], beam, floor,
             [None if k is None else k[n:] for k, n in zip(keep, cut)], stats,
             [k[:n] if n else () for k, n in zip(keep, cut)], room, rows_key="context_rows")
@@ -120,9 +120,9 @@ def draw(weights, temperature=1.0, generator=None):
 
 
 @torch.no_grad()
-def generation_after(model, prompts, max_new_bytes, flags="joint", temperature=1.0, generator=None, beam=BEAM,
+def generation_after(model, prompts, max_new_bytes, byte_model="joint", temperature=1.0, generator=None, beam=BEAM,
                      floor=FLOOR, keep=None, tail=TAIL):
-    """Cached generation (decoding.ByteGeneration, rule `flags`) after each prompt (bytes), each row continuing one
+    """Cached generation (decoding.ByteGeneration of that byte_model) after each prompt (bytes), each row continuing one
     hypothesis of the beam over its prompt, drawn by its weight (temperature 0: the heaviest). Rows with the same
     prompt share its beam and draw apart. keep: per prompt, the flags to keep in its beam (or None)."""
     unique = list(dict.fromkeys(prompts))
@@ -132,7 +132,7 @@ def generation_after(model, prompts, max_new_bytes, flags="joint", temperature=1
     weights = state.beam.w.view(len(unique), beam)
     text = torch.tensor([unique.index(p) for p in prompts], device=weights.device)
     slots = text * beam + draw(weights[text], temperature, generator)
-    return state.generation(slots, max_new_bytes, flags)
+    return state.generation(slots, max_new_bytes, byte_model)
 
 
 @torch.no_grad()

@@ -205,7 +205,7 @@ class StudentLM(LM):
                 steps = ((gen.rows, torch.full_like(gen.rows, t), *gen.step(force=forced[:, t])) for t in range(n))
             else:  # rows out of step (ByteGeneration.run)
                 gen = decoding.ByteGeneration(self.model, ctxs, n)
-                lengths = torch.tensor([len(c) for c in conts], device=gen.x.device)
+                lengths = torch.tensor([len(c) for c in conts], device=gen.rows.device)
                 steps = ((rows, t, new, byte_model.byte_logprobs(logits))
                          for rows, t, new, logits in gen.run(lengths, force=forced))
             for rows, t, new, byte_logp in steps:
@@ -214,7 +214,8 @@ class StudentLM(LM):
                 greedy[rows, t] = (byte_logp.argmax(-1) == new).cpu()
             for row, (i, c) in enumerate(zip(chunk, conts)):
                 used = len(ctxs[row]) + 1 + len(c)  # 0xFE, the context, the continuation
-                out[i] = (logp[row, :len(c)], greedy[row, :len(c)], gen.x[row, :used].cpu(), gen.ends[row, :used].cpu())
+                out[i] = (logp[row, :len(c)], greedy[row, :len(c)], gen.state.x[row, :used].cpu(),
+                          gen.state.ends[row, :used].cpu())
         return out
 
     def loglikelihood(self, requests):
@@ -273,7 +274,7 @@ class StudentLM(LM):
             steps = ((rows, new) for rows, _, new, _ in gen.run(max_new_bytes, temperature))
         else:  # rows out of step; a finished row stops (gen.live)
             gen = decoding.ByteGeneration(self.model, prompts, max_new_bytes,
-                                          flags="joint" if self.flags == "marginal" else "greedy")
+                                          byte_model="joint" if self.flags == "marginal" else "greedy")
             steps = ((rows, new) for rows, _, new, _ in gen.run(max_new_bytes, temperature))
         for rows, new in steps:
             for row, b in zip(rows.tolist(), new.tolist()):

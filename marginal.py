@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from decoding import ByteGeneration
+from decoding import ByteGeneration, RowState
 from model import BOS_BYTE
 from targets import at_least_fp32
 
@@ -155,7 +155,7 @@ def marginal_logprobs(model, texts, beam=BEAM, floor=FLOOR, prompts=None, keep=N
         if all(not prompts[i] for i in chunk):
             state = StudentBeam.from_document_start(model, *args)
         else:
-            state = StudentBeam.after_prefill(model, [prompts[i] for i in chunk], *args)
+            state = after_prefill(model, [prompts[i] for i in chunk], *args)
         for i, s in zip(chunk, state.run(argmax)):
             out[i] = s
         if progress is not None:
@@ -167,21 +167,17 @@ class StudentBeam:
     """The student's beam as a state that reads bytes, forks into texts that continue it, and hands hypotheses to
     generation. n texts, each with the bytes it has read (x[:, :lens]) and the bytes it reads next (target; their
     encoder states h precomputed in one pass, since the encoder is flag-free: h[:, j] is the state of the newest
-    byte before target byte j); n * K slots (Beam), each with what its flags decide: the main network's and the
-    decoder's KV caches, the newest patch output y (and its prior's prefix sums cum, the trie node before the newest
-    byte), the newest byte's flag (pending: it closes a patch, so the main network takes it before the next byte),
-    and every flag so far (ends). Build with from_document_start, after_prefill (the patcher's flags for a prompt) or
-    spawn (continuations of this beam's texts)."""
+    byte before target byte j; enc its encoder cache); n * K slots (Beam), each a row of `slots`
+    (decoding.RowState without bytes of its own) with what its flags decide: the main network's and the decoder's KV
+    caches, the newest patch output (and its prior), the newest byte's flag, and every flag so far. Build with
+    from_document_start, after_prefill (the patcher's flags for a prompt) or spawn (continuations of this beam's
+    texts)."""
 
-    def __init__(self, m, beam, x, lens, target, n_target, h, enc, force, stats, rows_key="main_rows"):
+    def __init__(self, m, beam, x, lens, target, n_target, h, enc, slots, cap, force, stats, rows_key="main_rows"):
         self.m, self.beam, self.x, self.lens, self.enc, self.stats = m, beam, x, lens, enc, stats
         self.target, self.n_target, self.h, self.force, self.j = target, n_target, h, force, 0
+        self.slots, self.cap = slots, cap  # cap: the most patches a slot's main-network cache may grow to
         self.rows_key = rows_key  # the stats key for main-network rows (conditioning.py counts contexts apart)
-
-    def slots_from(self, main, dec, y, cum, node, pending, ends, cap):
-        self.main, self.dec, self.y, self.cum, self.node = main, dec, y, cum, node
-        self.pending, self.ends, self.cap = pending, ends, cap
-        return self
 
     @classmethod
     def from_document_start(cls, m, texts, K, floor, keep=None, stats=None, room=0, rows_key="main_rows"):
@@ -196,114 +192,34 @@ class StudentBeam:
         n_target = torch.tensor([len(t) for t in texts], device=dev)
         enc = m.encoder.new_cache(n, 1 + L + room)
         h = m.encode(x[:, :1 + L], cache=enc, advance=1 + n_target)  # (n, 1 + L, D), BOS first
-        beam, S = Beam(n, K, floor, dev), n * K
-        first = torch.arange(n, device=dev) * K
         cap = min(m.tcfg.max_seq_len, 1 + L + room)  # at most one patch per byte
-        y = m.null_patch.detach().to(h.dtype).expand(S, -1).clone()
-        cum = m.prior_cumulative(y[:1]).expand(S, -1).clone() if m.has_prior else None
-        pending = torch.zeros(S, dtype=torch.bool, device=dev)
-        pending[first] = True
-        ends = torch.zeros(S, 1 + L + room, dtype=torch.bool, device=dev)
-        ends[first, 0] = True
-        state = cls(m, beam, x, torch.ones(n, dtype=torch.long, device=dev), target, n_target, h, enc,
-                    forced_flags(keep, texts, L, dev), stats, rows_key)
-        return state.slots_from(m.main.new_cache(S, min(cap, L // 2 + 8)), m.decoder.new_cache(S, 1 + L + room), y,
-                                cum, torch.full((S,), -1, dtype=torch.long, device=dev), pending, ends, cap)
-
-    @classmethod
-    def after_prefill(cls, m, prompts, texts, K, floor, keep=None, stats=None, prompt_ends=None, room=0,
-                      rows_key="main_rows"):
-        """texts read after prompts whose flags are the patcher's (generation's prefill, each distinct prompt once),
-        the prompt's last byte's flag summed over with the head's two halves as weights (the old conditioning); or,
-        with prompt_ends (per prompt its bytes' flags, the last byte's included), after prompts read along those flags
-        (conditioning.py's context tail: the bytes before it along their canonical token ends). Either way the
-        texts' shares start from A_0 = 1 after the prompt. room: bytes more that generation or spawn may add."""
-        n, L = len(texts), max(map(len, texts), default=0)
-        keys = prompts if prompt_ends is None else [(p, tuple(map(bool, e))) for p, e in zip(prompts, prompt_ends)]
-        unique = {k: i for i, k in enumerate(dict.fromkeys(keys))}  # each distinct prompt (with its flags) once
-        given = None if prompt_ends is None else [k[1] for k in unique]
-        gen = ByteGeneration(m, [k if given is None else k[0] for k in unique], max(L, 1) + room, all_logits=False,
-                             ends=given)
-        dev, S = gen.x.device, n * K
-        src = torch.tensor([unique[k] for k in keys], device=dev)  # each text's prefill row
-        if stats is not None:
-            stats["prefill_rows"] = stats.get("prefill_rows", 0) + int(gen.main_cache.pos.sum())
-            stats["prefill_bytes"] = stats.get("prefill_bytes", 0) + int(gen.lens.sum())
-        beam = Beam(n, K, floor, dev)
+        slots = RowState.empty(m, n * K, 1 + L + room, min(cap, L // 2 + 8), text=False, dtype=h.dtype)
         first = torch.arange(n, device=dev) * K
-        cap = min(m.tcfg.max_seq_len, int(gen.main_cache.pos.max()) + L + room + 1)
-        main = m.main.new_cache(S, min(cap, int(gen.main_cache.pos.max()) + L // 2 + 8))
-        main.copy_rows(first, src, gen.main_cache)
-        dec = m.decoder.new_cache(S, gen.dec_cache.max_len)
-        dec.copy_rows(first, src, gen.dec_cache)
-        owner = beam.owner
-        y = gen.y_cur[src][owner].clone()
-        cum, node = (gen.cum[src][owner].clone(), gen.node[src][owner].clone()) if m.has_prior else (None, None)
-        x, lens = gen.x[src].clone(), gen.lens[src].clone()
-        enc = m.encoder.new_cache(n, gen.enc_cache.max_len)
-        enc.copy_rows(torch.arange(n, device=dev), src, gen.enc_cache)
-        target = _padded(texts, L, dev)
-        n_target = torch.tensor([len(t) for t in texts], device=dev)
-        h = torch.cat([gen.h_last[src][:, None], _encode_after(m, enc, x, lens, target, n_target)], 1)
-        ends = gen.ends[src][owner].clone()
-        state = cls(m, beam, x, lens, target, n_target, h, enc, forced_flags(keep, texts, L, dev), stats, rows_key)
-        state.slots_from(main, dec, y, cum, node, torch.zeros(S, dtype=torch.bool, device=dev), ends, cap)
-        if given is not None:  # the newest prompt byte's flag is given: one hypothesis per text, as at a document start
-            state.pending[first] = gen.pending_end[src]
-            state.ends[first, lens - 1] = state.pending[first]
-            return state
-        # the newest prompt byte's flag (a lone 0xFE is its own patch): its two values are the first two children
-        last = x[torch.arange(n, device=dev), lens - 1]
-        log_e = torch.full((S, 2), -math.inf, dtype=torch.float64, device=dev)
-        for i, r in enumerate(src.tolist()):
-            logits = gen.prefill_logits[r]
-            if len(logits):
-                two = torch.stack([logits[-1, last[i]], logits[-1, last[i] + 256]]).to(torch.float64)
-                log_e[i * K] = torch.log_softmax(two, 0)
-            else:
-                log_e[i * K, 1] = 0.0
-        force = state.force
-        state.pending, forks, _ = beam.choose(log_e, torch.ones(n, dtype=torch.bool, device=dev),
-                                              None if force is None else torch.where(force[:, 0] >= 0, 1, -1))
-        state.fork(*forks)
-        state.ends[torch.arange(S, device=dev), lens[owner] - 1] = state.pending
-        beam.log_sum.zero_()  # A_0 = 1: what pruning the prompt's flag loses is charged to the first byte
-        return state
+        slots.pending[first], slots.ends[first, 0] = True, True
+        return cls(m, Beam(n, K, floor, dev), x, torch.ones(n, dtype=torch.long, device=dev), target, n_target, h,
+                   enc, slots, cap, forced_flags(keep, texts, L, dev), stats, rows_key)
 
     def fork(self, src, dst):
         """Slots dst take copies of slots src (a hypothesis whose two children are both kept)."""
         if len(src):
-            self.main.copy_rows(dst, src)
-            self.dec.copy_rows(dst, src)
-            self.y[dst], self.ends[dst] = self.y[src], self.ends[src]
-            if self.cum is not None:
-                self.cum[dst], self.node[dst] = self.cum[src], self.node[src]
+            self.slots.copy_rows(dst, src)
             if self.stats is not None:
                 self.stats["forks"] = self.stats.get("forks", 0) + len(src)
 
     def step(self, argmax=False):
         """Every text with bytes left reads its next one -> (each text's share log A_t - log A_t-1 (n,) float64,
         whether the byte was the likeliest of the beam's next-byte mixture (n,) bool, or None)."""
-        m, beam, j, prior = self.m, self.beam, self.j, self.cum is not None
+        beam, j, slots = self.beam, self.j, self.slots
         owner, S = beam.owner, len(beam.w)
         active = j < self.n_target
         live = beam.alive & active[owner]
-        closing = (live & self.pending).nonzero()[:, 0]
+        closing = (live & slots.pending).nonzero()[:, 0]
         if len(closing):  # hypotheses whose newest byte ends a patch: the main network takes it, in one call
-            make_room(self.main, closing, self.cap)
-            z = self.h[owner[closing], j][:, None]
-            self.y[closing] = m.main.run_blocks(z, cache=self.main.select(closing))[:, 0]
-            if prior:
-                self.cum[closing] = m.prior_cumulative(self.y[closing])
+            make_room(slots.main, closing, self.cap)
+            slots.close(closing, self.h[owner[closing], j])
         r = live.nonzero()[:, 0]
         text = owner[r]
-        newest = self.x[text, self.lens[text] - 1]
-        p = None
-        if prior:
-            self.node[r] = torch.where(self.pending[r], 0, m.vocab.trie.step(self.node[r], newest))
-            p = m.prior_at(self.cum, r, self.node[r])[:, None]
-        logits = m.decode(newest[:, None], self.h[text, j][:, None], self.y[r, None], prior=p,
-                          cache=self.dec if len(r) == S else self.dec.select(r))[:, 0]
+        logits = slots.logits(r, self.x[text, self.lens[text] - 1], self.h[text, j])
         logp = torch.log_softmax(logits.to(at_least_fp32(logits.dtype)), -1)
         b = self.target[text, j]
         child = torch.full((S, 2), -math.inf, dtype=torch.float64, device=r.device)
@@ -314,10 +230,10 @@ class StudentBeam:
             mixed[r] = beam.w[r, None] + torch.logaddexp(logp[:, :256], logp[:, 256:]).double()
             best = torch.logsumexp(mixed.view(beam.n, beam.K, 256), 1).argmax(-1) == self.target[:, j]
         flag, forks, share = beam.choose(child, active, None if self.force is None else self.force[:, j])
-        self.pending = torch.where(active[owner], flag, self.pending)  # a text that is done keeps its newest flag
         self.fork(*forks)
+        slots.pending = torch.where(active[owner], flag, slots.pending)  # a text that is done keeps its newest flag
         moved = (beam.alive & active[owner]).nonzero()[:, 0]
-        self.ends[moved, self.lens[owner[moved]]] = self.pending[moved]
+        slots.ends[moved, self.lens[owner[moved]]] = slots.pending[moved]
         a = active.nonzero()[:, 0]
         self.x[a, self.lens[a]] = self.target[a, j]
         self.lens[a] += 1
@@ -342,11 +258,6 @@ class StudentBeam:
             return [(shares[i, :c].cpu(), best[i, :c].cpu()) for i, c in enumerate(counts)]
         return [shares[i, :c].cpu() for i, c in enumerate(counts)]
 
-    def slot_rows(self, texts):
-        """The slots of these texts (R,) -> (R * K,) in order."""
-        K = self.beam.K
-        return (texts[:, None] * K + torch.arange(K, device=texts.device)).reshape(-1)
-
     def spawn(self, src, texts, keep=None, room=0, rows_key="main_rows"):
         """New texts that continue this beam's texts (all read): text i reads texts[i] after everything text src[i]
         has read, starting from all of src[i]'s hypotheses with their weights and its running log A, so that its
@@ -367,45 +278,87 @@ class StudentBeam:
         newest = self.h[src, self.n_target[src]]  # the state of each context's last byte
         h = torch.cat([newest[:, None], _encode_after(m, enc, x, lens, target, n_target)], 1)
         beam = Beam(n, K, self.beam.floor, dev)
-        parent = self.slot_rows(src)
+        parent = (src[:, None] * K + torch.arange(K, device=dev)).reshape(-1)  # each new slot's parent slot
         beam.w, beam.forced, beam.log_sum = self.beam.w[parent].clone(), self.beam.forced[parent].clone(), \
             self.beam.log_sum[src].clone()
-        dst = beam.alive.nonzero()[:, 0]
         cap = min(m.tcfg.max_seq_len, T)
-        main = m.main.new_cache(n * K, min(cap, int(self.main.pos[parent].max()) + L // 2 + 8))
-        main.copy_rows(dst, parent[dst], self.main)
-        dec = m.decoder.new_cache(n * K, T)
-        dec.copy_rows(dst, parent[dst], self.dec)
-        ends = torch.zeros(n * K, T, dtype=torch.bool, device=dev)
-        ends[:, :width] = self.ends[parent, :width]
-        cum, node = (self.cum[parent].clone(), self.node[parent].clone()) if self.cum is not None else (None, None)
-        state = StudentBeam(m, beam, x, lens, target, n_target, h, enc, forced_flags(keep, texts, L, dev),
-                            self.stats, rows_key)
-        return state.slots_from(main, dec, self.y[parent].clone(), cum, node, self.pending[parent].clone(), ends, cap)
+        slots = RowState.empty(m, n * K, T, min(cap, int(self.slots.main.pos[parent].max()) + L // 2 + 8), text=False,
+                               dtype=self.slots.y.dtype)
+        alive = beam.alive.nonzero()[:, 0]
+        slots.copy_rows(alive, parent[alive], self.slots)
+        return StudentBeam(m, beam, x, lens, target, n_target, h, enc, slots, cap, forced_flags(keep, texts, L, dev),
+                           self.stats, rows_key)
 
-    def generation(self, slots, max_new_bytes, flags="joint"):
+    def generation(self, slots, max_new_bytes, byte_model="joint"):
         """Cached generation (decoding.ByteGeneration) whose row i continues hypothesis slots[i] (R,) from its state:
-        its text's bytes and encoder cache, the slot's flags, caches, newest patch output and newest byte's flag."""
+        the slot's row (flags, caches, newest patch output and flag) with its text's bytes and encoder cache."""
         m, dev = self.m, self.x.device
         slots = torch.as_tensor(slots, dtype=torch.long, device=dev)
-        text, B, rows = self.beam.owner[slots], len(slots), torch.arange(len(slots), device=dev)
-        lens = self.lens[text].clone()
-        T = int(lens.max()) + max_new_bytes
+        text, rows = self.beam.owner[slots], torch.arange(len(slots), device=dev)
+        T = int(self.lens[text].max()) + max_new_bytes
+        main_len = min(m.tcfg.max_seq_len, int(self.slots.main.pos[slots].max()) + 1 + max_new_bytes)
+        state = RowState.empty(m, len(slots), T, main_len, dtype=self.slots.y.dtype)
+        state.copy_rows(rows, slots, self.slots)
         width = min(T, self.x.shape[1])
-        x = torch.zeros(B, T, dtype=torch.long, device=dev)
-        x[:, :width] = self.x[text, :width]
-        ends = torch.zeros(B, T, dtype=torch.bool, device=dev)
-        ends[:, :width] = self.ends[slots, :width]
-        enc, dec = m.encoder.new_cache(B, T), m.decoder.new_cache(B, T)
-        enc.copy_rows(rows, text, self.enc)
-        dec.copy_rows(rows, slots, self.dec)
-        main = m.main.new_cache(B, min(m.tcfg.max_seq_len, int(self.main.pos[slots].max()) + 1 + max_new_bytes))
-        main.copy_rows(rows, slots, self.main)
-        prior = self.cum is not None
-        return ByteGeneration.resume(m, x, lens, ends, (enc, dec, main), self.y[slots].clone(),
-                                     self.h[text, self.n_target[text]], self.pending[slots].clone(),
-                                     self.node[slots].clone() if prior else None,
-                                     self.cum[slots].clone() if prior else None, max_new_bytes, flags)
+        state.x[:, :width], state.lens = self.x[text, :width], self.lens[text].clone()
+        state.enc.copy_rows(rows, text, self.enc)
+        state.h = self.h[text, self.n_target[text]]  # the state of each text's last byte
+        return ByteGeneration.resume(state, byte_model)
+
+
+def after_prefill(m, prompts, texts, K, floor, keep=None, stats=None, prompt_ends=None, room=0, rows_key="main_rows"):
+    """A StudentBeam of texts read after prompts whose flags are the patcher's (generation's prefill, each distinct
+    prompt once), the prompt's last byte's flag summed over with the head's two halves as weights (the old
+    conditioning); or, with prompt_ends (per prompt its bytes' flags, the last byte's included), after prompts read
+    along those flags (conditioning.py's context tail: the bytes before it along their canonical token ends). Either
+    way the texts' shares start from A_0 = 1 after the prompt. room: bytes more that generation or spawn may add."""
+    n, L = len(texts), max(map(len, texts), default=0)
+    keys = prompts if prompt_ends is None else [(p, tuple(map(bool, e))) for p, e in zip(prompts, prompt_ends)]
+    unique = {k: i for i, k in enumerate(dict.fromkeys(keys))}  # each distinct prompt (with its flags) once
+    given = None if prompt_ends is None else [k[1] for k in unique]
+    gen = ByteGeneration(m, [k if given is None else k[0] for k in unique], max(L, 1) + room, all_logits=False,
+                         ends=given)
+    g, dev, S = gen.state, gen.rows.device, n * K
+    src = torch.tensor([unique[k] for k in keys], device=dev)  # each text's prefill row
+    if stats is not None:
+        stats["prefill_rows"] = stats.get("prefill_rows", 0) + int(g.main.pos.sum())
+        stats["prefill_bytes"] = stats.get("prefill_bytes", 0) + int(g.lens.sum())
+    patches = int(g.main.pos.max())
+    cap = min(m.tcfg.max_seq_len, patches + L + room + 1)
+    slots = RowState.empty(m, S, g.x.shape[1], min(cap, patches + L // 2 + 8), text=False, dtype=g.y.dtype)
+    rows = torch.arange(n, device=dev)
+    first = rows * K
+    slots.copy_rows(first, src, g)  # each text's first slot: its prompt's flags, caches and newest patch
+    x, lens = g.x[src].clone(), g.lens[src].clone()
+    enc = m.encoder.new_cache(n, g.enc.max_len)
+    enc.copy_rows(rows, src, g.enc)
+    target = _padded(texts, L, dev)
+    n_target = torch.tensor([len(t) for t in texts], device=dev)
+    h = torch.cat([g.h[src][:, None], _encode_after(m, enc, x, lens, target, n_target)], 1)
+    beam = Beam(n, K, floor, dev)
+    state = StudentBeam(m, beam, x, lens, target, n_target, h, enc, slots, cap, forced_flags(keep, texts, L, dev),
+                        stats, rows_key)
+    if given is not None:  # the newest prompt byte's flag is given: one hypothesis per text, as at a document start
+        slots.ends[first, lens - 1] = slots.pending[first]
+        return state
+    # the newest prompt byte's flag (a lone 0xFE is its own patch): its two values are the first two children
+    last = x[rows, lens - 1]
+    log_e = torch.full((S, 2), -math.inf, dtype=torch.float64, device=dev)
+    for i, r in enumerate(src.tolist()):
+        logits = gen.prefill_logits[r]
+        if len(logits):
+            two = torch.stack([logits[-1, last[i]], logits[-1, last[i] + 256]]).to(torch.float64)
+            log_e[i * K] = torch.log_softmax(two, 0)
+        else:
+            log_e[i * K, 1] = 0.0
+    force = state.force
+    flag, forks, _ = beam.choose(log_e, torch.ones(n, dtype=torch.bool, device=dev),
+                                 None if force is None else torch.where(force[:, 0] >= 0, 1, -1))
+    state.fork(*forks)
+    slots.pending = flag
+    slots.ends[torch.arange(S, device=dev), lens[beam.owner] - 1] = flag
+    beam.log_sum.zero_()  # A_0 = 1: what pruning the prompt's flag loses is charged to the first byte
+    return state
 
 
 def _padded(texts, L, device):

@@ -146,7 +146,7 @@ def generate_student(student, texts, max_bytes, settings, flags="joint", stop=No
         if context == "marginal":
             run = conditioning.generation_after(student, texts, max_bytes, flags, settings[0], settings[3], keep=keep)
         else:
-            run = decoding.ByteGeneration(student, texts, max_bytes, flags=flags)
+            run = decoding.ByteGeneration(student, texts, max_bytes, byte_model=flags)
         steps = ((rows, new) for rows, _, new, _ in run.run(max_bytes, *settings))
     stop = stop or b""
     outputs, held = [bytearray() for _ in texts], [b""] * len(texts)  # held: a proper prefix of stop, maybe its start

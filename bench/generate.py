@@ -125,9 +125,9 @@ def student_speed(student, prompt, batch_size, new_bytes, seed=0, lockstep=False
     if late:
         run = decoding.LateFlagGeneration(student, prompts, room, eps)
     else:
-        run = decoding.ByteGeneration(student, prompts, room, flags=flags)
+        run = decoding.ByteGeneration(student, prompts, room, byte_model=flags)
     prefill = time.perf_counter() - t
-    start_ends, start_lens = int(run.ends.sum()), int(run.lens.sum())
+    start_ends, start_lens = int(run.state.ends.sum()), int(run.state.lens.sum())
     with timed_parts(student) as (parts, rows, calls):
         t = time.perf_counter()
         if lockstep or late:
@@ -135,11 +135,11 @@ def student_speed(student, prompt, batch_size, new_bytes, seed=0, lockstep=False
                 run.step(1.0, None, None, gen)
         else:
             for _ in run.run(room, 1.0, None, None, gen, wait=wait):
-                if steady and int(run.lens.sum()) - start_lens >= batch_size * new_bytes:
+                if steady and int(run.state.lens.sum()) - start_lens >= batch_size * new_bytes:
                     break
         seconds = time.perf_counter() - t
-    n = int(run.lens.sum()) - start_lens
-    patches = int(run.ends.sum()) - start_ends
+    n = int(run.state.lens.sum()) - start_lens
+    patches = int(run.state.ends.sum()) - start_ends
     profile = {part: parts[part] / n * 1e3 for part in PARTS}
     profile["other"] = seconds / n * 1e3 - sum(profile.values())
     main_w, byte_w = student_weight_bytes(student)

@@ -136,7 +136,7 @@ def test_generation_stops_at_the_end_of_turn_code(monkeypatch):
     script = [b"Paris." + code + b"more", b"ab\xfe" + b"x" * 9, b"\xff\x03 no stop " + b"y" * 4]
 
     class Scripted:  # ByteGeneration's interface, writing the script
-        def __init__(self, model, texts, max_new, flags):
+        def __init__(self, model, texts, max_new, byte_model):
             self.live = [True] * len(texts)
 
         def run(self, n, *settings):

@@ -91,9 +91,9 @@ def test_context_tail_fixes_the_flags_before_it(student):
     gen = conditioning.generation_after(student, [b"the st"], 5, "joint", 1.0, g, keep=[keep[1][0]], tail=2)
     logits = torch.cat([step for _, _, _, step in gen.run(5, 1.0, None, 1.0, g)])
     with torch.no_grad():
-        full, _, _ = student(gen.x[:, :int(gen.lens[0])], ends=gen.ends[:, :int(gen.lens[0])])
-    assert max_diff(logits, full[0, 6:int(gen.lens[0]) - 1]) < 1e-10
-    assert gen.ends[0, 1:5].tolist() == [True, False, True, False]  # the bytes before the tail: their kept flags
+        full, _, _ = student(gen.state.x[:, :int(gen.state.lens[0])], ends=gen.state.ends[:, :int(gen.state.lens[0])])
+    assert max_diff(logits, full[0, 6:int(gen.state.lens[0]) - 1]) < 1e-10
+    assert gen.state.ends[0, 1:5].tolist() == [True, False, True, False]  # the bytes before the tail: their kept flags
 
 
 def test_generation_from_a_hypothesis_equals_the_full_forward(student):
@@ -107,14 +107,14 @@ def test_generation_from_a_hypothesis_equals_the_full_forward(student):
     for rows, offsets, _, step in gen.run(6, 1.0, None, 1.0, g):
         logits[rows, offsets] = step
     state = conditioning.context_beam(student, list(dict.fromkeys(prompts)))
-    kept = {tuple(state.ends[s, :len(state.x[0])].tolist()) for s in state.beam.alive.nonzero()[:, 0].tolist()}
+    kept = {tuple(state.slots.ends[s, :len(state.x[0])].tolist()) for s in state.beam.alive.nonzero()[:, 0].tolist()}
     for i, p in enumerate(prompts):
-        total, L = int(gen.lens[i]), len(p) + 1
+        total, L = int(gen.state.lens[i]), len(p) + 1
         with torch.no_grad():
-            full, _, _ = student(gen.x[i:i + 1, :total], ends=gen.ends[i:i + 1, :total])
+            full, _, _ = student(gen.state.x[i:i + 1, :total], ends=gen.state.ends[i:i + 1, :total])
         assert max_diff(logits[i], full[0, L - 1:total - 1]) < 1e-10
         if i == 0:
-            assert tuple(gen.ends[i, :L].tolist()) + (False,) * (len(state.x[0]) - L) in kept
+            assert tuple(gen.state.ends[i, :L].tolist()) + (False,) * (len(state.x[0]) - L) in kept
 
 
 def test_sampling_after_a_prompt_draws_from_the_conditional_marginal(student):
@@ -138,7 +138,7 @@ def test_sampling_after_a_prompt_draws_from_the_conditional_marginal(student):
     gen = conditioning.generation_after(student, [prompt] * n, 3, "joint", 1.0, g, beam=64, floor=math.inf)
     for _ in gen.run(3, 1.0, None, 1.0, g):
         pass
-    counts = torch.bincount(torch.tensor([index[bytes(r)] for r in gen.x[:, 5:8].tolist()]), minlength=27)
+    counts = torch.bincount(torch.tensor([index[bytes(r)] for r in gen.state.x[:, 5:8].tolist()]), minlength=27)
     assert 0.5 * float((counts.double() / n - exact.double()).abs().sum()) < 0.02
 
 

@@ -243,7 +243,7 @@ def test_generate_until_cuts_before_the_first_stop_string(flags, student, teache
         gen = (decoding.LateFlagGeneration(student_lm.model, [p], 40) if flags == "late" else
                conditioning.generation_after(student_lm.model, [p], 40, "joint", 0.0, keep=[ev.token_ends(
                    teacher_and_tok[1], p)]) if flags == "marginal" else
-               decoding.ByteGeneration(student_lm.model, [p], 40, flags="greedy"))
+               decoding.ByteGeneration(student_lm.model, [p], 40, byte_model="greedy"))
         out = bytes(gen.step(0.0)[0].tolist()[0] for _ in range(40))
         full.append(out.split(bytes([model.BOS_BYTE]))[0])  # 0xFE would start a new document: the text ends
     stops = []

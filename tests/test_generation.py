@@ -43,7 +43,7 @@ def run(student, prompts, forced=None):
     gen = ByteGeneration(student, prompts, N_NEW)
     logits, closed = [], []
     for t in range(N_NEW):
-        closed.append(gen.pending_end.clone())
+        closed.append(gen.state.pending.clone())
         _, step_logits = gen.step(0.0, force=None if forced is None else forced[:, t])
         logits.append(step_logits)
     return gen, torch.stack(logits, 1), torch.stack(closed, 1)
@@ -59,13 +59,14 @@ def test_batch_equals_each_row_alone(student64, forced):
     assert int(mixed.sum()) >= N_NEW // 4, closed  # many steps where only some rows step the main network
     for i, prompt in enumerate(PROMPTS):
         alone, row_logits, row_closed = run(student64, [prompt], None if x is None else x[i:i + 1])
-        n = int(alone.lens[0])
-        assert int(gen.lens[i]) == n
-        assert torch.equal(gen.x[i, :n], alone.x[0, :n]) and torch.equal(gen.ends[i, :n], alone.ends[0, :n])
+        n = int(alone.state.lens[0])
+        assert int(gen.state.lens[i]) == n
+        assert torch.equal(gen.state.x[i, :n], alone.state.x[0, :n])
+        assert torch.equal(gen.state.ends[i, :n], alone.state.ends[0, :n])
         assert torch.equal(closed[i], row_closed[0])
         assert max_diff(gen.prefill_logits[i], alone.prefill_logits[0]) < 1e-10
         assert max_diff(logits[i], row_logits[0]) < 1e-10
-        assert int(gen.main_cache.pos[i]) == int(alone.main_cache.pos[0]) == int(gen.ends[i, :n].sum())
+        assert int(gen.state.main.pos[i]) == int(alone.state.main.pos[0]) == int(gen.state.ends[i, :n].sum())
 
 
 def test_main_network_gets_exactly_the_closing_rows(student, monkeypatch):
@@ -78,9 +79,9 @@ def test_main_network_gets_exactly_the_closing_rows(student, monkeypatch):
     x = forced_bytes(6)
     sizes = []
     for t in range(N_NEW):
-        closing = gen.pending_end.clone()
-        want = gen.h_last[closing].clone()
-        pos, keys = gen.main_cache.pos.clone(), [k.clone() for k in gen.main_cache.k]
+        closing = gen.state.pending.clone()
+        want = gen.state.h[closing].clone()
+        pos, keys = gen.state.main.pos.clone(), [k.clone() for k in gen.state.main.k]
         calls.clear()
         gen.step(force=x[:, t])
         if not closing.any():
@@ -88,8 +89,8 @@ def test_main_network_gets_exactly_the_closing_rows(student, monkeypatch):
             continue
         [got] = calls
         assert got.shape == (int(closing.sum()), 1, want.shape[-1]) and torch.equal(got[:, 0], want)
-        assert gen.main_cache.pos.tolist() == (pos + closing.long()).tolist()
-        for before, after in zip(keys, gen.main_cache.k):
+        assert gen.state.main.pos.tolist() == (pos + closing.long()).tolist()
+        for before, after in zip(keys, gen.state.main.k):
             assert torch.equal(before[~closing], after[~closing])
         sizes.append(len(got))
     assert len(set(sizes)) > 1 and min(sizes) < len(PROMPTS)  # subsets of several sizes were exercised
@@ -124,7 +125,7 @@ def test_cache_stepped_through_row_subsets_equals_full_forward(teacher):
 def run_out_of_step(student, prompts, forced=None, wait=1.0):
     """ByteGeneration.run over N_NEW bytes -> (generator, logits (B, N_NEW, 512) by each row's own byte index)."""
     gen = ByteGeneration(student, prompts, N_NEW)
-    logits = torch.zeros(len(prompts), N_NEW, 512, dtype=gen.y_cur.dtype)
+    logits = torch.zeros(len(prompts), N_NEW, 512, dtype=gen.state.y.dtype)
     seen = torch.zeros(len(prompts), N_NEW, dtype=torch.long)
     for rows, offsets, _, step_logits in gen.run(N_NEW, temperature=0.0, force=forced, wait=wait):
         logits[rows, offsets] = step_logits
@@ -141,13 +142,14 @@ def test_rows_out_of_step_equal_lockstep(student64, forced, wait):
     x = forced_bytes(8) if forced else None
     lock, lock_logits, _ = run(student64, PROMPTS, x)
     gen, logits = run_out_of_step(student64, PROMPTS, x, wait)
-    assert gen.lens.tolist() == lock.lens.tolist()
+    assert gen.state.lens.tolist() == lock.state.lens.tolist()
     for i in range(len(PROMPTS)):
-        n = int(gen.lens[i])
-        assert torch.equal(gen.x[i, :n], lock.x[i, :n]) and torch.equal(gen.ends[i, :n], lock.ends[i, :n])
+        n = int(gen.state.lens[i])
+        assert torch.equal(gen.state.x[i, :n], lock.state.x[i, :n])
+        assert torch.equal(gen.state.ends[i, :n], lock.state.ends[i, :n])
         assert max_diff(logits[i], lock_logits[i]) < 1e-10
-    assert torch.equal(gen.pending_end, lock.pending_end)
-    assert gen.main_cache.pos.tolist() == lock.main_cache.pos.tolist()
+    assert torch.equal(gen.state.pending, lock.state.pending)
+    assert gen.state.main.pos.tolist() == lock.state.main.pos.tolist()
 
 
 def count_main_calls(student, monkeypatch, drive):
@@ -169,27 +171,27 @@ def test_run_hands_the_main_network_exactly_the_waiting_rows(student, monkeypatc
     close = gen.close_patches
 
     def checked_close(rows):
-        live = gen.live & (gen.lens - start < N_NEW)
+        live = gen.live & (gen.state.lens - start < N_NEW)
         assert torch.equal(rows, (live & gen.waiting).nonzero()[:, 0])
         assert not bool((live & ~gen.waiting).any())  # nobody could go on
-        want, pos = gen.h_last[rows].clone(), gen.main_cache.pos.clone()
-        keys = [k.clone() for k in gen.main_cache.k]
+        want, pos = gen.state.h[rows].clone(), gen.state.main.pos.clone()
+        keys = [k.clone() for k in gen.state.main.k]
         sizes = count_main_calls(student, monkeypatch, lambda: close(rows))
-        assert sizes == [len(rows)] and torch.equal(want, gen.h_last[rows])
+        assert sizes == [len(rows)] and torch.equal(want, gen.state.h[rows])
         others = torch.ones(len(PROMPTS), dtype=torch.bool)
         others[rows] = False
-        assert gen.main_cache.pos.tolist() == (pos + (~others).long()).tolist()
-        for before, after in zip(keys, gen.main_cache.k):
+        assert gen.state.main.pos.tolist() == (pos + (~others).long()).tolist()
+        for before, after in zip(keys, gen.state.main.k):
             assert torch.equal(before[others], after[others])
         checked.append(len(rows))
 
-    start = gen.lens.clone()
+    start = gen.state.lens.clone()
     gen.close_patches = checked_close
     for _ in gen.run(N_NEW, force=x):
         pass
     lock = ByteGeneration(student, PROMPTS, N_NEW)
     lock_sizes = count_main_calls(student, monkeypatch, lambda: [lock.step(force=x[:, t]) for t in range(N_NEW)])
-    assert sum(checked) == sum(lock_sizes) and gen.main_cache.pos.tolist() == lock.main_cache.pos.tolist()
+    assert sum(checked) == sum(lock_sizes) and gen.state.main.pos.tolist() == lock.state.main.pos.tolist()
     assert len(checked) < len(lock_sizes) and max(checked) > 1  # fewer calls, with several rows each
 
 
@@ -203,12 +205,12 @@ def test_run_with_sampling_equals_the_full_forward(student64):
         logits[rows, offsets] = step_logits
         if 2 in rows.tolist() and int(offsets[rows.tolist().index(2)]) == 7:
             gen.live[2] = False  # row 2 stops after its 8th byte
-    made = (gen.lens - torch.tensor([len(p) + 1 for p in PROMPTS])).tolist()
+    made = (gen.state.lens - torch.tensor([len(p) + 1 for p in PROMPTS])).tolist()
     assert made == [N_NEW, 5, 8, 12]
     for i, prompt in enumerate(PROMPTS):
-        L, total = len(prompt) + 1, int(gen.lens[i])
+        L, total = len(prompt) + 1, int(gen.state.lens[i])
         with torch.no_grad():
-            full, _, _ = student64(gen.x[i:i + 1, :total], ends=gen.ends[i:i + 1, :total])
+            full, _, _ = student64(gen.state.x[i:i + 1, :total], ends=gen.state.ends[i:i + 1, :total])
         assert max_diff(gen.prefill_logits[i], full[0, :L - 1]) < 1e-10
         assert max_diff(logits[i, :made[i]], full[0, L - 1:total - 1]) < 1e-10
 
@@ -219,14 +221,14 @@ def test_sliding_window_steps_read_only_the_window(student64):
     window = student64.scfg.local_window
     gen = ByteGeneration(student64, [b"x" * (3 * window)], N_NEW)
     seen = []
-    write = gen.dec_cache.write
+    write = gen.state.dec.write
 
     def counted(layer, k, v, w=None):
         keys, values = write(layer, k, v, w)
         seen.append(keys.shape[2])
         return keys, values
 
-    gen.dec_cache.write = counted
+    gen.state.dec.write = counted
     for _ in range(4):
         gen.step(0.0)
     assert seen and set(seen) == {window}

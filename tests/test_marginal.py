@@ -249,8 +249,8 @@ def test_teacher_kept_tokenization_is_never_pruned(teacher):
 
 
 def test_joint_sampler_draws_from_the_marginal(teacher):
-    """sample.py's default (ByteGeneration(flags="joint")) at temperature 1 is ancestral sampling of the joint: with
-    the head masked to three byte values, the first 3 bytes of 20,000 samples match the marginal over every flag
+    """sample.py's default (ByteGeneration(byte_model="joint")) at temperature 1 is ancestral sampling of the joint:
+    with the head masked to three byte values, the first 3 bytes of 20,000 samples match the marginal over every flag
     sequence (the beam at full width; its 27 strings sum to 1) in total variation below 0.02. The greedy-flag rule,
     which commits to a flag, is told apart."""
     student = subword_student(teacher)
@@ -264,11 +264,11 @@ def test_joint_sampler_draws_from_the_marginal(teacher):
     assert abs(float(exact.sum()) - 1) < 1e-5
     index = {s: i for i, s in enumerate(strings)}
 
-    def tv(flags, n=20_000):
-        gen = ByteGeneration(student, [b""] * n, 3, flags=flags)
+    def tv(byte_model, n=20_000):
+        gen = ByteGeneration(student, [b""] * n, 3, byte_model=byte_model)
         for _ in gen.run(3, 1.0, None, 1.0, torch.Generator().manual_seed(0)):
             pass
-        counts = torch.bincount(torch.tensor([index[bytes(r)] for r in gen.x[:, 1:4].tolist()]), minlength=27)
+        counts = torch.bincount(torch.tensor([index[bytes(r)] for r in gen.state.x[:, 1:4].tolist()]), minlength=27)
         return 0.5 * float((counts.double() / n - exact.double()).abs().sum())
     assert tv("joint") < 0.02
     assert tv("greedy") > 0.04
@@ -289,7 +289,7 @@ def test_beam_search_finds_the_likeliest_finished_string(teacher):
     scores = {s: float(lp.sum()) for s, (lp, _, _) in zip(finished, greedy_flag_logprobs(student, finished))}
     out, ended = beam_search(student, b"", 4, beam=16, stop=b" ")
     assert ended and out + b" " == max(scores, key=scores.get)
-    gen = ByteGeneration(student, [b""], 4, flags="greedy")
+    gen = ByteGeneration(student, [b""], 4, byte_model="greedy")
     greedy = bytearray()
     for _, _, new, _ in gen.run(4, 0.0, None, 1.0, None):
         greedy.append(int(new[0]))

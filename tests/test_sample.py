@@ -104,7 +104,7 @@ def expected(ckpt, prompts, max_bytes, seed, flags="joint", context="marginal"):
     else:
         texts = [p.encode("utf-8") for p in prompts]
         gen = (conditioning.generation_after(student, texts, max_bytes, flags, 1.0, g) if context == "marginal" else
-               ByteGeneration(student, texts, max_bytes, flags=flags))
+               ByteGeneration(student, texts, max_bytes, byte_model=flags))
         steps = ((rows, new) for rows, _, new, _ in gen.run(max_bytes, 1.0, None, 1.0, g))
     for rows, new in steps:
         for i, b in zip(rows.tolist(), new.tolist()):

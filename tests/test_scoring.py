@@ -58,8 +58,8 @@ def test_equals_what_greedy_generation_assigns(student):
     for _ in range(24):
         new, logits = gen.step(temperature=0)
         logps.append(byte_logprobs(logits)[0, new[0]].item())
-        flags.append(bool(gen.pending_end[0]))
-    text = bytes(gen.x[0, 1:gen.lens[0]].tolist())
+        flags.append(bool(gen.state.pending[0]))
+    text = bytes(gen.state.x[0, 1:gen.state.lens[0]].tolist())
     logp, _, got_flags = greedy_flag_logprobs(student, [text])[0]
     assert torch.allclose(logp, torch.tensor(logps), atol=1e-5)
     assert got_flags.tolist() == flags
@@ -145,9 +145,9 @@ def test_late_flag_generation_follows_the_late_model(variant):
         assert torch.allclose(mixed.double().exp().sum(1), torch.ones(len(prompts), dtype=torch.float64), atol=1e-5)
     for i, p in enumerate(prompts):
         L = len(p) + 1  # with the 0xFE
-        text = bytes(gen.x[i, L:L + n].tolist())
-        want_logp, want_flags, _ = late_reference(student, text, eps, p, gen.ends[i, :L - 1].tolist())
+        text = bytes(gen.state.x[i, L:L + n].tolist())
+        want_logp, want_flags, _ = late_reference(student, text, eps, p, gen.state.ends[i, :L - 1].tolist())
         got = torch.stack([mixed[i, new[i]] for new, mixed in steps])
         assert max_diff(got.double(), want_logp) < (1e-4 if variant == "prior" else 1e-5)
         first = L - 1 if p else L  # the prompt's last flag is decided after the first new byte
-        assert gen.ends[i, first:L + n - 1].tolist() == want_flags.tolist()
+        assert gen.state.ends[i, first:L + n - 1].tolist() == want_flags.tolist()

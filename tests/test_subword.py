@@ -115,9 +115,9 @@ def test_generation_with_the_subword_embedding_equals_the_full_forward(student):
                 for r, row in zip(rows.tolist(), logits):
                     step_logits[r].append(row)
         for i, prompt in enumerate(prompts):
-            n, L = int(gen.lens[i]), len(prompt) + 1
+            n, L = int(gen.state.lens[i]), len(prompt) + 1
             with torch.no_grad():
-                full, _, _ = student(gen.x[i:i + 1, :n], ends=gen.ends[i:i + 1, :n])
+                full, _, _ = student(gen.state.x[i:i + 1, :n], ends=gen.state.ends[i:i + 1, :n])
             tol = 1e-6 * float(full.abs().max())
             assert max_diff(gen.prefill_logits[i], full[0, :L - 1]) < tol
             assert max_diff(torch.stack(step_logits[i]), full[0, L - 1:n - 1]) < tol
