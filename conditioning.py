@@ -24,7 +24,7 @@ import torch
 
 from marginal import BEAM, FLOOR, StudentBeam, after_prefill, chunks
 
-TAIL = None  # the default tail (bytes at a context's end that the beam reads; None: the whole context)
+TAIL = 64  # the default tail: bytes at a context's end the beam reads (None: the whole context; bench/context_tail.py)
 
 
 def token_ends(tok, data):

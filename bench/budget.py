@@ -3,7 +3,7 @@ student/teacher bits per byte against training bytes is visible rather than one 
 the same bytes by the same measure.
 
     python bench/budget.py [--scales=0.25,0.5,1] [--variants=prior] [--out=out/budget] [--max_bytes=2000]
-                           [--window=256] [--json=OUT] [--reuse=1] [--known=prior:1:out]
+                           [--window=256] [--json=OUT] [--reuse=1] [--known=prior:1:out] [--retention_limit=100]
 
 Scale s multiplies every phase budget of demo.sh's run (the Config fields below; demo.sh is scale 1 of "prior").
 The variants (the byte head and how its decoder learns; the input side with or without the subword embedding):
@@ -13,8 +13,12 @@ The variants (the byte head and how its decoder learns; the input side with or w
   pure_exact  --prior=False plus stage 1's decoder phase (--decoder_bytes, scaled too): the output side learns to
               spell from the teacher's hidden states at the true token ends, 10 x KL to the exact byte targets plus CE
   X_nosub     variant X with --subword=False (the encoder alone makes h)
-Each (variant, scale) runs stage1_kd.py, stage2_sft.py and bench/fidelity.py (the headline: the student's marginal over
-patchings, --greedy=False) as separate processes, one after the other (two CPU-heavy processes at once on
+  prior_soft  prior, with stage 2 distilling as well: --soft_weight=1 (KL to the teacher's exact byte targets added
+              to the hard labels' CE in both of its phases)
+Each (variant, scale) runs stage1_kd.py, stage2_sft.py, bench/fidelity.py (the headline: the student's marginal over
+patchings, --greedy=False) and eval.py --compare on the first --retention_limit items of each multiple-choice task of
+the retention suite (retention: student/teacher accuracy, through eval.py's default conditioning) as separate
+processes, one after the other (two CPU-heavy processes at once on
 2 cores slow each other down several times). --reuse=1 skips a run whose fidelity JSON already exists, so an
 interrupted study continues. --known=VARIANT:SCALE:FOLDER adds a run made earlier (demo.sh's out/ is prior:1, its
 fidelity.json at the same --max_bytes and --window); its wall time is not known here and shows as "-".
@@ -31,7 +35,9 @@ sys.path.insert(0, REPO)
 import cli  # noqa: E402
 
 HEADS = {"prior": [], "pure": ["--prior=False"], "pure_exact": ["--prior=False"]}
-VARIANTS = {**HEADS, **{f"{k}_nosub": [*v, "--subword=False"] for k, v in HEADS.items()}}
+VARIANTS = {**HEADS, **{f"{k}_nosub": [*v, "--subword=False"] for k, v in HEADS.items()}}  # stage 1's flags
+STAGE2 = {"prior_soft": ["--soft_weight=1"]}  # variants of the default with stage 2's flags
+VARIANTS.update({k: [] for k in STAGE2})
 
 
 @dataclass
@@ -77,7 +83,7 @@ def one_run(cfg, variant, scale, folder=None):
     if not known and not (cfg.reuse and os.path.exists(fid)):
         t = time.time()
         run(["stage1_kd.py", f"--out_dir={folder}/stage1", *VARIANTS[variant], *(f"--{k}={v}" for k, v in s1.items())])
-        run(["stage2_sft.py", f"--init={folder}/stage1", f"--out_dir={folder}/stage2",
+        run(["stage2_sft.py", f"--init={folder}/stage1", f"--out_dir={folder}/stage2", *STAGE2.get(variant, []),
              *(f"--{k}={v}" for k, v in s2.items())])
         trained = time.time() - t
         run(["bench/fidelity.py", f"--ckpt={folder}/stage2", f"--max_bytes={cfg.max_bytes}", f"--window={cfg.window}",

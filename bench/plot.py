@@ -6,7 +6,7 @@
                 with the phase's validation figures (config.json "results") as markers at its last step
   fidelity.png  bench/fidelity.py's decomposition (its --json): bits per byte of teacher and student on the same
                 bytes, one bar group per figure, one bar per text
-  budget.png    bench/budget.py's study (its --json): student/teacher ratio and both models' bits per byte against
+  budget.png    bench/budget.py's study (its --json): retention and the student/teacher bits ratio against
                 training bytes
   retention.png eval.py --compare's retention table (its --json): per task the teacher's and the student's score
                 (accuracy or exact match) with one standard error, and student/teacher with the multiple-choice mean
@@ -102,7 +102,8 @@ def fidelity_figure(fidelity):
 
 
 def budget_figure(rows):
-    """Ratio and bits per byte against training bytes (log scale), one line per text and byte head (variant)."""
+    """Against training bytes (log scale), one mark per variant: retention (the multiple-choice tasks' mean, solid, and
+    each task, dotted; where the rows have it) and student/teacher bits per byte on each fidelity text."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     variants = sorted({r.get("variant", "prior") for r in rows})
@@ -110,21 +111,28 @@ def budget_figure(rows):
         runs = sorted((r for r in rows if r.get("variant", "prior") == variant),
                       key=lambda r: r["training_bytes_budget"])
         xs = [r["training_bytes_budget"] for r in runs]
+        scored = [r for r in runs if r.get("retention")]
+        if scored:
+            at = [r["training_bytes_budget"] for r in scored]
+            left.plot(at, [r["retention"]["mean_mc_acc"] for r in scored], f"{mark}-", color="k",
+                      label=f"mean ({variant})")
+            tasks = [x["task"] for x in scored[0]["retention"]["rows"] if x["metric"] == "acc"]
+            for i, task in enumerate(tasks):
+                acc = [next((x["retention"] for x in r["retention"]["rows"] if x["task"] == task
+                             and x["metric"] == "acc"), math.nan) for r in scored]
+                left.plot(at, acc, f"{mark}:", color=f"C{i}", alpha=0.7, label=f"{task} ({variant})")
         for i, name in enumerate(runs[0]["texts"]):
-            label = f"{name} ({variant})"
-            left.plot(xs, [r["texts"][name]["ratio"] for r in runs], f"{mark}-", color=f"C{i}", label=label)
-            right.plot(xs, [r["texts"][name]["student_bpb_marginal"] for r in runs], f"{mark}-", color=f"C{i}",
-                       label=f"student, {label}")
-    for i, name in enumerate(rows[0]["texts"] if rows else []):
-        right.axhline(rows[0]["texts"][name]["teacher_bpb"], ls="--", color=f"C{i}", lw=0.8, label=f"teacher, {name}")
-    left.axhline(1.0, color="gray", lw=0.8, ls=":")  # the teacher itself
-    left.set_ylabel("student bpb / teacher bpb")
-    right.set_ylabel("bits per byte")
+            right.plot(xs, [r["texts"][name]["ratio"] for r in runs], f"{mark}-", color=f"C{i}",
+                       label=f"{name} ({variant})")
+    left.axhline(0.95, color="gray", lw=0.8, ls="--")  # the recipe's goal
     for ax in (left, right):
+        ax.axhline(1.0, color="gray", lw=0.8, ls=":")  # the teacher itself
         ax.set_xscale("log")
         ax.set_xlabel("training bytes (both stages)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+    left.set_ylabel("retention: student acc / teacher acc")
+    right.set_ylabel("student bpb / teacher bpb (marginal)")
     fig.suptitle("budget study (bench/budget.py)")
     fig.tight_layout()
     return fig
