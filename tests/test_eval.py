@@ -434,10 +434,11 @@ def test_cli_compare_runs_local_tasks_end_to_end(student, student_lm, teacher_lm
     printed = capsys.readouterr().out
     rate = float(re.search(r": ([\d,]+) rows/s", printed).group(1).replace(",", ""))
     work = results["student"]["work"]["shakespeare_cloze"]
-    rows_s = work["context_rows"] + work["main_rows"]
+    contexts = work.get("prefill_rows", 0) + work["context_rows"]  # a context tail: the bytes before it prefilled
+    rows_s = contexts + work["main_rows"]
     line = next(x for x in printed.splitlines() if x.startswith("| shakespeare_cloze |"))
-    assert line.startswith(f"| shakespeare_cloze | {tokens:,} | {rows_s:,} ({work['context_rows']:,} + "
-                           f"{work['main_rows']:,}) | {tokens / rate:,.0f}, {rows_s / rate:,.0f} |")
+    assert line.startswith(f"| shakespeare_cloze | {tokens:,} | {rows_s:,} ({contexts:,} + {work['main_rows']:,}) | "
+                           f"{tokens / rate:,.0f}, {rows_s / rate:,.0f} |")
     docs, old = read("shakespeare_bpb", 3), teacher_lm.window
     teacher_lm.window = 64
     try:
