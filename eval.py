@@ -22,18 +22,18 @@ copies its cache rows.
 
 How each request is scored (text is normalised by the teacher's tokenizer first, as the training text was; the
 details: docs/method.md, "How eval.py answers each request type"):
-  byte student  by default (--flags=marginal) the joint model that sample.py writes from, scored by its byte
+  byte student  by default (--byte_model=joint) the joint model that sample.py writes from, scored by its byte
                 marginal over patchings (a beam of --beam flag prefixes: an upper bound on the exact marginal's
-                bits); --flags=late / greedy the late-flag / greedy-flag byte models (decoding.py).
-                loglikelihood: marginal: log A(context + continuation) - log A(context), A the beam's kept sum over
+                bits); --byte_model=late / greedy the late-flag / greedy-flag byte models (decoding.py).
+                loglikelihood: joint: log A(context + continuation) - log A(context), A the beam's kept sum over
                 the whole string's patchings from the document start (conditioning.py), the canonical token ends of
                 both kept as one path (--keep_tokens); --context=patcher (the old rule) and late / greedy: the
                 context prefilled along the patcher's flags, then the continuation. is_greedy: every continuation
-                byte was the likeliest (marginal: under the beam's next-byte mixture).
+                byte was the likeliest (joint: under the beam's next-byte mixture).
                 loglikelihood_rolling: bench/fidelity.py's windows (runs of --window - 1 teacher tokens, each from
                 a fresh document start, the true token ends kept): its student_bpb_marginal (late, greedy: theirs).
                 generate_until: cached generation at the request's temperature after the prompt read as a context
-                is (marginal: from one hypothesis of its beam, the heaviest at temperature 0), cut before the first
+                is (joint: from one hypothesis of its beam, the heaviest at temperature 0), cut before the first
                 stop string, at 0xFE (a new document) or after 4 bytes per max_gen_toks.
   teacher       our own forward and tokenizer (no transformers at run time); every sequence starts with the
                 document-start token, as in training; the (context, continuation) split as lm-eval's HF model makes
@@ -55,9 +55,9 @@ import cli
 import conditioning
 import decoding
 import marginal
-import model as byte_model
 from chat import teacher_answers
-from conditioning import keep_last, token_ends
+from conditioning import conditional_logprobs, keep_last, token_ends
+from model import BOS_BYTE, byte_logprobs
 from retention import print_side_by_side, retention, retention_text
 from teacher import check_device, load_teacher, resolve_teacher_dir
 from tokenizer import align_document, load_tokenizer
@@ -67,7 +67,7 @@ try:
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
     from lm_eval.tasks import TaskManager
-    from lm_eval.utils import make_table
+    from lm_eval.utils import make_table, simple_parse_args_string
 except ImportError:  # an optional tool: setup.sh installs it
     sys.exit("eval.py needs lm-eval: bash setup.sh, or .venv/bin/pip install -r requirements-eval.txt")
 from tqdm import tqdm
@@ -131,49 +131,69 @@ def parse_gen_kwargs(kwargs, default_max):
     return tuple(s.encode("utf-8") for s in until), int(kwargs.get("max_gen_toks", default_max)), temperature
 
 
+@torch.no_grad()
+def flag_scores(model, byte_model, ctxs, conts):
+    """(log p (B, n) fp32, whether it was the likeliest byte (B, n)) of each continuation byte after its context, read
+    along the patcher's flags, under byte_model late | greedy (one batch); and the rows' RowState (bytes, flags used)."""
+    n = max(map(len, conts))
+    forced = torch.tensor([[*c] + [ord(" ")] * (n - len(c)) for c in conts], dtype=torch.long)  # a space: unscored
+    logp, greedy = torch.zeros(len(conts), n), torch.zeros(len(conts), n, dtype=torch.bool)
+    if byte_model == "late":  # rows in lockstep
+        gen = decoding.LateFlagGeneration(model, ctxs, n)
+        steps = ((gen.rows, torch.full_like(gen.rows, t), *gen.step(force=forced[:, t])) for t in range(n))
+    else:  # rows out of step (ByteGeneration.run)
+        gen = decoding.ByteGeneration(model, ctxs, n)
+        lengths = torch.tensor([len(c) for c in conts], device=gen.rows.device)
+        steps = ((rows, t, new, byte_logprobs(logits)) for rows, t, new, logits in gen.run(lengths, force=forced))
+    for rows, t, new, byte_logp in steps:
+        rows, t = rows.cpu(), t.cpu()
+        logp[rows, t] = byte_logp.gather(1, new[:, None])[:, 0].cpu()
+        greedy[rows, t] = (byte_logp.argmax(-1) == new).cpu()
+    return logp, greedy, gen.state
+
+
+@register_model("byte-student")
 class StudentLM(LM):
     """lm-eval's model for a byte-model checkpoint (see the module docstring for the scoring)."""
 
-    def __init__(self, model, tok, batch_size=16, window=512, flags="marginal", beam=marginal.BEAM, keep_tokens=True,
+    def __init__(self, model, tok, batch_size=16, window=512, byte_model="joint", beam=marginal.BEAM, keep_tokens=True,
                  context="marginal", context_tail=conditioning.TAIL or 0):
         super().__init__()
-        if flags not in ("marginal", "late", "greedy"):
-            raise ValueError(f"flags={flags!r}: marginal, late or greedy")
+        if byte_model not in ("joint", "late", "greedy"):
+            raise ValueError(f"byte_model={byte_model!r}: joint, late or greedy")
         if context not in ("marginal", "patcher"):
             raise ValueError(f"context={context!r}: marginal or patcher")
-        self.context = context  # --flags=marginal: the context read by the beam over its patchings, or the patcher's
+        self.context = context  # joint: the context read by the beam over its patchings, or the patcher's
         self.tail = int(context_tail) or None  # the beam's bytes at a context's end (None: all; conditioning.py)
         if self.tail is not None and self.tail < 0:
             raise ValueError(f"context_tail={context_tail}: 0 (the whole context) or a number of bytes")
         if int(beam) < 1:
             raise ValueError(f"beam={beam}: at least 1")
-        self.model, self.tok, self.batch_size, self.flags, self.beam = model, tok, batch_size, flags, int(beam)
+        self.model, self.tok, self.byte_model = model, tok, byte_model
+        self.beam, self.batch_size = int(beam), int(batch_size)
         self.keep_tokens = keep_tokens not in (False, "False", "false", "0")  # also from lm-eval's model_args string
-        self.work = {}  # --flags=marginal: main-network rows (contexts, continuations) and more, summed (evaluate)
-        self.window = min(window, model.tcfg.max_seq_len)  # as bench/fidelity.py caps it
+        self.work = {}  # joint: main-network rows (contexts, continuations) and more, summed (evaluate)
+        self.window = min(int(window), model.tcfg.max_seq_len)  # as bench/fidelity.py caps it
         self.max_bytes = min(model.tcfg.max_seq_len, model.scfg.max_bytes) - 1  # a patch is at least one byte
         self._device = model.head.weight.device
 
     @classmethod
-    def load(cls, ckpt, device="cpu", dtype="float32", batch_size=16, window=512, flags="marginal",
-             beam=marginal.BEAM, keep_tokens=True, context="marginal", context_tail=conditioning.TAIL or 0):
+    def load(cls, ckpt, device="cpu", dtype="float32", **options):  # options: __init__'s (byte_model=, beam=, ...)
         student, meta = checkpoint.load_student(ckpt, check_device(device), getattr(torch, dtype))
-        return cls(student, load_tokenizer(resolve_teacher_dir(meta["teacher"])), int(batch_size), int(window), flags,
-                   beam, keep_tokens, context, context_tail)
+        return cls(student, load_tokenizer(resolve_teacher_dir(meta["teacher"])), **options)
 
     @classmethod
     def create_from_arg_string(cls, arg_string, additional_config=None):  # simple_evaluate(model="byte-student")
-        from lm_eval.utils import simple_parse_args_string
         args = {**simple_parse_args_string(arg_string), **{k: v for k, v in (additional_config or {}).items()
                                                            if k in ("device", "batch_size") and v is not None}}
         return cls.load(**args)
 
     def score(self, pairs):
         """[(context bytes, continuation bytes)] -> per pair (log p of each continuation byte (n,), whether each was
-        the likeliest byte (n,), the bytes and boundary flags the model used (L,), (L,)), natural log, fp32 (marginal:
+        the likeliest byte (n,), the bytes and boundary flags the model used (L,), (L,)), natural log, fp32 (joint:
         each byte's share of the beam, float64, and no single flags: None)."""
         out = [None] * len(pairs)
-        if self.flags == "marginal":  # the beam batches its own texts (up to 128 hypotheses in lockstep)
+        if self.byte_model == "joint":  # the beam batches its own texts (up to 128 hypotheses in lockstep)
             ctxs = [keep_last(c, self.max_bytes - len(x)) for c, x in pairs]
             conts = [x for _, x in pairs]
             with tqdm(total=len(pairs), desc="byte student: loglikelihood (marginal)", disable=len(pairs) < 2) as bar:
@@ -181,41 +201,24 @@ class StudentLM(LM):
                     ends = {c: token_ends(self.tok, c) for c in dict.fromkeys(ctxs)} if self.keep_tokens else {}
                     keep = [(ends.get(c), token_ends(self.tok, x) if self.keep_tokens else None)
                             for c, x in zip(ctxs, conts)]
-                    scored = conditioning.conditional_logprobs(self.model, list(zip(ctxs, conts)), self.beam, keep=keep,
-                                                               argmax=True, stats=self.work, progress=bar,
-                                                               tail=self.tail)
+                    scored = conditional_logprobs(self.model, list(zip(ctxs, conts)), self.beam, keep=keep, argmax=True,
+                                                  stats=self.work, progress=bar, tail=self.tail)
                 else:  # the old way: the context prefilled along the patcher's flags
                     keep = [token_ends(self.tok, x) for x in conts] if self.keep_tokens else None
                     scored = marginal.marginal_logprobs(self.model, conts, self.beam, prompts=ctxs, keep=keep,
                                                         argmax=True, stats=self.work, progress=bar)
-            return [(s, best, torch.tensor([byte_model.BOS_BYTE, *c, *x]), None)
+            return [(s, best, torch.tensor([BOS_BYTE, *c, *x]), None)
                     for (s, best), c, x in zip(scored, ctxs, conts)]
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
         for chunk in batches(order, self.batch_size, "byte student: loglikelihood"):
             conts = [pairs[i][1] for i in chunk]
-            n = max(len(c) for c in conts)
             # each context cut to fit its own continuation, never the batch's longest: a score is the same in any batch
             ctxs = [keep_last(pairs[i][0], self.max_bytes - len(pairs[i][1])) for i in chunk]
-            forced = torch.full((len(chunk), n), ord(" "), dtype=torch.long)  # after a short continuation: unscored
-            for row, c in enumerate(conts):
-                forced[row, :len(c)] = torch.tensor(list(c), dtype=torch.long)
-            logp, greedy = torch.zeros(len(chunk), n), torch.zeros(len(chunk), n, dtype=torch.bool)
-            if self.flags == "late":  # rows in lockstep
-                gen = decoding.LateFlagGeneration(self.model, ctxs, n)
-                steps = ((gen.rows, torch.full_like(gen.rows, t), *gen.step(force=forced[:, t])) for t in range(n))
-            else:  # rows out of step (ByteGeneration.run)
-                gen = decoding.ByteGeneration(self.model, ctxs, n)
-                lengths = torch.tensor([len(c) for c in conts], device=gen.rows.device)
-                steps = ((rows, t, new, byte_model.byte_logprobs(logits))
-                         for rows, t, new, logits in gen.run(lengths, force=forced))
-            for rows, t, new, byte_logp in steps:
-                rows, t = rows.cpu(), t.cpu()
-                logp[rows, t] = byte_logp.gather(1, new[:, None])[:, 0].cpu()
-                greedy[rows, t] = (byte_logp.argmax(-1) == new).cpu()
+            logp, greedy, state = flag_scores(self.model, self.byte_model, ctxs, conts)
             for row, (i, c) in enumerate(zip(chunk, conts)):
                 used = len(ctxs[row]) + 1 + len(c)  # 0xFE, the context, the continuation
-                out[i] = (logp[row, :len(c)], greedy[row, :len(c)], gen.state.x[row, :used].cpu(),
-                          gen.state.ends[row, :used].cpu())
+                out[i] = (logp[row, :len(c)], greedy[row, :len(c)], state.x[row, :used].cpu(),
+                          state.ends[row, :used].cpu())
         return out
 
     def loglikelihood(self, requests):
@@ -227,7 +230,7 @@ class StudentLM(LM):
                 for seg, _, ends in rolling_windows(r.args[0], self.tok, self.window)]
         segs.sort(key=lambda s: -len(s[1]))  # similar lengths share a batch
         totals = [0.0] * len(requests)
-        if self.flags == "marginal":  # the true token ends kept in the beam, as bench/fidelity.py's headline
+        if self.byte_model == "joint":  # the true token ends kept in the beam, as bench/fidelity.py's headline
             with tqdm(total=len(segs), desc="byte student: rolling (marginal)", disable=len(segs) < 2) as bar:
                 scored = marginal.marginal_logprobs(self.model, [s for _, s, _ in segs], self.beam,
                                                     keep=[e for _, _, e in segs], stats=self.work, progress=bar)
@@ -237,7 +240,7 @@ class StudentLM(LM):
         for chunk in batches(segs, self.batch_size, "byte student: rolling"):
             try:
                 texts = [s for _, s, _ in chunk]
-                scored = (decoding.late_flag_logprobs(self.model, texts) if self.flags == "late"
+                scored = (decoding.late_flag_logprobs(self.model, texts) if self.byte_model == "late"
                           else decoding.greedy_flag_logprobs(self.model, texts, self.batch_size))
             except ValueError as e:  # more patches in one window than the main network's context holds
                 raise ValueError(f"{e}: the student closed more patches in a window of {self.window} tokens than the "
@@ -264,26 +267,25 @@ class StudentLM(LM):
         """Cached generation for a batch of prompts (bytes) -> the texts, each cut before its first stop string."""
         prompts = [keep_last(p, self.max_bytes - max_new_bytes) for p in prompts]
         outs, live = [bytearray() for _ in prompts], [True] * len(prompts)
-        if self.flags == "late":  # rows in lockstep until every row is finished
+        if self.byte_model == "late":  # rows in lockstep until every row is finished
             gen = decoding.LateFlagGeneration(self.model, prompts, max_new_bytes)
             steps = ((gen.rows, gen.step(temperature)[0]) for _ in range(max_new_bytes))
-        elif self.flags == "marginal" and self.context == "marginal":  # from a hypothesis of the prompt's beam
+        elif self.byte_model == "joint" and self.context == "marginal":  # from a hypothesis of the prompt's beam
             keep = [token_ends(self.tok, p) for p in prompts] if self.keep_tokens else None
             gen = conditioning.generation_after(self.model, prompts, max_new_bytes, "joint", temperature,
                                                 beam=self.beam, keep=keep, tail=self.tail)
             steps = ((rows, new) for rows, _, new, _ in gen.run(max_new_bytes, temperature))
         else:  # rows out of step; a finished row stops (gen.live)
-            gen = decoding.ByteGeneration(self.model, prompts, max_new_bytes,
-                                          byte_model="joint" if self.flags == "marginal" else "greedy")
+            gen = decoding.ByteGeneration(self.model, prompts, max_new_bytes, byte_model=self.byte_model)
             steps = ((rows, new) for rows, _, new, _ in gen.run(max_new_bytes, temperature))
         for rows, new in steps:
             for row, b in zip(rows.tolist(), new.tolist()):
                 if not live[row]:
                     continue
                 ended = [s for s in stops if (outs[row] + bytes([b])).endswith(s)]  # every byte: the first occurrence
-                if b == byte_model.BOS_BYTE or ended:  # 0xFE would begin a new document: the text is finished
+                if b == BOS_BYTE or ended:  # 0xFE would begin a new document: the text is finished
                     live[row] = False
-                    if self.flags != "late":
+                    if self.byte_model != "late":
                         gen.live[row] = False
                     if ended:
                         del outs[row][len(outs[row]) + 1 - max(map(len, ended)):]
@@ -294,6 +296,7 @@ class StudentLM(LM):
         return [bytes(o).decode("utf-8", errors="replace") for o in outs]
 
 
+@register_model("token-teacher")
 class TeacherLM(LM):
     """lm-eval's model for a token teacher, through our forward and tokenizer."""
 
@@ -316,7 +319,6 @@ class TeacherLM(LM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string, additional_config=None):  # simple_evaluate(model="token-teacher")
-        from lm_eval.utils import simple_parse_args_string
         args = {**simple_parse_args_string(arg_string), **{k: v for k, v in (additional_config or {}).items()
                                                            if k in ("device", "batch_size") and v is not None}}
         return cls.load(**args)
@@ -427,10 +429,6 @@ class TeacherLM(LM):
         return out
 
 
-register_model("byte-student")(StudentLM)
-register_model("token-teacher")(TeacherLM)
-
-
 @dataclass
 class Config:
     ckpt: str = ""             # a byte-model folder (stage1_kd.py / stage2_sft.py output)
@@ -445,12 +443,12 @@ class Config:
     device: str = "cpu"        # cpu | cuda
     dtype: str = "float32"     # float32 | bfloat16 (weights and compute)
     window: int = 512          # tokens per rolling window, the document-start token included (bench/fidelity.py)
-    flags: str = "marginal"    # the byte student's model: marginal (the joint, summed over patchings: the headline)
-                               # | late | greedy
-    beam: int = marginal.BEAM  # --flags=marginal: flag prefixes kept per text
-    keep_tokens: bool = True   # --flags=marginal: the canonical token ends of a context and of a continuation stay in
+    byte_model: str = "joint"  # the byte student's model: joint (scored by its marginal over patchings: the headline)
+                               # | late | greedy (decoding.py)
+    beam: int = marginal.BEAM  # --byte_model=joint: flag prefixes kept per text
+    keep_tokens: bool = True   # --byte_model=joint: the canonical token ends of a context and of a continuation stay in
                                # the beam (a path the figure is never worse than; False: the beam alone)
-    context: str = "marginal"  # --flags=marginal: marginal (log A(context + continuation) - log A(context), the beam
+    context: str = "marginal"  # --byte_model=joint: marginal (log A(context + continuation) - log A(context), the beam
                                # over the context's patchings) | patcher (the old rule: the context prefilled along
                                # the patcher's flags), for comparison
     context_tail: int = conditioning.TAIL or 0  # --context=marginal: the beam sums over the flags of a context's last
@@ -502,6 +500,8 @@ def evaluate(lm, cfg, manager, label):
 
 
 def main(argv):
+    if any(arg.partition("=")[0] == "--flags" for arg in argv):  # the option's old name
+        raise ValueError("--flags is now --byte_model (joint | late | greedy; --flags=marginal was --byte_model=joint)")
     cfg = cli.parse_args(Config, argv)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notices would bury the tables
     if not cfg.ckpt and not cfg.teacher:
@@ -515,7 +515,7 @@ def main(argv):
     if cfg.ckpt:
         teacher_name = cfg.teacher or checkpoint.read_student_config(cfg.ckpt)[0]["teacher"]
         print(f"== byte student {cfg.ckpt}", flush=True)
-        lm = StudentLM.load(cfg.ckpt, **kwargs, flags=cfg.flags, beam=cfg.beam, keep_tokens=cfg.keep_tokens,
+        lm = StudentLM.load(cfg.ckpt, **kwargs, byte_model=cfg.byte_model, beam=cfg.beam, keep_tokens=cfg.keep_tokens,
                             context=cfg.context, context_tail=cfg.context_tail)
         runs["student"] = evaluate(lm, cfg, manager, "byte student")
         print(make_table(runs["student"]), flush=True)
@@ -530,9 +530,8 @@ def main(argv):
         table = retention(runs["teacher"], runs["student"])
         text = retention_text(*table, seconds={k: r["seconds"] for k, r in runs.items()})
         print("\n" + text, flush=True)
-        print(f"student scored by --flags={cfg.flags}" + (f" (beam {cfg.beam}, --context={cfg.context}"
-                                                          + (", the token ends kept" if cfg.keep_tokens else "") + ")"
-                                                          if cfg.flags == "marginal" else "")
+        how = f" (its marginal, beam {cfg.beam}, --context={cfg.context}{', the token ends kept' * cfg.keep_tokens})"
+        print(f"student scored by --byte_model={cfg.byte_model}" + (how if cfg.byte_model == "joint" else "")
               + "; ± one standard error (lm-eval's bootstrap or closed form)", flush=True)
     if cfg.json:
         report = {"config": asdict(cfg), **{k: {key: r.get(key) for key in ("results", "n-samples", "seconds", "work")}

@@ -17,15 +17,15 @@ Codes print as their tokens' names; --raw writes the raw bytes, codes included.
 Output streams as it is generated (batch of one), decoded incrementally as UTF-8 with invalid sequences shown as
 U+FFFD and special codes as names; --raw writes the raw bytes instead. A batch of several prompts/samples prints
 each sample when done.
-The student writes from its joint model by default (--flags=joint; decoding.ByteGeneration(flags="joint")): each step
-draws one of the head's 512 entries, a byte and whether it ends a patch, so that at --temperature=1 this is ancestral
-sampling of the joint, whose likelihood (the sum over every patching, marginal.py) is bench/fidelity.py's headline.
-The settings --temperature, --top_k and --top_p act on those 512 entries, and --temperature=0 takes the likeliest
-entry. The other two byte models: --flags=greedy draws the byte from the two halves summed and gives it the likelier
-flag (settings act on the 256 byte probabilities; 0 takes the likeliest byte); --flags=late
+The student writes from its joint model by default (--byte_model=joint; decoding.ByteGeneration(byte_model="joint")):
+each step draws one of the head's 512 entries, a byte and whether it ends a patch, so that at --temperature=1 this is
+ancestral sampling of the joint, whose likelihood (the sum over every patching, marginal.py) is bench/fidelity.py's
+headline. The settings --temperature, --top_k and --top_p act on those 512 entries, and --temperature=0 takes the
+likeliest entry. The other two byte models: --byte_model=greedy draws the byte from the two halves summed and gives it
+the likelier flag (settings act on the 256 byte probabilities; 0 takes the likeliest byte); --byte_model=late
 (decoding.LateFlagGeneration) decides each flag once the next byte is known (settings act on the 256 bytes of the
-mixture over the open flag). joint and greedy
-run rows out of step in a batch (one main-network call serves many rows); late runs them in lockstep.
+mixture over the open flag). joint and greedy run rows out of step in a batch (one main-network call serves many
+rows); late runs them in lockstep.
 """
 import codecs
 import re
@@ -65,7 +65,7 @@ class Config:
                                  # (decoding.beam_search); 0 = 4 with --chat, else 1 (greedy, no search)
     system: str = ""             # with --chat: a system message (empty: the template's default, if it has one)
     device: str = "cpu"
-    flags: str = "joint"         # the student's byte model: joint | greedy | late (see above)
+    byte_model: str = "joint"    # the student's byte model: joint | greedy | late (see above)
     context: str = "marginal"    # how the student reads the prompt (joint, greedy): marginal (a beam over its
                                  # patchings, one hypothesis drawn by its weight) | patcher (the patcher's flags)
     dtype: str = "auto"          # weights: float32 | bfloat16 | auto (bf16 on CUDA, and on a CPU that a short timing
@@ -131,22 +131,23 @@ class Printer:
         sys.stdout.flush()
 
 
-def generate_student(student, texts, max_bytes, settings, flags="joint", stop=None, on_byte=None, context="marginal",
-                     keep=None):
+def generate_student(student, texts, max_bytes, settings, byte_model="joint", stop=None, on_byte=None,
+                     context="marginal", keep=None):
     """Bytes from the byte student after each prompt (bytes) -> (outputs, ended, n bytes). context="marginal" (joint
     and greedy): each row continues a hypothesis of the beam over its prompt's patchings, drawn by its weight with
     the settings' generator (the heaviest at temperature 0; keep: per prompt the flags its beam keeps, or None);
     "patcher" (and late): the prompt prefilled along the patcher's flags. A row stops at its first 0xFE (a new
     document: not kept) or, given stop, once its output ends with those bytes (the end-of-turn code: not kept,
     ended=True). on_byte(row, byte) sees every byte kept, as soon as it is known not to begin the stop."""
-    if flags == "late":  # rows in lockstep, every row one byte per step
+    if byte_model == "late":  # rows in lockstep, every row one byte per step
         run = decoding.LateFlagGeneration(student, texts, max_bytes)
         steps = ((run.rows, run.step(*settings)[0]) for _ in range(max_bytes))
     else:  # rows out of step (ByteGeneration.run): one main-network call serves many rows
         if context == "marginal":
-            run = conditioning.generation_after(student, texts, max_bytes, flags, settings[0], settings[3], keep=keep)
+            run = conditioning.generation_after(student, texts, max_bytes, byte_model, settings[0], settings[3],
+                                                keep=keep)
         else:
-            run = decoding.ByteGeneration(student, texts, max_bytes, byte_model=flags)
+            run = decoding.ByteGeneration(student, texts, max_bytes, byte_model=byte_model)
         steps = ((rows, new) for rows, _, new, _ in run.run(max_bytes, *settings))
     stop = stop or b""
     outputs, held = [bytearray() for _ in texts], [b""] * len(texts)  # held: a proper prefix of stop, maybe its start
@@ -166,7 +167,7 @@ def generate_student(student, texts, max_bytes, settings, flags="joint", stop=No
                 if not ended[i]:
                     keep(i, held[i])
                 held[i] = b""
-                if flags != "late":
+                if byte_model != "late":
                     run.live[i] = False
                 continue
             pending = held[i] + bytes([b])
@@ -235,7 +236,7 @@ def sample_student(cfg, prompts, dtype=torch.float32):
                 return [out], [ended], len(out)
         else:
             def reply(text, on_bytes):
-                return generate_student(student, [text], cfg.max_bytes, settings, cfg.flags, fmt.end_of_turn,
+                return generate_student(student, [text], cfg.max_bytes, settings, cfg.byte_model, fmt.end_of_turn,
                                         lambda i, b: on_bytes(bytes([b])), cfg.context,
                                         [conditioning.token_ends(tok, text)])
         return chat_turns(cfg, fmt, normalize, reply, names)
@@ -244,7 +245,7 @@ def sample_student(cfg, prompts, dtype=torch.float32):
     if len(texts) == 1:
         printer.write(texts[0])
     t0 = time.perf_counter()
-    outputs, _, n = generate_student(student, texts, cfg.max_bytes, settings, cfg.flags,
+    outputs, _, n = generate_student(student, texts, cfg.max_bytes, settings, cfg.byte_model,
                                      on_byte=(lambda i, b: printer.write(bytes([b]))) if len(texts) == 1 else None,
                                      context=cfg.context, keep=[conditioning.token_ends(tok, t) for t in texts])
     if len(texts) == 1:
@@ -331,6 +332,8 @@ def sample_teacher(cfg, prompts, dtype=torch.float32):
 
 
 def main(argv):
+    if any(arg.partition("=")[0] == "--flags" for arg in argv):  # the option's old name
+        raise ValueError("--flags is now --byte_model (joint | greedy | late)")
     cfg = parse_args(Config, argv)
     if bool(cfg.ckpt) == bool(cfg.teacher):
         raise ValueError("give exactly one of --ckpt=PATH (a byte student) or --teacher=NAME (the token teacher)")
@@ -338,8 +341,8 @@ def main(argv):
         raise ValueError("--max_bytes and --num_samples must be >= 1 and --temperature >= 0")
     if not 0 < cfg.top_p <= 1 or cfg.top_k < 0:
         raise ValueError("--top_p must be in (0, 1] and --top_k >= 0 (0 = off)")
-    if cfg.flags not in ("joint", "greedy", "late"):
-        raise ValueError(f"--flags={cfg.flags!r}: joint, greedy or late")
+    if cfg.byte_model not in ("joint", "greedy", "late"):
+        raise ValueError(f"--byte_model={cfg.byte_model!r}: joint, greedy or late")
     if cfg.context not in ("marginal", "patcher"):
         raise ValueError(f"--context={cfg.context!r}: marginal or patcher")
     if cfg.beam < 0 or cfg.beam > 1 and (cfg.temperature != 0 or not cfg.chat):

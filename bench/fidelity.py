@@ -29,14 +29,14 @@ The figures, per text:
                            teacher_byte_bpb, so never above teacher_bpb): the fair comparison; ratio_marginal =
                            student_bpb_marginal / teacher_bpb_marginal
   student_bpb_late         the proper likelihood of the late-flag byte model
-                           (decoding.late_flag_logprobs, LateFlagGeneration, sample.py --flags=late): each flag decided
-                           once the next byte is known, that byte's probability summed over both flags of the byte
-                           before (a flag the head is sure of, its other value below --eps, decided at once);
+                           (decoding.late_flag_logprobs, LateFlagGeneration, sample.py --byte_model=late): each flag
+                           decided once the next byte is known, that byte's probability summed over both flags of the
+                           byte before (a flag the head is sure of, its other value below --eps, decided at once);
                            ratio_late = student_bpb_late / teacher_bpb
   student_bpb_greedy       with --greedy=True (the default): the proper likelihood of the greedy-flag model
-                           (decoding.greedy_flag_logprobs; sample.py --flags=greedy), every flag decided as soon as its
-                           byte is drawn, the byte's probability summed over both halves; ratio_greedy beside it. A
-                           flag the next byte contradicts is a dead end here
+                           (decoding.greedy_flag_logprobs; sample.py --byte_model=greedy), every flag decided as soon
+                           as its byte is drawn, the byte's probability summed over both halves; ratio_greedy beside
+                           it. A flag the next byte contradicts is a dead end here
   student_bpb_greedy_joint -log2 p(byte, flag used) along the greedy flags: an upper bound (flags as a latent variable)
   student_bpb_lookahead    NOT a likelihood, printed to compare with older figures: summed halves with the patcher's
                            flags, which look at the next byte (one bit of it leaks into the input)

@@ -56,8 +56,10 @@ def main(argv):
               f"{generate['student_patch_bytes'][b]:.2f} | {generate['teacher_generated_bytes_per_token'][b]:.2f} |")
     if os.path.exists(f"{out}/eval.json"):
         report = load(f"{out}/eval.json")
-        limit = report["config"]["limit"]
-        print(f"\n== task retention (eval.py --compare, student --flags={report['config']['flags']}"
+        config, limit = report["config"], report["config"]["limit"]
+        # a report written before --byte_model names it flags (marginal: the joint)
+        used = config.get("byte_model") or {"marginal": "joint"}.get(config["flags"], config["flags"])
+        print(f"\n== task retention (eval.py --compare, student --byte_model={used}"
               + (f", a subset: the first {limit:g} items of each task)" if limit else ", every item)"))
         print(report["retention"]["table"])
     if os.path.exists(f"{out}/chat.json"):

@@ -68,7 +68,7 @@ def student_lm(student, teacher_and_tok):
 
 @pytest.fixture(scope="module")
 def student_lm_greedy(student, teacher_and_tok):
-    return ev.StudentLM(student, teacher_and_tok[1], batch_size=3, flags="greedy")
+    return ev.StudentLM(student, teacher_and_tok[1], batch_size=3, byte_model="greedy")
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +93,14 @@ def requests(*args):
 # ---------------------------------------------------------------------------------------------------------------
 # The byte student
 
-@pytest.mark.parametrize("flags", ["late", "greedy"])
-def test_loglikelihood_empty_context_is_the_proper_likelihood(flags, student, teacher_and_tok):
+@pytest.mark.parametrize("byte_model", ["late", "greedy"])
+def test_loglikelihood_empty_context_is_the_proper_likelihood(byte_model, student, teacher_and_tok):
     """With no context the continuation is scored from a fresh document start: late_flag_logprobs (or
     greedy_flag_logprobs) of its bytes (batches of 3 with continuations of different lengths)."""
     conts = ["If it were done", " when", "'tis done, then 'twere well", "\u00e9t\u00e9", "x"]
-    got = ev.StudentLM(student, teacher_and_tok[1], batch_size=3, flags=flags).loglikelihood(
+    got = ev.StudentLM(student, teacher_and_tok[1], batch_size=3, byte_model=byte_model).loglikelihood(
         requests(*[("", c) for c in conts]))
-    scorer = decoding.late_flag_logprobs if flags == "late" else decoding.greedy_flag_logprobs
+    scorer = decoding.late_flag_logprobs if byte_model == "late" else decoding.greedy_flag_logprobs
     want = scorer(student, [c.encode() for c in conts])
     for (ll, _), (logp, *_) in zip(got, want):
         assert ll == pytest.approx(float(logp.double().sum()), abs=1e-4)
@@ -155,14 +155,14 @@ def test_marginal_loglikelihood_equals_the_beam(student64, teacher_and_tok):
         assert bool(best[t]) == (max(range(256), key=scores.__getitem__) == cont[t])
 
 
-@pytest.mark.parametrize("flags", ["marginal", "late", "greedy"])
-def test_loglikelihood_does_not_depend_on_the_batch(flags, student, teacher_and_tok):
+@pytest.mark.parametrize("byte_model", ["joint", "late", "greedy"])
+def test_loglikelihood_does_not_depend_on_the_batch(byte_model, student, teacher_and_tok):
     """Contexts longer than the student's reach are cut to fit each request's own continuation, never the longest in
     its batch: a request scores the same alone as in a batch of three."""
     ctx = (TEXT * 3)[:400]
     reqs = requests(*[(ctx, c) for c in (" If", " it were done when 'tis done, then 'twere well", " x")])
-    alone = [ev.StudentLM(student, teacher_and_tok[1], batch_size=1, flags=flags).loglikelihood(reqs)]
-    batched = [ev.StudentLM(student, teacher_and_tok[1], batch_size=3, flags=flags).loglikelihood(reqs)]
+    alone = [ev.StudentLM(student, teacher_and_tok[1], batch_size=1, byte_model=byte_model).loglikelihood(reqs)]
+    batched = [ev.StudentLM(student, teacher_and_tok[1], batch_size=3, byte_model=byte_model).loglikelihood(reqs)]
     assert len(ctx.encode()) > ev.StudentLM(student, teacher_and_tok[1]).max_bytes
     for (a, _), (b, _) in zip(alone[0], batched[0]):
         assert a == pytest.approx(b, abs=1e-4)
@@ -173,7 +173,7 @@ def test_late_loglikelihood_equals_the_late_oracle(student64, teacher_and_tok):
     log-probabilities equal the full-forward oracle of the late-flag model started from the context with the flags
     the patcher gave it, and the flags it decided equal the oracle's."""
     from test_scoring import late_reference
-    lm = ev.StudentLM(student64, teacher_and_tok[1], batch_size=3, flags="late")
+    lm = ev.StudentLM(student64, teacher_and_tok[1], batch_size=3, byte_model="late")
     pairs = [(b"", b" done"), (b"I", b"f it"), (TEXT[:90].encode(), TEXT[90:110].encode()),
              (TEXT[:40].encode(), b" quickly")]
     for (ctx, cont), (logp, greedy, x, ends) in zip(pairs, lm.score(pairs)):
@@ -190,7 +190,7 @@ def test_loglikelihood_equals_full_forward_with_the_boundaries_used(student64, t
     per-byte log-probabilities and is_greedy equal a full forward with the flags it used, and those flags follow the
     rules: the patcher's (on the context alone) for every context byte but the last, then the likelier half of the
     head."""
-    student_lm64 = ev.StudentLM(student64, teacher_and_tok[1], batch_size=3, flags="greedy")
+    student_lm64 = ev.StudentLM(student64, teacher_and_tok[1], batch_size=3, byte_model="greedy")
     m = student_lm64.model
     pairs = [(b"", b" done"), (b"I", b"f it"), (TEXT[:90].encode(), TEXT[90:110].encode()),
              (TEXT[:40].encode(), b" quickly")]
@@ -220,7 +220,7 @@ def test_rolling_equals_bench_fidelity(student_lm, teacher_lm, student, teacher_
     try:
         [s_ll], [t_ll] = student_lm.loglikelihood_rolling(requests((TEXT,))), \
             teacher_lm.loglikelihood_rolling(requests((TEXT,)))
-        [late_ll] = ev.StudentLM(student, teacher_and_tok[1], window=32, flags="late").loglikelihood_rolling(
+        [late_ll] = ev.StudentLM(student, teacher_and_tok[1], window=32, byte_model="late").loglikelihood_rolling(
             requests((TEXT,)))
     finally:
         student_lm.window, teacher_lm.window = old
@@ -231,18 +231,18 @@ def test_rolling_equals_bench_fidelity(student_lm, teacher_lm, student, teacher_
     assert -t_ll / n_bits == pytest.approx(r["teacher_bpb"], abs=1e-5)
 
 
-@pytest.mark.parametrize("flags", ["marginal", "late", "greedy"])
-def test_generate_until_cuts_before_the_first_stop_string(flags, student, teacher_and_tok):
-    """Two prompts in one batch: each output is the greedy generation of that prompt alone (marginal: from the
+@pytest.mark.parametrize("byte_model", ["joint", "late", "greedy"])
+def test_generate_until_cuts_before_the_first_stop_string(byte_model, student, teacher_and_tok):
+    """Two prompts in one batch: each output is the greedy generation of that prompt alone (joint: from the
     heaviest hypothesis of the beam over the prompt), cut before the first occurrence of a stop string; without a
     stop string it runs to 4 bytes per max_gen_toks."""
-    student_lm = ev.StudentLM(student, teacher_and_tok[1], batch_size=3, flags=flags)
+    student_lm = ev.StudentLM(student, teacher_and_tok[1], batch_size=3, byte_model=byte_model)
     prompts = [b"**MACBETH**  \n", b"If it"]
     full = []
     for p in prompts:
-        gen = (decoding.LateFlagGeneration(student_lm.model, [p], 40) if flags == "late" else
+        gen = (decoding.LateFlagGeneration(student_lm.model, [p], 40) if byte_model == "late" else
                conditioning.generation_after(student_lm.model, [p], 40, "joint", 0.0, keep=[ev.token_ends(
-                   teacher_and_tok[1], p)]) if flags == "marginal" else
+                   teacher_and_tok[1], p)]) if byte_model == "joint" else
                decoding.ByteGeneration(student_lm.model, [p], 40, byte_model="greedy"))
         out = bytes(gen.step(0.0)[0].tolist()[0] for _ in range(40))
         full.append(out.split(bytes([model.BOS_BYTE]))[0])  # 0xFE would start a new document: the text ends
@@ -372,6 +372,20 @@ def test_task_files_hold_what_they_claim(tmp_path):
                 assert all(c[:len(c) - len(c.lstrip())] == indent for c in d["choices"])
     test_words = {d["word"] for d in read("cute_spell.test")}
     assert not test_words & {d["word"] for d in read("cute_spell.train")}  # few-shot examples are other words
+
+
+def test_model_args_and_the_old_option_name(student, tmp_path):
+    """lm-eval's model_args string for the byte student takes eval.py's option names (byte_model=, beam=, ...); the
+    old --flags is a clear error that names --byte_model, before anything is loaded."""
+    ckpt = str(tmp_path / "ckpt")
+    checkpoint.save_student(ckpt, student, {"stage": 2, "teacher": sf.teacher_dir(), "config": {}, "phase": "e2e",
+                                       "step": 0, "phase_done": True, "results": {}})
+    lm = ev.StudentLM.create_from_arg_string(f"ckpt={ckpt},byte_model=late,beam=2", {"batch_size": 3})
+    assert (lm.byte_model, lm.beam, lm.batch_size) == ("late", 2, 3)
+    with pytest.raises(ValueError, match="byte_model='marginal': joint, late or greedy"):
+        ev.StudentLM.create_from_arg_string(f"ckpt={ckpt},byte_model=marginal")
+    with pytest.raises(ValueError, match="--flags is now --byte_model"):
+        ev.main(["--flags=marginal", f"--ckpt={ckpt}"])
 
 
 def test_cli_compare_runs_local_tasks_end_to_end(student, student_lm, teacher_lm, tmp_path, capsys):

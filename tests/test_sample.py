@@ -77,8 +77,8 @@ def runs(ckpt, bad_prompt_file):
         "batch": batch,
         "batch_raw": [*batch, "--raw"],
         "error": [*common, f"--prompt_file={bad_prompt_file}"],
-        "greedy": [*batch, "--flags=greedy"],
-        "late": [*batch, "--flags=late"],
+        "greedy": [*batch, "--byte_model=greedy"],
+        "late": [*batch, "--byte_model=late"],
         "patcher": [*batch, "--context=patcher"],
         "bf16": [*common[:-1], f"--prompt={PROMPT}", f"--seed={SEED}", "--dtype=bfloat16", "--raw"],
     }
@@ -90,21 +90,21 @@ def runs(ckpt, bad_prompt_file):
             run.proc.communicate()
 
 
-def expected(ckpt, prompts, max_bytes, seed, flags="joint", context="marginal"):
+def expected(ckpt, prompts, max_bytes, seed, byte_model="joint", context="marginal"):
     """What sample.py must generate at temperature 1 with a generator seeded by --seed: ByteGeneration.run (rows out
     of step) with the joint rule (the default) or the greedy one, each row from a hypothesis of its prompt's beam
-    drawn with that generator (context="patcher": from the patcher's prefill), or with --flags=late
+    drawn with that generator (context="patcher": from the patcher's prefill), or with --byte_model=late
     LateFlagGeneration.step in lockstep; each row stops at its first 0xFE (a new document), which is not printed."""
     student, _ = load_student(ckpt)
     g = torch.Generator().manual_seed(seed)
     outs, live = [bytearray() for _ in prompts], [True] * len(prompts)
-    if flags == "late":
+    if byte_model == "late":
         gen = LateFlagGeneration(student, [p.encode("utf-8") for p in prompts], max_bytes)
         steps = [(gen.rows, gen.step(1.0, None, 1.0, g)[0]) for _ in range(max_bytes)]
     else:
         texts = [p.encode("utf-8") for p in prompts]
-        gen = (conditioning.generation_after(student, texts, max_bytes, flags, 1.0, g) if context == "marginal" else
-               ByteGeneration(student, texts, max_bytes, byte_model=flags))
+        gen = (conditioning.generation_after(student, texts, max_bytes, byte_model, 1.0, g) if context == "marginal"
+               else ByteGeneration(student, texts, max_bytes, byte_model=byte_model))
         steps = ((rows, new) for rows, _, new, _ in gen.run(max_bytes, 1.0, None, 1.0, g))
     for rows, new in steps:
         for i, b in zip(rows.tolist(), new.tolist()):
@@ -112,7 +112,7 @@ def expected(ckpt, prompts, max_bytes, seed, flags="joint", context="marginal"):
                 continue
             if b == BOS_BYTE:
                 live[i] = False
-                if flags != "late":
+                if byte_model != "late":
                     gen.live[i] = False
             else:
                 outs[i].append(b)
@@ -181,12 +181,13 @@ def test_the_patcher_context_batch(runs, ckpt):
                           for i, (p, g) in enumerate(zip(prompts, gens)))
 
 
-@pytest.mark.parametrize("flags", ["greedy", "late"])
-def test_the_other_byte_models_batch(flags, runs, ckpt):
-    """--flags=greedy (rows out of step) and --flags=late (lockstep): the same batch from the other two byte models."""
-    out = ok(runs[flags]).stdout.decode("utf-8")
+@pytest.mark.parametrize("byte_model", ["greedy", "late"])
+def test_the_other_byte_models_batch(byte_model, runs, ckpt):
+    """--byte_model=greedy (rows out of step) and --byte_model=late (lockstep): the same batch from the other two byte
+    models."""
+    out = ok(runs[byte_model]).stdout.decode("utf-8")
     prompts = [p for p in BATCH["prompts"] for _ in range(BATCH["num_samples"])]
-    gens = expected(ckpt, prompts, BATCH["max_bytes"], seed=BATCH_SEED, flags=flags)
+    gens = expected(ckpt, prompts, BATCH["max_bytes"], seed=BATCH_SEED, byte_model=byte_model)
     assert gens != expected(ckpt, prompts, BATCH["max_bytes"], seed=BATCH_SEED)  # the two models told apart
     assert out == "".join(f"--- sample {i}\n" + (p.encode() + g).decode("utf-8", errors="replace") + "\n"
                           for i, (p, g) in enumerate(zip(prompts, gens)))
@@ -226,6 +227,8 @@ def test_error_exits_with_one_line(runs):
     (["--ckpt=CKPT", "--device=tpu"], "unknown device 'tpu'"),
     (["--ckpt=CKPT", "--dtype=half"], "--dtype must be auto, bfloat16 or float32"),
     (["--ckpt=CKPT", "--context=tokens"], "--context='tokens': marginal or patcher"),
+    (["--ckpt=CKPT", "--byte_model=marginal"], "--byte_model='marginal': joint, greedy or late"),
+    (["--ckpt=CKPT", "--flags=late"], "--flags is now --byte_model"),
     *([(["--ckpt=CKPT", "--device=cuda"], "no CUDA GPU")] if not torch.cuda.is_available() else []),
 ])
 def test_errors_are_one_clear_line(args, message, ckpt, bad_prompt_file, tmp_path, monkeypatch, capsys):
