@@ -120,17 +120,18 @@ class RowState:
             if mine is not None and theirs is not None:
                 width = min(mine.shape[1], theirs.shape[1])
                 mine[dst, :width] = theirs[src, :width]
-        for mine, theirs in zip(self._rest(), source._rest()):
+        for mine, theirs in zip(self._parts(), source._parts()):
             if isinstance(mine, KVCache) and theirs is not None:
                 mine.copy_rows(dst, src, theirs)
             elif mine is not None and theirs is not None:
                 mine[dst] = theirs[src]
 
-    def _rest(self):  # the parts besides x and ends, in one order
+    def _parts(self):  # every part but x and ends (whose byte axes may differ in length), in one order
         return self.lens, self.enc, self.dec, self.main, self.y, self.h, self.pending, self.cum, self.node
 
     def cache_rows(self, cache, rows):
-        """cache itself when rows are all of its rows, else a view of those rows (KVCache.select)."""
+        """cache itself when rows (distinct, in order) are all of this state's rows, else a view of those rows alone
+        (KVCache.select): the other rows' entries and positions do not move."""
         return cache if len(rows) == len(self.pending) else cache.select(rows)
 
     def patch_output(self, rows, z, advance=None):
