@@ -20,14 +20,10 @@ import time
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tasks"))
-import torch  # noqa: E402
-
 import cli  # noqa: E402
 import conditioning  # noqa: E402
+from eval_profile import MULTIPLE_CHOICE, choice_requests  # noqa: E402  (bench/, this script's folder)
 import marginal  # noqa: E402
-
-DELIMITER = {"swag_plays": "", "code_nextline": "", "shakespeare_cloze": " "}  # each task's target_delimiter
 
 
 @dataclass
@@ -39,23 +35,6 @@ class Config:
     patcher: bool = True           # also the old rule, for reference
     beam: int = marginal.BEAM
     json: str = ""
-
-
-def requests(lm, task, items):
-    import build
-    import eval as ev
-    path = os.path.join(build.OUT, f"{task}.test.jsonl")
-    if not os.path.exists(path):
-        build.build()
-    with open(path, encoding="utf-8") as f:
-        docs = [json.loads(line) for line in f][:items]
-    pairs, owner = [], []
-    for i, d in enumerate(docs):
-        for c in d["choices"]:
-            pairs.append(ev.normalized_pair(lm.tok, *ev.lm_eval_split(d["context"], DELIMITER[task] + c)))
-            owner.append(i)
-    pairs = [(ev.keep_last(c, lm.max_bytes - len(x)), x) for c, x in pairs]
-    return docs, pairs, owner
 
 
 def score(lm, pairs, tail, beam):
@@ -82,9 +61,9 @@ def main(argv):
     rows = []
     settings = [t for t in cfg.tails.split(",") if t] + (["patcher"] if cfg.patcher else [])
     for task in cfg.tasks.split(","):
-        if task not in DELIMITER:
-            raise ValueError(f"--tasks: {task} is not one of {', '.join(DELIMITER)}")
-        docs, pairs, owner = requests(lm, task, cfg.items)
+        if task not in MULTIPLE_CHOICE:
+            raise ValueError(f"--tasks: {task} is not one of {', '.join(MULTIPLE_CHOICE)}")
+        docs, pairs, owner = choice_requests(lm, task, cfg.items)
         context_bytes = sum(map(len, dict.fromkeys(c for c, _ in pairs))) / len(docs)
         print(f"{task}: {len(docs)} items, {len(pairs)} requests, contexts {context_bytes:.0f} bytes on average",
               flush=True)

@@ -52,6 +52,25 @@ def cumtime(stats, file, name, caller=None):
     return total
 
 
+def choice_requests(lm, task, items):
+    """The first `items` items of a local multiple-choice task as eval.py asks them of the student lm (eval.StudentLM):
+    -> (the items, [(context bytes, choice bytes)] every choice of every item in order, each pair's item index)."""
+    import build
+    import eval as ev
+    path = os.path.join(build.OUT, f"{task}.test.jsonl")
+    if not os.path.exists(path):
+        build.build()
+    with open(path, encoding="utf-8") as f:
+        docs = [json.loads(line) for line in f][:items]
+    pairs, owner = [], []
+    for i, d in enumerate(docs):
+        for c in d["choices"]:
+            context, choice = ev.normalized_pair(lm.tok, *ev.lm_eval_split(d["context"], MULTIPLE_CHOICE[task] + c))
+            pairs.append((ev.keep_last(context, lm.max_bytes - len(choice)), choice))
+            owner.append(i)
+    return docs, pairs, owner
+
+
 def main(argv):
     cfg = cli.parse_args(Config, argv)
     if cfg.context not in ("marginal", "patcher"):
@@ -60,16 +79,9 @@ def main(argv):
         raise ValueError(f"--task={cfg.task}: one of swag_plays, code_nextline, shakespeare_cloze")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    import build
     import eval as ev
-    path = os.path.join(build.OUT, f"{cfg.task}.test.jsonl")
-    if not os.path.exists(path):
-        build.build()
-    with open(path, encoding="utf-8") as f:
-        docs = [json.loads(line) for line in f][:cfg.items]
     lm = ev.StudentLM.load(cfg.ckpt)
-    delim = MULTIPLE_CHOICE[cfg.task]
-    pairs = [ev.normalized_pair(lm.tok, *ev.lm_eval_split(d["context"], delim + c)) for d in docs for c in d["choices"]]
+    docs, pairs, _ = choice_requests(lm, cfg.task, cfg.items)
     ctxs, conts = [c for c, _ in pairs], [x for _, x in pairs]
     keep = [ev.token_ends(lm.tok, x) for x in conts]
     ends = {c: ev.token_ends(lm.tok, c) for c in dict.fromkeys(ctxs)}
