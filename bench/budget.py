@@ -52,6 +52,7 @@ class Config:
     retention_tasks: str = "code_nextline,cute_contains,shakespeare_cloze,swag_plays"  # blm_retention's multiple choice
     reuse: bool = True              # skip a run (or its retention) whose JSON already exists
     known: str = ""                 # VARIANT:SCALE:FOLDER[,...] runs made earlier with these budgets scaled by SCALE
+    chat_data: str = "shards/smollm2-chat"  # as demo.sh: data.py --chat's transcripts in a quarter of the rows ("": none)
     # scale 1 = demo.sh's budgets, in training bytes
     align_bytes: int = 800_000
     distill_bytes: int = 49_152
@@ -82,7 +83,9 @@ def one_run(cfg, variant, scale, folder=None):
     s1, s2 = budgets(cfg, variant, scale)
     if not known and not (cfg.reuse and os.path.exists(fid)):
         t = time.time()
-        run(["stage1_kd.py", f"--out_dir={folder}/stage1", *VARIANTS[variant], *(f"--{k}={v}" for k, v in s1.items())])
+        chat = [f"--chat_data={cfg.chat_data}"] if cfg.chat_data else []
+        run(["stage1_kd.py", f"--out_dir={folder}/stage1", *chat, *VARIANTS[variant],
+             *(f"--{k}={v}" for k, v in s1.items())])
         run(["stage2_sft.py", f"--init={folder}/stage1", f"--out_dir={folder}/stage2", *STAGE2.get(variant, []),
              *(f"--{k}={v}" for k, v in s2.items())])
         trained = time.time() - t
