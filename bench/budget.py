@@ -15,6 +15,9 @@ The variants (the byte head and how its decoder learns; the input side with or w
   X_nosub     variant X with --subword=False (the encoder alone makes h)
   prior_soft  prior, with stage 2 distilling as well: --soft_weight=1 (KL to the teacher's exact byte targets added
               to the hard labels' CE in both of its phases)
+  X+P_xM      the phase study: variant X with phase P's budget (align, distill, boundary, warmup, e2e, decoder) times M
+              on top of the scale, e.g. prior+align_x2 doubles align, prior+distill_x0 skips distill; several may
+              follow one another (prior+align_x2+e2e_x0); decoder_xM adds that phase to a variant without it
 Each (variant, scale) runs stage1_kd.py, stage2_sft.py, bench/fidelity.py (the headline: the student's marginal over
 patchings, --greedy=False) and eval.py --compare on the first --retention_limit items of each multiple-choice task of
 the retention suite (retention: student/teacher accuracy, through eval.py's default conditioning) as separate
@@ -62,12 +65,34 @@ class Config:
     e2e_bytes: int = 49_152
 
 
+PHASES = ("align", "distill", "boundary", "decoder", "warmup", "e2e")
+
+
+def parse_variant(name):
+    """"X+P_xM+..." -> (X, {"P_bytes": M}); raises ValueError naming what is wrong."""
+    base, *parts = name.split("+")
+    if base not in VARIANTS:
+        raise ValueError(f"unknown variant {base!r}; choose from {', '.join(VARIANTS)}")
+    times = {}
+    for part in parts:
+        phase, _, m = part.rpartition("_x")
+        try:
+            times[f"{phase}_bytes"] = float(m)
+        except ValueError:
+            phase = ""
+        if phase not in PHASES or times[f"{phase}_bytes"] < 0:
+            raise ValueError(f"variant {name!r}: expected PHASE_xM after '+' (PHASE one of {', '.join(PHASES)}, M >= 0)")
+    return base, times
+
+
 def budgets(cfg, variant, scale):
     """-> ({stage-1 flag: bytes}, {stage-2 flag: bytes}) for one run."""
-    exact = variant.startswith("pure_exact")
-    names1 = ["align_bytes", "distill_bytes", "boundary_bytes"] + (["decoder_bytes"] if exact else [])
-    s1 = {k: int(getattr(cfg, k) * scale) for k in names1}
-    s2 = {k: int(getattr(cfg, k) * scale) for k in ("warmup_bytes", "e2e_bytes")}
+    base, times = parse_variant(variant)
+    exact = base.startswith("pure_exact")
+    decoder = exact or "decoder_bytes" in times  # prior+decoder_x1: the prior variant with the decoder phase
+    names1 = ["align_bytes", "distill_bytes", "boundary_bytes"] + (["decoder_bytes"] if decoder else [])
+    s1 = {k: int(getattr(cfg, k) * scale * times.get(k, 1)) for k in names1}
+    s2 = {k: int(getattr(cfg, k) * scale * times.get(k, 1)) for k in ("warmup_bytes", "e2e_bytes")}
     return s1, s2
 
 
@@ -84,9 +109,10 @@ def one_run(cfg, variant, scale, folder=None):
     if not known and not (cfg.reuse and os.path.exists(fid)):
         t = time.time()
         chat = [f"--chat_data={cfg.chat_data}"] if cfg.chat_data else []
-        run(["stage1_kd.py", f"--out_dir={folder}/stage1", *chat, *VARIANTS[variant],
+        base = parse_variant(variant)[0]
+        run(["stage1_kd.py", f"--out_dir={folder}/stage1", *chat, *VARIANTS[base],
              *(f"--{k}={v}" for k, v in s1.items())])
-        run(["stage2_sft.py", f"--init={folder}/stage1", f"--out_dir={folder}/stage2", *STAGE2.get(variant, []),
+        run(["stage2_sft.py", f"--init={folder}/stage1", f"--out_dir={folder}/stage2", *STAGE2.get(base, []),
              *(f"--{k}={v}" for k, v in s2.items())])
         trained = time.time() - t
         run(["bench/fidelity.py", f"--ckpt={folder}/stage2", f"--max_bytes={cfg.max_bytes}", f"--window={cfg.window}",
@@ -124,8 +150,7 @@ def main(argv):
     cfg = cli.parse_args(Config, argv)
     variants = [v for v in cfg.variants.split(",") if v]
     for v in variants + [k.split(":")[0] for k in cfg.known.split(",") if k]:
-        if v not in VARIANTS:
-            raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+        parse_variant(v)
     rows = []
     for item in filter(None, cfg.known.split(",")):
         variant, scale, folder = (item.split(":", 2) + ["", ""])[:3]

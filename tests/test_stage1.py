@@ -189,6 +189,14 @@ def test_stop_mid_phase_checkpoints_the_position():
     assert (n_stopped, phase, step, done) == (ALIGN_STEPS + 2, "distill", 2, False)
 
 
+def test_a_budget_of_zero_skips_the_phase():
+    out = sf.tmp_dir("stage1_no_distill")
+    results, log = sf.run_stage1(out, "--distill_bytes=0")
+    assert list(results) == ["align", "boundary"] and "skipping distill (a budget of 0 bytes)" in log
+    assert not os.path.exists(os.path.join(out, "distill"))
+    assert {row["phase"] for row in sf.read_metrics(out)} == {"align", "boundary"}
+
+
 def test_resume_after_a_crash_drops_the_lost_steps_lines(reference_run):
     """A run that died after its last checkpoint left metrics lines of steps that the resumed run takes again: they
     are dropped, so metrics.jsonl still equals the uninterrupted run's, line for line."""
