@@ -55,7 +55,7 @@ def test_imports_run_one_way():
                                     "bench/budget.py", "bench/summary.py", "bench/teacher.py", "bench/data.py",
                                     "bench/losses.py", "bench/memory.py", "bench/plot.py", "bench/chat.py",
                                     "bench/eval_floor.py", "bench/eval_profile.py", "bench/scale.py",
-                                    "bench/gpu_step.py", "bench/context_tail.py", "eval.py"])
+                                    "bench/gpu_step.py", "bench/context_tail.py", "bench/patcher.py", "eval.py"])
 def test_help_lists_every_option(script):
     out = subprocess.run([sys.executable, os.path.join(REPO, script), "--help"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
