@@ -142,7 +142,9 @@ def retention(cfg, folder):
              f"--limit={cfg.retention_limit}", "--batch_size=64", f"--json={out}"])
     with open(out) as f:
         report = json.load(f)
+    rows = [r for r in report["retention"]["rows"] if r["metric"] == "acc" and r.get("teacher_bpb")]
     return {"rows": report["retention"]["rows"], "mean_mc_acc": report["retention"]["mean_mc_acc"],
+            "bpb_ratio": sum(r["student_bpb"] / r["teacher_bpb"] for r in rows) / max(len(rows), 1),
             "seconds": sum(report["student"]["seconds"].values())}
 
 
@@ -176,16 +178,19 @@ def main(argv):
     if scored:
         tasks = [t for t in cfg.retention_tasks.split(",") if t]
         print(f"\nretention (acc, student/teacher) on the first {cfg.retention_limit} items of each task, through "
-              "eval.py's default conditioning (± one standard error):\n")
-        print("| variant | scale | training bytes | wall s | " + " | ".join(tasks) + " | mean | student eval s |")
-        print("|---|---|---|---|" + "---|" * (len(tasks) + 2))
+              "eval.py's default conditioning (± one standard error), and the mean over the tasks of student/teacher "
+              "bits per byte on their true continuations:\n")
+        print("| variant | scale | training bytes | wall s | " + " | ".join(tasks) + " | mean | task bits ratio "
+              "| student eval s |")
+        print("|---|---|---|---|" + "---|" * (len(tasks) + 3))
         for r in scored:
             acc = {x["task"]: x for x in r["retention"]["rows"] if x["metric"] == "acc"}
             cells = [f"{acc[t]['retention']:.3f} ± {acc[t]['retention_se'] or 0:.3f}" if t in acc else "-"
                      for t in tasks]
             wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "-"
             print(f"| {r['variant']} | {r['scale']:g} | {r['training_bytes_budget']:,} | {wall} | " + " | ".join(cells)
-                  + f" | {r['retention']['mean_mc_acc']:.3f} | {r['retention']['seconds']:.0f} |")
+                  + f" | {r['retention']['mean_mc_acc']:.3f} | {r['retention']['bpb_ratio']:.3f} "
+                  f"| {r['retention']['seconds']:.0f} |")
     if cfg.json:
         with open(cfg.json, "w") as f:
             json.dump(rows, f, indent=2)
