@@ -8,7 +8,7 @@
 # runs them all), chat on 20 held-out prompts (bench/chat.py), samples from the byte model next to the teacher's and
 # a question asked in the chat template, a closing table and PNG plots. Stage 1 mixes the teacher's own answers to
 # prompts about the corpus (data.py --chat) into a quarter of its batches' rows, and stage 2 inherits that. Budgets
-# are cut to fit about 35 minutes on 2 cores (docs/results.md has the measured time); every step prints progress.
+# are cut to fit about 20 minutes on 2 cores (docs/results.md has the measured time); every step prints progress.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh

@@ -103,7 +103,8 @@ def fidelity_figure(fidelity):
 
 def budget_figure(rows):
     """Against training bytes (log scale), one mark per variant: retention (the multiple-choice tasks' mean, solid, and
-    each task, dotted; where the rows have it) and student/teacher bits per byte on each fidelity text."""
+    each task, dotted; where the rows have it) and student/teacher bits per byte on each fidelity text (and, dashed,
+    on the tasks' true continuations where the rows have it)."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     variants = sorted({r.get("variant", "prior") for r in rows})
@@ -124,6 +125,9 @@ def budget_figure(rows):
         for i, name in enumerate(runs[0]["texts"]):
             right.plot(xs, [r["texts"][name]["ratio"] for r in runs], f"{mark}-", color=f"C{i}",
                        label=f"{name} ({variant})")
+        if any("bpb_ratio" in r["retention"] for r in scored):
+            right.plot(at, [r["retention"].get("bpb_ratio", math.nan) for r in scored], f"{mark}--", color="k",
+                       label=f"the tasks' continuations, mean ({variant})")
     left.axhline(0.95, color="gray", lw=0.8, ls="--")  # the recipe's goal
     for ax in (left, right):
         ax.axhline(1.0, color="gray", lw=0.8, ls=":")  # the teacher itself
