@@ -384,9 +384,13 @@ class StepLog:
 
 
 def start_run(stage, phases, student, cfg, meta, world, master):
-    """run_phases' start: with cfg.resume, the checkpoint's weights into `student` and the phases still to run; a
-    fresh metrics.jsonl for a fresh run, the lines of steps after the checkpoint dropped for a resumed one.
+    """run_phases' start: the phases with a budget above 0 (the others skipped); with cfg.resume, the checkpoint's
+    weights into `student` and the phases still to run; a fresh metrics.jsonl for a fresh run, the lines of steps
+    after the checkpoint dropped for a resumed one.
     -> (phases to run, resume (config.json's contents) or None, resume state or None, results so far)."""
+    if master and any(p.budget <= 0 for p in phases):
+        print("skipping " + ", ".join(p.name for p in phases if p.budget <= 0) + " (a budget of 0 bytes)", flush=True)
+    phases = [p for p in phases if p.budget > 0]
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     names = [p.name for p in phases]
     resume, resume_state = None, None
@@ -433,15 +437,11 @@ def run_phases(stage, phases, student, cfg, meta, make_loader, device, frozen=No
     FSDP2 after any resume has loaded the whole weights, and every phase starts with a line of memory per rank.
     The checkpoints: out_dir itself, a byte-model folder of the latest weights with out_dir/resume/ beside them, and
     out_dir/<phase>/, the byte-model folder of each phase's end. With cfg.resume, continues from out_dir exactly:
-    model, optimizer, loader position and RNG state.
-    A phase with a budget of 0 bytes is skipped.
+    model, optimizer, loader position and RNG state. A phase with a budget of 0 bytes is skipped (start_run).
     Returns {phase: {"bytes", "steps", "val", "bytes_per_s"}} and whether the run stopped early (cfg.stop_after)."""
     master = not dist.is_initialized() or dist.get_rank() == 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     make_loader(0, "val")  # every phase ends with an evaluation on it: fail now, not after a phase of training
-    if master and any(p.budget <= 0 for p in phases):
-        print("skipping " + ", ".join(p.name for p in phases if p.budget <= 0) + " (a budget of 0 bytes)", flush=True)
-    phases = [p for p in phases if p.budget > 0]
     phases, resume, resume_state, results = start_run(stage, phases, student, cfg, meta, world, master)
     steps_run = 0
     fsdp = getattr(cfg, "fsdp", False)
