@@ -22,6 +22,7 @@ import cli  # noqa: E402
 import data  # noqa: E402
 import shards  # noqa: E402
 from teacher import load_teacher  # noqa: E402
+import train  # noqa: E402
 
 
 @dataclass
@@ -67,9 +68,7 @@ def main(argv):
     print("|---|---|---|---|---|")
     for th in (float(x) for x in cfg.thresholds.split(",")):
         pred = p > th
-        tp, fp, fn = (pred & t).sum().item(), (pred & ~t).sum().item(), (~pred & t).sum().item()
-        precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
-        f1 = 2 * precision * recall / max(precision + recall, 1e-12)
+        precision, recall, f1 = train.boundary_f1({k: v.item() for k, v in train.boundary_counts(pred, t).items()})
         rows.append({"threshold": th, "precision": precision, "recall": recall, "f1": f1,
                      "patches_per_end": pred.sum().item() / max(t.sum().item(), 1)})
         print(f"| {th:g} | {precision:.3f} | {recall:.3f} | {f1:.3f} | {rows[-1]['patches_per_end']:.3f} |")

@@ -7,6 +7,7 @@ batches the script itself evaluates on, re-scored from the align checkpoint, for
 import json
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -195,6 +196,16 @@ def test_a_budget_of_zero_skips_the_phase():
     assert list(results) == ["align", "boundary"] and "skipping distill (a budget of 0 bytes)" in log
     assert not os.path.exists(os.path.join(out, "distill"))
     assert {row["phase"] for row in sf.read_metrics(out)} == {"align", "boundary"}
+
+
+def test_budget_study_variants_scale_one_phase():
+    sys.path.insert(0, os.path.join(sf.REPO, "bench"))
+    import budget
+    s1, s2 = budget.budgets(budget.Config(), "prior+align_x2+e2e_x0", 0.5)
+    assert (s1["align_bytes"], s1["distill_bytes"], s2["e2e_bytes"]) == (800_000, 24_576, 0) and "decoder_bytes" not in s1
+    for bad in ("prior+align", "prior+foo_x2", "prior+align_x-1", "nope+align_x2"):
+        with pytest.raises(ValueError):
+            budget.parse_variant(bad)
 
 
 def test_resume_after_a_crash_drops_the_lost_steps_lines(reference_run):
